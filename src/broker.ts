@@ -1,0 +1,129 @@
+/**
+ * The broker connection as a scoped service. A supervisor fiber keeps one amqplib connection open:
+ * it connects with capped exponential backoff (logging every attempt), declares the topology, and
+ * when the connection drops it starts over. Consumers wait for the current connection and open
+ * their own channels on it; the connection is closed when the layer's scope closes.
+ */
+import * as amqp from "amqplib"
+import { Context, Deferred, Duration, Effect, Exit, Layer, Option, Redacted, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
+import { ProxyConfig, type ProxySettings } from "./config.js"
+import { AmqpError } from "./errors.js"
+import { declareTopology } from "./topology.js"
+
+export class Broker extends Context.Service<Broker, {
+  /** The live connection; waits while the broker is away. */
+  readonly connection: Effect.Effect<amqp.ChannelModel>
+  /** `true` while a connection with declared topology is up; emits the current value first. */
+  readonly connectedChanges: Stream.Stream<boolean>
+  /** A confirm channel on the live connection, closed with the caller's scope. */
+  readonly openChannel: Effect.Effect<amqp.ConfirmChannel, AmqpError, Scope.Scope>
+}>()("messaging-proxy/Broker") {
+  static readonly layer = Layer.effect(Broker, Effect.suspend(() => make))
+}
+
+const connectOnce = (rabbit: ProxySettings["rabbit"]) =>
+  Effect.tryPromise({
+    try: () =>
+      amqp.connect(
+        {
+          protocol: "amqp",
+          hostname: rabbit.host,
+          port: rabbit.port,
+          username: rabbit.user,
+          password: Redacted.value(rabbit.password),
+          vhost: rabbit.vhost,
+          heartbeat: rabbit.heartbeatSeconds
+        },
+        { clientProperties: { connection_name: rabbit.connectionName }, timeout: 10_000, noDelay: true }
+      ),
+    catch: (cause) => new AmqpError({ operation: `connect to amqp://${rabbit.host}:${rabbit.port}`, cause })
+  })
+
+const closeQuietly = (connection: amqp.ChannelModel) =>
+  Effect.promise(() => connection.close().catch(() => undefined))
+
+const make = Effect.gen(function*() {
+  const { rabbit } = yield* ProxyConfig
+  const current = yield* SubscriptionRef.make<Option.Option<amqp.ChannelModel>>(Option.none())
+
+  const backoff = Schedule.min([
+    Schedule.exponential("200 millis", 2),
+    Schedule.spaced(rabbit.reconnectMaxDelay)
+  ]).pipe(
+    Schedule.jittered,
+    Schedule.setInputType<AmqpError>(),
+    Schedule.tap(({ attempt, duration, input }) =>
+      Effect.logWarning("broker unreachable, retrying", {
+        attempt,
+        retryInMs: Math.round(Duration.toMillis(duration)),
+        error: input.message
+      })
+    )
+  )
+
+  // Connect and declare as one step, so a failed declaration closes its connection and is retried.
+  const open = connectOnce(rabbit).pipe(
+    Effect.tap((connection) =>
+      declareTopology(connection, rabbit).pipe(Effect.onError(() => closeQuietly(connection)))
+    )
+  )
+
+  const session = Effect.gen(function*() {
+    const lost = yield* Deferred.make<string>()
+    const connection = yield* Effect.acquireRelease(
+      open.pipe(
+        Effect.retry(backoff),
+        // Listeners go on before anything else can happen: amqplib crashes the process on an
+        // unheard 'error', and a broker restart emits only 'close'.
+        Effect.tap((connection) =>
+          Effect.sync(() => {
+            let lastError = "connection closed"
+            connection.on("error", (error: Error) => {
+              lastError = error.message
+            })
+            connection.on("close", (error?: Error) => {
+              Deferred.doneUnsafe(lost, Exit.succeed(error?.message ?? lastError))
+            })
+            connection.on("blocked", () => {
+              lastError = "broker blocked the connection"
+            })
+          })
+        )
+      ),
+      closeQuietly
+    )
+    yield* SubscriptionRef.set(current, Option.some(connection))
+    yield* Effect.logInfo("connected to broker", { host: rabbit.host, port: rabbit.port, vhost: rabbit.vhost })
+    const reason = yield* Deferred.await(lost)
+    yield* SubscriptionRef.set(current, Option.none())
+    yield* Effect.logWarning("broker connection lost, reconnecting", { reason })
+  }).pipe(Effect.scoped)
+
+  yield* session.pipe(Effect.forever, Effect.forkScoped)
+  // On shutdown, say so before the connection goes (finalizers run in reverse order).
+  yield* Effect.addFinalizer(() => SubscriptionRef.set(current, Option.none()))
+
+  const connection: Effect.Effect<amqp.ChannelModel> = SubscriptionRef.changes(current).pipe(
+    Stream.filter(Option.isSome),
+    Stream.runHead,
+    Effect.flatMap((found) => Option.isSome(found) ? Effect.succeed(found.value.value) : Effect.never)
+  )
+
+  const openChannel = Effect.acquireRelease(
+    Effect.flatMap(connection, (conn) =>
+      Effect.tryPromise({
+        try: () => conn.createConfirmChannel(),
+        catch: (cause) => new AmqpError({ operation: "create channel", cause })
+      })),
+    (channel) => Effect.promise(() => channel.close().catch(() => undefined))
+  ).pipe(
+    // A default listener so a channel error can never escalate into a process crash.
+    Effect.tap((channel) => Effect.sync(() => channel.on("error", () => undefined)))
+  )
+
+  return Broker.of({
+    connection,
+    connectedChanges: SubscriptionRef.changes(current).pipe(Stream.map(Option.isSome), Stream.changes),
+    openChannel
+  })
+})

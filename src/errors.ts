@@ -1,0 +1,31 @@
+/** Tagged errors shared by the broker-facing modules. */
+import { Data } from "effect"
+
+/** An amqplib operation failed; `operation` says which, for the log line and the gRPC status. */
+export class AmqpError extends Data.TaggedError("AmqpError")<{
+  readonly operation: string
+  readonly cause: unknown
+}> {
+  override get message(): string {
+    return `${this.operation} failed: ${describe(this.cause)}`
+  }
+}
+
+/** The connection to the broker went away under a consumer; the consumer may re-attach. */
+export class ConnectionLost extends Data.TaggedError("ConnectionLost")<{ readonly reason: string }> {
+  override get message(): string {
+    return `broker connection lost: ${this.reason}`
+  }
+}
+
+/** The broker closed a consumer's channel or cancelled its consumer (e.g. the queue was deleted). */
+export class ConsumerClosedByBroker extends Data.TaggedError("ConsumerClosedByBroker")<{
+  readonly queue: string
+  readonly reason: string
+}> {
+  override get message(): string {
+    return `the broker ended the consumer on queue '${this.queue}': ${this.reason}`
+  }
+}
+
+export const describe = (cause: unknown): string => cause instanceof Error ? cause.message : String(cause)
