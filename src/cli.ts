@@ -1,0 +1,266 @@
+/**
+ * messaging-proxy-cli: a command-line client for messaging-proxy.
+ *
+ *   params                                   GetMessagingParams (password redacted unless --show-password)
+ *   routing-key schemas|validations          GetRoutingKeySchemas / GetRoutingKeyValidations [--results]
+ *   stream schemas|validations               StreamSchemaMessages / StreamValidationMessages [--count N]
+ *   publish schema|validation --file F|-     publish a JSON body straight to RabbitMQ, with the broker
+ *                                            parameters and routing key obtained from the proxy
+ *
+ * Shared flags: --host, --port (env MESSAGING_CONNECTION_HOST / _PORT), --timeout (unary deadline, seconds).
+ * Output is JSON on stdout (one object per line for streams). Failures are one `error: ...` line on
+ * stderr and exit code 1; Ctrl-C cancels the running call and exits 130.
+ */
+import { NodeRuntime, NodeServices } from "@effect/platform-node"
+import {
+  Cause,
+  Config,
+  Console,
+  Effect,
+  FileSystem,
+  Layer,
+  Option,
+  PlatformError,
+  Runtime,
+  Schema,
+  Stdio,
+  Stream
+} from "effect"
+import { Argument, Command, Flag } from "effect/cli"
+import { GetMessagingParamsResponse, SchemaMessageResponse, ValidationMessageResponse } from "../gen/messaging.js"
+import { GrpcError, ProxyClient } from "./cli/ProxyClient.js"
+import { BrokerError, publishConfirmed } from "./cli/Publisher.js"
+
+const VERSION = "0.1.0" // keep in step with package.json
+
+/** Bad local input: unreadable file, not JSON, bad server answer we cannot publish with. */
+class InputError extends Schema.TaggedError<InputError>()("InputError", { message: Schema.String }) {}
+
+// ---------------------------------------------------------------------------------------------------------
+// Root command and shared flags
+
+const root = Command.make("messaging-proxy-cli").pipe(
+  // Shared flags are accepted before or after the subcommand name. Precedence: flag > env > default.
+  // No short aliases: -v and -h are taken by the built-in --version and --help.
+  Command.withSharedFlags({
+    host: Flag.String("host").pipe(
+      Flag.withDescription("messaging-proxy host (default 127.0.0.1, env MESSAGING_CONNECTION_HOST)"),
+      Flag.withFallbackConfig(Config.String("MESSAGING_CONNECTION_HOST")),
+      Flag.withDefault("127.0.0.1")
+    ),
+    port: Flag.Int("port").pipe(
+      Flag.withDescription("messaging-proxy port (default 50055, env MESSAGING_CONNECTION_PORT)"),
+      Flag.withFallbackConfig(Config.Port("MESSAGING_CONNECTION_PORT")),
+      Flag.withDefault(50055),
+      Flag.filter((port) => port >= 1 && port <= 65535, (port) => `port ${port} is out of range (1-65535)`)
+    ),
+    timeout: Flag.Finite("timeout").pipe(
+      Flag.withDescription("deadline in seconds for unary calls and for the broker publish (default 10)"),
+      Flag.withDefault(10),
+      Flag.filter((seconds) => seconds > 0, (seconds) => `timeout must be positive, got ${seconds}`)
+    )
+  }),
+  Command.withDescription("Command-line client for messaging-proxy (gRPC in front of RabbitMQ)")
+)
+
+/**
+ * The gRPC client for the subcommands, built from the root's shared flags. Provided per subcommand
+ * (not on the root) because the root's parsed flags are only in context inside a subcommand handler.
+ */
+const ProxyClientLive = Layer.unwrap(
+  Effect.map(root, ({ host, port, timeout }) => ProxyClient.layer({ host, port, timeoutSeconds: timeout }))
+)
+
+/**
+ * Writes each value as one line of JSON to stdout. When stdout goes away (EPIPE, e.g. `| head -1`)
+ * output simply ends: for `stream` that stops the stream and so cancels the call, then exits 0.
+ */
+const writeJsonLines = <E, R>(values: Stream.Stream<unknown, E, R>) =>
+  Effect.flatMap(Stdio.Stdio, (stdio) =>
+    values.pipe(
+      Stream.map((value) => `${JSON.stringify(value)}\n`),
+      Stream.run(stdio.stdout()),
+      Effect.catchIf(isBrokenPipe, () => Effect.void)
+    ))
+
+const printJson = (value: unknown) => writeJsonLines(Stream.succeed(value))
+
+const isBrokenPipe = (error: unknown): error is PlatformError.PlatformError =>
+  error instanceof PlatformError.PlatformError && typeof error.reason.cause === "object" &&
+  error.reason.cause !== null && "code" in error.reason.cause && error.reason.cause.code === "EPIPE"
+
+// ---------------------------------------------------------------------------------------------------------
+// params
+
+const params = Command.make("params", {
+  showPassword: Flag.Boolean("show-password").pipe(
+    Flag.withDescription("print the broker password instead of <redacted>"),
+    Flag.withDefault(false)
+  )
+}, Effect.fn("cli.params")(function*({ showPassword }) {
+  const response = yield* (yield* ProxyClient).getMessagingParams
+  // toJSON omits an empty password, so an unset one stays visibly unset rather than "<redacted>".
+  const shown = showPassword || response.password === "" ? response : { ...response, password: "<redacted>" }
+  yield* printJson(GetMessagingParamsResponse.toJSON(shown))
+})).pipe(
+  Command.withDescription("Print the broker connection parameters and exchange/queue layout (GetMessagingParams)"),
+  Command.provide(ProxyClientLive)
+)
+
+// ---------------------------------------------------------------------------------------------------------
+// routing-key
+
+const routingKey = Command.make("routing-key", {
+  kind: Argument.Literals("kind", ["schemas", "validations"]).pipe(
+    Argument.withDescription("schemas → GetRoutingKeySchemas, validations → GetRoutingKeyValidations")
+  ),
+  results: Flag.Boolean("results").pipe(
+    Flag.withDescription("ask for the results routing key instead of the request one"),
+    Flag.withDefault(false)
+  )
+}, Effect.fn("cli.routingKey")(function*({ kind, results }) {
+  const key = yield* (yield* ProxyClient).getRoutingKey(kind, results)
+  yield* printJson({ routingKey: key })
+})).pipe(
+  Command.withDescription("Print a routing key (GetRoutingKeySchemas / GetRoutingKeyValidations)"),
+  Command.provide(ProxyClientLive)
+)
+
+// ---------------------------------------------------------------------------------------------------------
+// stream
+
+const stream = Command.make("stream", {
+  kind: Argument.Literals("kind", ["schemas", "validations"]).pipe(
+    Argument.withDescription("schemas → StreamSchemaMessages, validations → StreamValidationMessages")
+  ),
+  count: Flag.Int("count").pipe(
+    Flag.withDescription("stop (and cancel the call) after N messages; default: run until Ctrl-C"),
+    Flag.filter((n) => n >= 1, (n) => `count must be at least 1, got ${n}`),
+    Flag.optional
+  )
+}, Effect.fn("cli.stream")(function*({ kind, count }) {
+  const client = yield* ProxyClient
+  const messages: Stream.Stream<unknown, GrpcError> = kind === "schemas"
+    ? Stream.map(client.streamSchemaMessages, SchemaMessageResponse.toJSON)
+    : Stream.map(client.streamValidationMessages, ValidationMessageResponse.toJSON)
+  // Stream.take ends the stream after N elements, whose finalizer then cancels the gRPC call.
+  const limited = Option.match(count, { onNone: () => messages, onSome: (n) => Stream.take(messages, n) })
+  yield* writeJsonLines(limited)
+})).pipe(
+  Command.withDescription("Print queue messages as they arrive, one JSON object per line"),
+  Command.provide(ProxyClientLive)
+)
+
+// ---------------------------------------------------------------------------------------------------------
+// publish
+
+const publish = Command.make("publish", {
+  kind: Argument.Literals("kind", ["schema", "validation"]).pipe(
+    Argument.withDescription("schema → schemas routing key, validation → validations routing key")
+  ),
+  file: Flag.String("file").pipe(
+    Flag.withAlias("f"),
+    Flag.withDescription("JSON message body to publish; - reads stdin")
+  ),
+  routingKey: Flag.String("routing-key").pipe(
+    Flag.withDescription("routing key to publish with (default: asked from the proxy)"),
+    Flag.optional
+  )
+}, Effect.fn("cli.publish")(function*({ kind, file, routingKey }) {
+  const body = yield* readBody(file)
+  const messageId = yield* parseMessageId(file, body)
+  const client = yield* ProxyClient
+  const { timeout } = yield* root
+
+  // Both lookups are independent unary calls: run them together.
+  const [params, key] = yield* Effect.all([
+    client.getMessagingParams,
+    Option.match(routingKey, {
+      onSome: Effect.succeed,
+      onNone: () => client.getRoutingKey(kind === "schema" ? "schemas" : "validations", false)
+    })
+  ], { concurrency: "unbounded" })
+
+  const exchange = params.exchange?.exchange ?? ""
+  if (exchange === "") {
+    return yield* new InputError({ message: `messaging-proxy at ${client.target} returned no exchange name` })
+  }
+  yield* publishConfirmed({
+    host: params.host === "" ? "localhost" : params.host,
+    port: params.port === 0 ? 5672 : params.port,
+    username: params.username,
+    password: params.password,
+    vhost: params.virtualHost === "" ? "/" : params.virtualHost,
+    exchange,
+    routingKey: key,
+    body,
+    messageId,
+    timeoutSeconds: timeout
+  })
+  yield* printJson({ published: true, id: messageId ?? null, exchange, routingKey: key })
+})).pipe(
+  Command.withDescription(
+    "Publish a JSON body straight to RabbitMQ (persistent, mandatory, with publisher confirm), " +
+      "using the broker parameters and routing key from the proxy"
+  ),
+  Command.withExamples([
+    { command: "messaging-proxy-cli publish schema --file schema.json", description: "Publish a schema message" },
+    {
+      command: "cat v.json | messaging-proxy-cli publish validation -f - --routing-key validation.x",
+      description: "Publish a validation message from stdin with an explicit routing key"
+    }
+  ]),
+  Command.provide(ProxyClientLive)
+)
+
+/** The message body as bytes, from a file or from stdin ("-"). Published unchanged. */
+const readBody = Effect.fnUntraced(function*(file: string) {
+  const chunks = file === "-"
+    ? yield* Stream.runCollect((yield* Stdio.Stdio).stdin)
+    : [yield* (yield* FileSystem.FileSystem).readFile(file)]
+  return Buffer.concat(chunks)
+}, (effect, file) =>
+  Effect.mapError(effect, (error) => new InputError({ message: `cannot read ${describeFile(file)}: ${error.message}` })))
+
+/** Checks that the body is UTF-8 JSON and returns its `id` (the AMQP message id), if it has one. */
+const parseMessageId = (file: string, body: Buffer): Effect.Effect<string | undefined, InputError> =>
+  Effect.try({
+    try: (): unknown => JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(body)),
+    catch: (error) =>
+      new InputError({
+        message: `${describeFile(file)} is not valid JSON: ${error instanceof Error ? error.message : String(error)}`
+      })
+  }).pipe(Effect.map((json) => {
+    const id = typeof json === "object" && json !== null && "id" in json ? json.id : undefined
+    return typeof id === "string" || typeof id === "number" ? String(id) : undefined
+  }))
+
+const describeFile = (file: string) => file === "-" ? "stdin" : file
+
+// ---------------------------------------------------------------------------------------------------------
+// main
+
+const cli = root.pipe(Command.withSubcommands([params, routingKey, stream, publish]))
+
+/**
+ * Prints a failure as a single `error: ...` line (no stack, no pretty cause). Errors the CLI framework
+ * has already shown (usage errors with help) are marked `Runtime.errorReported = false` and skipped.
+ * Exit codes come from runMain's default teardown: 1 on failure, 130 on Ctrl-C.
+ */
+const reportFailure = <A, E, R>(self: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
+  Effect.tapCause(self, (cause) => {
+    if (Cause.hasInterruptsOnly(cause)) return Effect.void
+    const error = Cause.squash(cause)
+    if (!Runtime.getErrorReported(error)) return Effect.void
+    const known = error instanceof GrpcError || error instanceof BrokerError || error instanceof InputError
+    // Anything else is a bug: keep the full cause (with stack) for it.
+    const text = known ? error.message : Cause.pretty(cause)
+    return Console.error(`error: ${known ? text.replace(/\s*\n\s*/g, " ") : text}`)
+  })
+
+cli.pipe(
+  Command.run({ version: VERSION }),
+  reportFailure,
+  Effect.provide(NodeServices.layer),
+  NodeRuntime.runMain({ disableErrorReporting: true })
+)
