@@ -1,0 +1,77 @@
+/**
+ * The built service as a process: bad configuration stops start-up with one line naming the
+ * variable and the value; SIGTERM shuts it down cleanly with exit code 0.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import { Effect } from "effect"
+import { spawn } from "node:child_process"
+import { fileURLToPath } from "node:url"
+import { makeAdmin, makeNames, proxyEnv, waitForQueue } from "./support/harness.js"
+
+const mainScript = fileURLToPath(new URL("../dist/src/main.js", import.meta.url))
+
+interface Exited {
+  readonly code: number | null
+  readonly stdout: string
+  readonly stderr: string
+}
+
+/** Runs the built proxy; `whenUp` is called once it logs that it listens. */
+const runProxy = (env: Record<string, string>, whenUp?: (kill: () => void) => void) =>
+  Effect.callback<Exited>((resume) => {
+    const child = spawn(process.execPath, [mainScript], {
+      env: { PATH: process.env["PATH"] ?? "", ...env },
+      stdio: ["ignore", "pipe", "pipe"]
+    })
+    let stdout = ""
+    let stderr = ""
+    child.stdout.on("data", (chunk: Buffer) => {
+      stdout += chunk.toString()
+      if (whenUp && stdout.includes("connected to broker")) {
+        const up = whenUp
+        whenUp = undefined
+        up(() => child.kill("SIGTERM"))
+      }
+    })
+    child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()))
+    child.on("exit", (code) => resume(Effect.succeed({ code, stdout, stderr })))
+    return Effect.sync(() => child.kill("SIGKILL"))
+  })
+
+describe("start-up", () => {
+  it.live.each([
+    ["MESSAGING_CONNECTION_PORT", "abc", "a port number between 0 and 65535"],
+    ["MESSAGING_CONNECTION_PORT", "70000", "a port number between 0 and 65535"],
+    ["RABBITMQ_PORT", "-1", "a port number between 1 and 65535"],
+    ["RABBITMQ_EXCHANGE_TYPE", "fanoutt", "one of topic, direct, fanout, headers"],
+    ["RABBITMQ_PREFETCH", "0", "a whole number between 1 and 65535"],
+    ["MESSAGING_CONNECTION_DEBUG", "maybe", "true or false"]
+  ] as const)("%s=%s stops start-up with one clear line", ([variable, value, expected]) =>
+    Effect.gen(function*() {
+      const result = yield* runProxy({ [variable]: value })
+      assert.strictEqual(result.code, 1)
+      assert.strictEqual(
+        result.stderr.trim(),
+        `messaging-proxy: invalid configuration: ${variable}="${value}": expected ${expected}`
+      )
+    }))
+
+  it.live("an invalid password is never echoed", () =>
+    Effect.gen(function*() {
+      // A password cannot be invalid, so force the redaction path through the only check it has:
+      // the error for a bad value elsewhere must not mention the password either.
+      const result = yield* runProxy({ RABBITMQ_PASSWORD: "s3cret-value", RABBITMQ_PORT: "x" })
+      assert.strictEqual(result.code, 1)
+      assert.notInclude(result.stderr + result.stdout, "s3cret-value")
+    }))
+
+  it.live("SIGTERM shuts down cleanly with exit code 0", () =>
+    Effect.gen(function*() {
+      const names = makeNames()
+      const admin = yield* makeAdmin(names)
+      const result = yield* runProxy(proxyEnv(names), (kill) => kill())
+      assert.strictEqual(result.code, 0, result.stderr)
+      assert.include(result.stdout, "gRPC server stopped")
+      yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0)
+    }))
+})
