@@ -10,9 +10,11 @@ import {
   type CallOptions,
   type ChannelCredentials,
   Client,
+  type ClientDuplexStream,
   type ClientOptions,
   type ClientReadableStream,
   type ClientUnaryCall,
+  type handleBidiStreamingCall,
   type handleServerStreamingCall,
   type handleUnaryCall,
   makeGenericClientConstructor,
@@ -248,6 +250,93 @@ export interface Properties {
 export interface Properties_ExtraEntry {
   key: string;
   value: string;
+}
+
+export interface SubscriptionRequest {
+  action?:
+    | //
+    /** First message of the call, and only then. */
+    { $case: "open"; value: OpenSubscription }
+    | //
+    /** The deliveries were processed: remove them from the queue. */
+    { $case: "ack"; value: DeliveryIds }
+    | //
+    /** Put the deliveries back in the queue for another attempt (counted; see delivery_count). */
+    { $case: "nack"; value: DeliveryIds }
+    | //
+    /** Move the deliveries to the dead-letter queue with a reason. */
+    { $case: "reject"; value: RejectDeliveries }
+    | undefined;
+}
+
+export interface OpenSubscription {
+  /**
+   * Deliveries unsettled at once (the AMQP prefetch of this subscription's channel); 0 = the
+   * server default (RABBITMQ_PREFETCH).
+   */
+  maxInFlight: number;
+  /** Optional name, shown as the AMQP consumer tag and in the proxy's logs. */
+  consumerName: string;
+}
+
+export interface DeliveryIds {
+  deliveryIds: string[];
+}
+
+export interface RejectDeliveries {
+  deliveryIds: string[];
+  reason: string;
+}
+
+export interface DeliveryInfo {
+  /** Unique within the subscription; used to settle the delivery. */
+  deliveryId: string;
+  /** True when the message was delivered before (to any consumer) and not acked. */
+  redelivered: boolean;
+  /**
+   * 1 on the first delivery, +1 for each earlier delivery that was not acked (nacked, or lost
+   * with a consumer). A message requeued more than MESSAGING_MAX_REQUEUES times (default 5) is
+   * dead-lettered with its history instead of being delivered again.
+   */
+  deliveryCount: number;
+}
+
+/**
+ * A settle request the server could not apply (unknown or already-settled ids, ...). The
+ * subscription goes on.
+ */
+export interface SettleError {
+  deliveryIds: string[];
+  reason: string;
+}
+
+export interface SubscriptionOpened {
+  maxInFlight: number;
+  consumerName: string;
+}
+
+export interface SchemaDelivery {
+  info?: DeliveryInfo | undefined;
+  message?: SchemaMessageResponse | undefined;
+}
+
+export interface ValidationDelivery {
+  info?: DeliveryInfo | undefined;
+  message?: ValidationMessageResponse | undefined;
+}
+
+export interface SchemaSubscriptionEvent {
+  event?: { $case: "opened"; value: SubscriptionOpened } | { $case: "delivery"; value: SchemaDelivery } | {
+    $case: "settleError";
+    value: SettleError;
+  } | undefined;
+}
+
+export interface ValidationSubscriptionEvent {
+  event?: { $case: "opened"; value: SubscriptionOpened } | { $case: "delivery"; value: ValidationDelivery } | {
+    $case: "settleError";
+    value: SettleError;
+  } | undefined;
 }
 
 function createBaseGetMessagingParamsRequest(): GetMessagingParamsRequest {
@@ -2105,6 +2194,1163 @@ export const Properties_ExtraEntry: MessageFns<Properties_ExtraEntry> = {
   },
 };
 
+function createBaseSubscriptionRequest(): SubscriptionRequest {
+  return { action: undefined };
+}
+
+export const SubscriptionRequest: MessageFns<SubscriptionRequest> = {
+  encode(message: SubscriptionRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.action?.$case) {
+      case "open":
+        OpenSubscription.encode(message.action.value, writer.uint32(10).fork()).join();
+        break;
+      case "ack":
+        DeliveryIds.encode(message.action.value, writer.uint32(18).fork()).join();
+        break;
+      case "nack":
+        DeliveryIds.encode(message.action.value, writer.uint32(26).fork()).join();
+        break;
+      case "reject":
+        RejectDeliveries.encode(message.action.value, writer.uint32(34).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SubscriptionRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSubscriptionRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.action = { $case: "open", value: OpenSubscription.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.action = { $case: "ack", value: DeliveryIds.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.action = { $case: "nack", value: DeliveryIds.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.action = { $case: "reject", value: RejectDeliveries.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SubscriptionRequest {
+    return {
+      action: isSet(object.open)
+        ? { $case: "open", value: OpenSubscription.fromJSON(object.open) }
+        : isSet(object.ack)
+        ? { $case: "ack", value: DeliveryIds.fromJSON(object.ack) }
+        : isSet(object.nack)
+        ? { $case: "nack", value: DeliveryIds.fromJSON(object.nack) }
+        : isSet(object.reject)
+        ? { $case: "reject", value: RejectDeliveries.fromJSON(object.reject) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: SubscriptionRequest): unknown {
+    const obj: any = {};
+    if (message.action?.$case === "open") {
+      obj.open = OpenSubscription.toJSON(message.action.value);
+    } else if (message.action?.$case === "ack") {
+      obj.ack = DeliveryIds.toJSON(message.action.value);
+    } else if (message.action?.$case === "nack") {
+      obj.nack = DeliveryIds.toJSON(message.action.value);
+    } else if (message.action?.$case === "reject") {
+      obj.reject = RejectDeliveries.toJSON(message.action.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SubscriptionRequest>): SubscriptionRequest {
+    return SubscriptionRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SubscriptionRequest>): SubscriptionRequest {
+    const message = createBaseSubscriptionRequest();
+    switch (object.action?.$case) {
+      case "open": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "open", value: OpenSubscription.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "ack": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "ack", value: DeliveryIds.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "nack": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "nack", value: DeliveryIds.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "reject": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "reject", value: RejectDeliveries.fromPartial(object.action.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseOpenSubscription(): OpenSubscription {
+  return { maxInFlight: 0, consumerName: "" };
+}
+
+export const OpenSubscription: MessageFns<OpenSubscription> = {
+  encode(message: OpenSubscription, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.maxInFlight !== 0) {
+      writer.uint32(8).uint32(message.maxInFlight);
+    }
+    if (message.consumerName !== "") {
+      writer.uint32(18).string(message.consumerName);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): OpenSubscription {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseOpenSubscription();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.maxInFlight = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.consumerName = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): OpenSubscription {
+    return {
+      maxInFlight: isSet(object.maxInFlight)
+        ? globalThis.Number(object.maxInFlight)
+        : isSet(object.max_in_flight)
+        ? globalThis.Number(object.max_in_flight)
+        : 0,
+      consumerName: isSet(object.consumerName)
+        ? globalThis.String(object.consumerName)
+        : isSet(object.consumer_name)
+        ? globalThis.String(object.consumer_name)
+        : "",
+    };
+  },
+
+  toJSON(message: OpenSubscription): unknown {
+    const obj: any = {};
+    if (message.maxInFlight !== 0) {
+      obj.maxInFlight = Math.round(message.maxInFlight);
+    }
+    if (message.consumerName !== "") {
+      obj.consumerName = message.consumerName;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<OpenSubscription>): OpenSubscription {
+    return OpenSubscription.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<OpenSubscription>): OpenSubscription {
+    const message = createBaseOpenSubscription();
+    message.maxInFlight = object.maxInFlight ?? 0;
+    message.consumerName = object.consumerName ?? "";
+    return message;
+  },
+};
+
+function createBaseDeliveryIds(): DeliveryIds {
+  return { deliveryIds: [] };
+}
+
+export const DeliveryIds: MessageFns<DeliveryIds> = {
+  encode(message: DeliveryIds, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.deliveryIds.length !== 0) {
+      writer.uint32(10).fork();
+      for (const v of message.deliveryIds) {
+        writer.uint64(v);
+      }
+      writer.join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeliveryIds {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeliveryIds();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag === 8) {
+              message.deliveryIds.push(reader.uint64().toString());
+
+              continue;
+            }
+
+            if (tag === 10) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.deliveryIds.push(reader.uint64().toString());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeliveryIds {
+    return {
+      deliveryIds: globalThis.Array.isArray(object?.deliveryIds)
+        ? object.deliveryIds.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.delivery_ids)
+        ? object.delivery_ids.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: DeliveryIds): unknown {
+    const obj: any = {};
+    if (message.deliveryIds?.length) {
+      obj.deliveryIds = message.deliveryIds;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeliveryIds>): DeliveryIds {
+    return DeliveryIds.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DeliveryIds>): DeliveryIds {
+    const message = createBaseDeliveryIds();
+    message.deliveryIds = object.deliveryIds?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseRejectDeliveries(): RejectDeliveries {
+  return { deliveryIds: [], reason: "" };
+}
+
+export const RejectDeliveries: MessageFns<RejectDeliveries> = {
+  encode(message: RejectDeliveries, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.deliveryIds.length !== 0) {
+      writer.uint32(10).fork();
+      for (const v of message.deliveryIds) {
+        writer.uint64(v);
+      }
+      writer.join();
+    }
+    if (message.reason !== "") {
+      writer.uint32(18).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RejectDeliveries {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRejectDeliveries();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag === 8) {
+              message.deliveryIds.push(reader.uint64().toString());
+
+              continue;
+            }
+
+            if (tag === 10) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.deliveryIds.push(reader.uint64().toString());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RejectDeliveries {
+    return {
+      deliveryIds: globalThis.Array.isArray(object?.deliveryIds)
+        ? object.deliveryIds.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.delivery_ids)
+        ? object.delivery_ids.map((e: any) => globalThis.String(e))
+        : [],
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+    };
+  },
+
+  toJSON(message: RejectDeliveries): unknown {
+    const obj: any = {};
+    if (message.deliveryIds?.length) {
+      obj.deliveryIds = message.deliveryIds;
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RejectDeliveries>): RejectDeliveries {
+    return RejectDeliveries.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RejectDeliveries>): RejectDeliveries {
+    const message = createBaseRejectDeliveries();
+    message.deliveryIds = object.deliveryIds?.map((e) => e) || [];
+    message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
+function createBaseDeliveryInfo(): DeliveryInfo {
+  return { deliveryId: "0", redelivered: false, deliveryCount: 0 };
+}
+
+export const DeliveryInfo: MessageFns<DeliveryInfo> = {
+  encode(message: DeliveryInfo, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.deliveryId !== "0") {
+      writer.uint32(8).uint64(message.deliveryId);
+    }
+    if (message.redelivered !== false) {
+      writer.uint32(16).bool(message.redelivered);
+    }
+    if (message.deliveryCount !== 0) {
+      writer.uint32(24).uint32(message.deliveryCount);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeliveryInfo {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeliveryInfo();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.deliveryId = reader.uint64().toString();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.redelivered = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.deliveryCount = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeliveryInfo {
+    return {
+      deliveryId: isSet(object.deliveryId)
+        ? globalThis.String(object.deliveryId)
+        : isSet(object.delivery_id)
+        ? globalThis.String(object.delivery_id)
+        : "0",
+      redelivered: isSet(object.redelivered) ? globalThis.Boolean(object.redelivered) : false,
+      deliveryCount: isSet(object.deliveryCount)
+        ? globalThis.Number(object.deliveryCount)
+        : isSet(object.delivery_count)
+        ? globalThis.Number(object.delivery_count)
+        : 0,
+    };
+  },
+
+  toJSON(message: DeliveryInfo): unknown {
+    const obj: any = {};
+    if (message.deliveryId !== "0") {
+      obj.deliveryId = message.deliveryId;
+    }
+    if (message.redelivered !== false) {
+      obj.redelivered = message.redelivered;
+    }
+    if (message.deliveryCount !== 0) {
+      obj.deliveryCount = Math.round(message.deliveryCount);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeliveryInfo>): DeliveryInfo {
+    return DeliveryInfo.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DeliveryInfo>): DeliveryInfo {
+    const message = createBaseDeliveryInfo();
+    message.deliveryId = object.deliveryId ?? "0";
+    message.redelivered = object.redelivered ?? false;
+    message.deliveryCount = object.deliveryCount ?? 0;
+    return message;
+  },
+};
+
+function createBaseSettleError(): SettleError {
+  return { deliveryIds: [], reason: "" };
+}
+
+export const SettleError: MessageFns<SettleError> = {
+  encode(message: SettleError, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.deliveryIds.length !== 0) {
+      writer.uint32(10).fork();
+      for (const v of message.deliveryIds) {
+        writer.uint64(v);
+      }
+      writer.join();
+    }
+    if (message.reason !== "") {
+      writer.uint32(18).string(message.reason);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SettleError {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSettleError();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag === 8) {
+              message.deliveryIds.push(reader.uint64().toString());
+
+              continue;
+            }
+
+            if (tag === 10) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.deliveryIds.push(reader.uint64().toString());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SettleError {
+    return {
+      deliveryIds: globalThis.Array.isArray(object?.deliveryIds)
+        ? object.deliveryIds.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.delivery_ids)
+        ? object.delivery_ids.map((e: any) => globalThis.String(e))
+        : [],
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+    };
+  },
+
+  toJSON(message: SettleError): unknown {
+    const obj: any = {};
+    if (message.deliveryIds?.length) {
+      obj.deliveryIds = message.deliveryIds;
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SettleError>): SettleError {
+    return SettleError.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SettleError>): SettleError {
+    const message = createBaseSettleError();
+    message.deliveryIds = object.deliveryIds?.map((e) => e) || [];
+    message.reason = object.reason ?? "";
+    return message;
+  },
+};
+
+function createBaseSubscriptionOpened(): SubscriptionOpened {
+  return { maxInFlight: 0, consumerName: "" };
+}
+
+export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
+  encode(message: SubscriptionOpened, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.maxInFlight !== 0) {
+      writer.uint32(8).uint32(message.maxInFlight);
+    }
+    if (message.consumerName !== "") {
+      writer.uint32(18).string(message.consumerName);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SubscriptionOpened {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSubscriptionOpened();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.maxInFlight = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.consumerName = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SubscriptionOpened {
+    return {
+      maxInFlight: isSet(object.maxInFlight)
+        ? globalThis.Number(object.maxInFlight)
+        : isSet(object.max_in_flight)
+        ? globalThis.Number(object.max_in_flight)
+        : 0,
+      consumerName: isSet(object.consumerName)
+        ? globalThis.String(object.consumerName)
+        : isSet(object.consumer_name)
+        ? globalThis.String(object.consumer_name)
+        : "",
+    };
+  },
+
+  toJSON(message: SubscriptionOpened): unknown {
+    const obj: any = {};
+    if (message.maxInFlight !== 0) {
+      obj.maxInFlight = Math.round(message.maxInFlight);
+    }
+    if (message.consumerName !== "") {
+      obj.consumerName = message.consumerName;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SubscriptionOpened>): SubscriptionOpened {
+    return SubscriptionOpened.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SubscriptionOpened>): SubscriptionOpened {
+    const message = createBaseSubscriptionOpened();
+    message.maxInFlight = object.maxInFlight ?? 0;
+    message.consumerName = object.consumerName ?? "";
+    return message;
+  },
+};
+
+function createBaseSchemaDelivery(): SchemaDelivery {
+  return { info: undefined, message: undefined };
+}
+
+export const SchemaDelivery: MessageFns<SchemaDelivery> = {
+  encode(message: SchemaDelivery, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.info !== undefined) {
+      DeliveryInfo.encode(message.info, writer.uint32(10).fork()).join();
+    }
+    if (message.message !== undefined) {
+      SchemaMessageResponse.encode(message.message, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SchemaDelivery {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSchemaDelivery();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.info = DeliveryInfo.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.message = SchemaMessageResponse.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SchemaDelivery {
+    return {
+      info: isSet(object.info) ? DeliveryInfo.fromJSON(object.info) : undefined,
+      message: isSet(object.message) ? SchemaMessageResponse.fromJSON(object.message) : undefined,
+    };
+  },
+
+  toJSON(message: SchemaDelivery): unknown {
+    const obj: any = {};
+    if (message.info !== undefined) {
+      obj.info = DeliveryInfo.toJSON(message.info);
+    }
+    if (message.message !== undefined) {
+      obj.message = SchemaMessageResponse.toJSON(message.message);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SchemaDelivery>): SchemaDelivery {
+    return SchemaDelivery.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SchemaDelivery>): SchemaDelivery {
+    const message = createBaseSchemaDelivery();
+    message.info = (object.info !== undefined && object.info !== null)
+      ? DeliveryInfo.fromPartial(object.info)
+      : undefined;
+    message.message = (object.message !== undefined && object.message !== null)
+      ? SchemaMessageResponse.fromPartial(object.message)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseValidationDelivery(): ValidationDelivery {
+  return { info: undefined, message: undefined };
+}
+
+export const ValidationDelivery: MessageFns<ValidationDelivery> = {
+  encode(message: ValidationDelivery, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.info !== undefined) {
+      DeliveryInfo.encode(message.info, writer.uint32(10).fork()).join();
+    }
+    if (message.message !== undefined) {
+      ValidationMessageResponse.encode(message.message, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ValidationDelivery {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseValidationDelivery();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.info = DeliveryInfo.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.message = ValidationMessageResponse.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ValidationDelivery {
+    return {
+      info: isSet(object.info) ? DeliveryInfo.fromJSON(object.info) : undefined,
+      message: isSet(object.message) ? ValidationMessageResponse.fromJSON(object.message) : undefined,
+    };
+  },
+
+  toJSON(message: ValidationDelivery): unknown {
+    const obj: any = {};
+    if (message.info !== undefined) {
+      obj.info = DeliveryInfo.toJSON(message.info);
+    }
+    if (message.message !== undefined) {
+      obj.message = ValidationMessageResponse.toJSON(message.message);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ValidationDelivery>): ValidationDelivery {
+    return ValidationDelivery.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ValidationDelivery>): ValidationDelivery {
+    const message = createBaseValidationDelivery();
+    message.info = (object.info !== undefined && object.info !== null)
+      ? DeliveryInfo.fromPartial(object.info)
+      : undefined;
+    message.message = (object.message !== undefined && object.message !== null)
+      ? ValidationMessageResponse.fromPartial(object.message)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseSchemaSubscriptionEvent(): SchemaSubscriptionEvent {
+  return { event: undefined };
+}
+
+export const SchemaSubscriptionEvent: MessageFns<SchemaSubscriptionEvent> = {
+  encode(message: SchemaSubscriptionEvent, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.event?.$case) {
+      case "opened":
+        SubscriptionOpened.encode(message.event.value, writer.uint32(10).fork()).join();
+        break;
+      case "delivery":
+        SchemaDelivery.encode(message.event.value, writer.uint32(18).fork()).join();
+        break;
+      case "settleError":
+        SettleError.encode(message.event.value, writer.uint32(26).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SchemaSubscriptionEvent {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSchemaSubscriptionEvent();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.event = { $case: "opened", value: SubscriptionOpened.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.event = { $case: "delivery", value: SchemaDelivery.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.event = { $case: "settleError", value: SettleError.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SchemaSubscriptionEvent {
+    return {
+      event: isSet(object.opened)
+        ? { $case: "opened", value: SubscriptionOpened.fromJSON(object.opened) }
+        : isSet(object.delivery)
+        ? { $case: "delivery", value: SchemaDelivery.fromJSON(object.delivery) }
+        : isSet(object.settleError)
+        ? { $case: "settleError", value: SettleError.fromJSON(object.settleError) }
+        : isSet(object.settle_error)
+        ? { $case: "settleError", value: SettleError.fromJSON(object.settle_error) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: SchemaSubscriptionEvent): unknown {
+    const obj: any = {};
+    if (message.event?.$case === "opened") {
+      obj.opened = SubscriptionOpened.toJSON(message.event.value);
+    } else if (message.event?.$case === "delivery") {
+      obj.delivery = SchemaDelivery.toJSON(message.event.value);
+    } else if (message.event?.$case === "settleError") {
+      obj.settleError = SettleError.toJSON(message.event.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SchemaSubscriptionEvent>): SchemaSubscriptionEvent {
+    return SchemaSubscriptionEvent.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SchemaSubscriptionEvent>): SchemaSubscriptionEvent {
+    const message = createBaseSchemaSubscriptionEvent();
+    switch (object.event?.$case) {
+      case "opened": {
+        if (object.event?.value !== undefined && object.event?.value !== null) {
+          message.event = { $case: "opened", value: SubscriptionOpened.fromPartial(object.event.value) };
+        }
+        break;
+      }
+      case "delivery": {
+        if (object.event?.value !== undefined && object.event?.value !== null) {
+          message.event = { $case: "delivery", value: SchemaDelivery.fromPartial(object.event.value) };
+        }
+        break;
+      }
+      case "settleError": {
+        if (object.event?.value !== undefined && object.event?.value !== null) {
+          message.event = { $case: "settleError", value: SettleError.fromPartial(object.event.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseValidationSubscriptionEvent(): ValidationSubscriptionEvent {
+  return { event: undefined };
+}
+
+export const ValidationSubscriptionEvent: MessageFns<ValidationSubscriptionEvent> = {
+  encode(message: ValidationSubscriptionEvent, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    switch (message.event?.$case) {
+      case "opened":
+        SubscriptionOpened.encode(message.event.value, writer.uint32(10).fork()).join();
+        break;
+      case "delivery":
+        ValidationDelivery.encode(message.event.value, writer.uint32(18).fork()).join();
+        break;
+      case "settleError":
+        SettleError.encode(message.event.value, writer.uint32(26).fork()).join();
+        break;
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ValidationSubscriptionEvent {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseValidationSubscriptionEvent();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.event = { $case: "opened", value: SubscriptionOpened.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.event = { $case: "delivery", value: ValidationDelivery.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.event = { $case: "settleError", value: SettleError.decode(reader, reader.uint32()) };
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ValidationSubscriptionEvent {
+    return {
+      event: isSet(object.opened)
+        ? { $case: "opened", value: SubscriptionOpened.fromJSON(object.opened) }
+        : isSet(object.delivery)
+        ? { $case: "delivery", value: ValidationDelivery.fromJSON(object.delivery) }
+        : isSet(object.settleError)
+        ? { $case: "settleError", value: SettleError.fromJSON(object.settleError) }
+        : isSet(object.settle_error)
+        ? { $case: "settleError", value: SettleError.fromJSON(object.settle_error) }
+        : undefined,
+    };
+  },
+
+  toJSON(message: ValidationSubscriptionEvent): unknown {
+    const obj: any = {};
+    if (message.event?.$case === "opened") {
+      obj.opened = SubscriptionOpened.toJSON(message.event.value);
+    } else if (message.event?.$case === "delivery") {
+      obj.delivery = ValidationDelivery.toJSON(message.event.value);
+    } else if (message.event?.$case === "settleError") {
+      obj.settleError = SettleError.toJSON(message.event.value);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ValidationSubscriptionEvent>): ValidationSubscriptionEvent {
+    return ValidationSubscriptionEvent.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ValidationSubscriptionEvent>): ValidationSubscriptionEvent {
+    const message = createBaseValidationSubscriptionEvent();
+    switch (object.event?.$case) {
+      case "opened": {
+        if (object.event?.value !== undefined && object.event?.value !== null) {
+          message.event = { $case: "opened", value: SubscriptionOpened.fromPartial(object.event.value) };
+        }
+        break;
+      }
+      case "delivery": {
+        if (object.event?.value !== undefined && object.event?.value !== null) {
+          message.event = { $case: "delivery", value: ValidationDelivery.fromPartial(object.event.value) };
+        }
+        break;
+      }
+      case "settleError": {
+        if (object.event?.value !== undefined && object.event?.value !== null) {
+          message.event = { $case: "settleError", value: SettleError.fromPartial(object.event.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
 export type MessagingServiceService = typeof MessagingServiceService;
 export const MessagingServiceService = {
   /** Broker connection parameters and the exchange/queue layout, for publishers. */
@@ -2165,6 +3411,33 @@ export const MessagingServiceService = {
       Buffer.from(ValidationMessageResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): ValidationMessageResponse => ValidationMessageResponse.decode(value),
   },
+  /**
+   * Acknowledged subscriptions (at-least-once with client acks and flow control). The client's
+   * first message must be `open`; then it settles deliveries by id with ack / nack / reject, in
+   * any order and batched as it likes. At most `max_in_flight` deliveries are unsettled at once.
+   * Whatever is unsettled when the call ends, for any reason, goes back to the queue.
+   */
+  subscribeSchemaMessages: {
+    path: "/messaging.MessagingService/SubscribeSchemaMessages" as const,
+    requestStream: true as const,
+    responseStream: true as const,
+    requestSerialize: (value: SubscriptionRequest): Buffer => Buffer.from(SubscriptionRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SubscriptionRequest => SubscriptionRequest.decode(value),
+    responseSerialize: (value: SchemaSubscriptionEvent): Buffer =>
+      Buffer.from(SchemaSubscriptionEvent.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SchemaSubscriptionEvent => SchemaSubscriptionEvent.decode(value),
+  },
+  /** The same for the validations queue. */
+  subscribeValidationMessages: {
+    path: "/messaging.MessagingService/SubscribeValidationMessages" as const,
+    requestStream: true as const,
+    responseStream: true as const,
+    requestSerialize: (value: SubscriptionRequest): Buffer => Buffer.from(SubscriptionRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SubscriptionRequest => SubscriptionRequest.decode(value),
+    responseSerialize: (value: ValidationSubscriptionEvent): Buffer =>
+      Buffer.from(ValidationSubscriptionEvent.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ValidationSubscriptionEvent => ValidationSubscriptionEvent.decode(value),
+  },
 } as const;
 
 export interface MessagingServiceServer extends UntypedServiceImplementation {
@@ -2178,6 +3451,15 @@ export interface MessagingServiceServer extends UntypedServiceImplementation {
   streamSchemaMessages: handleServerStreamingCall<SchemaMessageRequest, SchemaMessageResponse>;
   /** Every message of the validations queue, as it arrives, until the client cancels. */
   streamValidationMessages: handleServerStreamingCall<ValidationMessageRequest, ValidationMessageResponse>;
+  /**
+   * Acknowledged subscriptions (at-least-once with client acks and flow control). The client's
+   * first message must be `open`; then it settles deliveries by id with ack / nack / reject, in
+   * any order and batched as it likes. At most `max_in_flight` deliveries are unsettled at once.
+   * Whatever is unsettled when the call ends, for any reason, goes back to the queue.
+   */
+  subscribeSchemaMessages: handleBidiStreamingCall<SubscriptionRequest, SchemaSubscriptionEvent>;
+  /** The same for the validations queue. */
+  subscribeValidationMessages: handleBidiStreamingCall<SubscriptionRequest, ValidationSubscriptionEvent>;
 }
 
 export interface MessagingServiceClient extends Client {
@@ -2249,6 +3531,29 @@ export interface MessagingServiceClient extends Client {
     metadata?: Metadata1,
     options?: Partial<CallOptions>,
   ): ClientReadableStream<ValidationMessageResponse>;
+  /**
+   * Acknowledged subscriptions (at-least-once with client acks and flow control). The client's
+   * first message must be `open`; then it settles deliveries by id with ack / nack / reject, in
+   * any order and batched as it likes. At most `max_in_flight` deliveries are unsettled at once.
+   * Whatever is unsettled when the call ends, for any reason, goes back to the queue.
+   */
+  subscribeSchemaMessages(): ClientDuplexStream<SubscriptionRequest, SchemaSubscriptionEvent>;
+  subscribeSchemaMessages(
+    options: Partial<CallOptions>,
+  ): ClientDuplexStream<SubscriptionRequest, SchemaSubscriptionEvent>;
+  subscribeSchemaMessages(
+    metadata: Metadata1,
+    options?: Partial<CallOptions>,
+  ): ClientDuplexStream<SubscriptionRequest, SchemaSubscriptionEvent>;
+  /** The same for the validations queue. */
+  subscribeValidationMessages(): ClientDuplexStream<SubscriptionRequest, ValidationSubscriptionEvent>;
+  subscribeValidationMessages(
+    options: Partial<CallOptions>,
+  ): ClientDuplexStream<SubscriptionRequest, ValidationSubscriptionEvent>;
+  subscribeValidationMessages(
+    metadata: Metadata1,
+    options?: Partial<CallOptions>,
+  ): ClientDuplexStream<SubscriptionRequest, ValidationSubscriptionEvent>;
 }
 
 export const MessagingServiceClient = makeGenericClientConstructor(
@@ -2265,6 +3570,7 @@ type Builtin = Date | Function | Uint8Array | string | number | boolean | undefi
 export type DeepPartial<T> = T extends Builtin ? T
   : T extends globalThis.Array<infer U> ? globalThis.Array<DeepPartial<U>>
   : T extends ReadonlyArray<infer U> ? ReadonlyArray<DeepPartial<U>>
+  : T extends { $case: string; value: unknown } ? { $case: T["$case"]; value?: DeepPartial<T["value"]> }
   : T extends {} ? { [K in keyof T]?: DeepPartial<T[K]> }
   : Partial<T>;
 

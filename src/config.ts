@@ -34,6 +34,8 @@ export interface ProxySettings {
     readonly shutdownTimeout: Duration.Duration
   }
   readonly debug: boolean
+  /** Requeues (nacks, lost consumers) after which a message is dead-lettered instead. */
+  readonly maxRequeues: number
   readonly rabbit: {
     readonly host: string
     readonly port: number
@@ -99,6 +101,7 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
     shutdownTimeout: seconds("MESSAGING_SHUTDOWN_TIMEOUT_SECONDS", 10, 3600).pipe(Effect.map(Duration.seconds))
   })
   const debug = yield* bool("MESSAGING_CONNECTION_DEBUG", false)
+  const maxRequeues = yield* setting("MESSAGING_MAX_REQUEUES", NonNegativeInt, "a whole number (0 = never requeue)", 5)
   const rabbit = yield* Effect.all({
     host: name("RABBITMQ_HOST", "localhost"),
     port: setting("RABBITMQ_PORT", Port, "a port number between 1 and 65535", 5672),
@@ -126,7 +129,7 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
       "RABBITMQ_ROUTING_KEY_RESULTS_VALIDATIONS", "validation.result.*"
     )
   })
-  return { grpc, debug, rabbit }
+  return { grpc, debug, maxRequeues, rabbit }
 })
 
 export class ProxyConfig extends Context.Service<ProxyConfig, ProxySettings>()("messaging-proxy/ProxyConfig") {

@@ -4,7 +4,7 @@
  * scope closes, so every unacked delivery goes back to the queue at once.
  */
 import type * as amqp from "amqplib"
-import { Cause, Effect, Queue, Stream } from "effect"
+import { Cause, Duration, Effect, Queue, Schedule, Stream } from "effect"
 import { Broker } from "./broker.js"
 import { AmqpError, ConnectionLost, ConsumerClosedByBroker } from "./errors.js"
 
@@ -15,8 +15,14 @@ export interface Delivery {
   readonly ack: () => boolean
   /** Nack; with requeue=false the broker drops it, so use `deadLetter` to keep it. */
   readonly nack: (requeue: boolean) => boolean
-  /** Publish a copy to the dead-letter queue with the reason, wait for the broker's confirm, then ack. */
-  readonly deadLetter: (reason: string) => Effect.Effect<void, AmqpError>
+  /**
+   * Publish a copy (same body and properties, plus `headers`) to `queue` through the default
+   * exchange, wait for the broker's confirm, then ack this delivery: the message is never in
+   * neither place. Used to dead-letter and to requeue with a delivery count.
+   */
+  readonly moveTo: (queue: string, headers: Record<string, unknown>) => Effect.Effect<void, AmqpError>
+  /** `moveTo` the dead-letter queue with the reason and where the message came from. */
+  readonly deadLetter: (reason: string, headers?: Record<string, unknown>) => Effect.Effect<void, AmqpError>
 }
 
 export interface ConsumeOptions {
@@ -77,7 +83,10 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
     (queue) =>
       Effect.gen(function*() {
         const broker = yield* Broker
-        const channel = yield* broker.openChannel
+        // A channel that cannot be opened right after a drop means the connection is gone too.
+        const channel = yield* broker.openChannel.pipe(
+          Effect.mapError((error) => new ConnectionLost({ reason: error.message }))
+        )
         let closingOurselves = false
         // Runs before the channel's own finalizer (reverse order), so our close is not a failure.
         yield* Effect.addFinalizer(() => Effect.sync(() => { closingOurselves = true }))
@@ -97,23 +106,32 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
           catch: (cause) => new AmqpError({ operation: "set prefetch", cause })
         })
 
-        const toDelivery = (message: amqp.ConsumeMessage): Delivery => ({
-          message,
-          ack: () => settle(() => channel.ack(message)),
-          nack: (requeue) => settle(() => channel.nack(message, false, requeue)),
-          deadLetter: (reason) =>
-            publishConfirmed(channel, options.deadLetterQueue, message.content, {
+        const toDelivery = (message: amqp.ConsumeMessage): Delivery => {
+          const moveTo = (target: string, headers: Record<string, unknown>) =>
+            publishConfirmed(channel, target, message.content, {
               ...keptProperties(message),
               headers: {
-                ...message.properties.headers,
-                "x-dead-letter-reason": reason,
-                "x-original-queue": options.queue,
+                // Copies travel through the default exchange: keep where the message first came from.
                 "x-original-exchange": message.fields.exchange,
                 "x-original-routing-key": message.fields.routingKey,
-                "x-dead-lettered-at": new Date().toISOString()
+                ...message.properties.headers,
+                ...headers
               }
             }).pipe(Effect.andThen(Effect.sync(() => settle(() => channel.ack(message)))), Effect.asVoid)
-        })
+          return {
+            message,
+            ack: () => settle(() => channel.ack(message)),
+            nack: (requeue) => settle(() => channel.nack(message, false, requeue)),
+            moveTo,
+            deadLetter: (reason, headers = {}) =>
+              moveTo(options.deadLetterQueue, {
+                ...headers,
+                "x-dead-letter-reason": reason,
+                "x-original-queue": options.queue,
+                "x-dead-lettered-at": new Date().toISOString()
+              })
+          }
+        }
 
         yield* Effect.acquireRelease(
           Effect.tryPromise({
@@ -139,4 +157,26 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
         )
       }),
     { bufferSize: options.prefetch, strategy: "suspend" }
+  )
+
+/**
+ * `consume`, re-attached on a new channel whenever the broker connection is lost, so the stream
+ * (and the gRPC call it feeds) outlives broker restarts. Other failures end the stream.
+ */
+export const consumeResilient = (options: ConsumeOptions): Stream.Stream<Delivery, ConsumeError, Broker> =>
+  consume(options).pipe(
+    Stream.retry(
+      Schedule.min([Schedule.exponential("100 millis", 2), Schedule.spaced("2 seconds")]).pipe(
+        Schedule.setInputType<ConsumeError>(),
+        Schedule.while(({ input }) => input._tag === "ConnectionLost"),
+        Schedule.tap(({ attempt, duration, input }) =>
+          Effect.logWarning("consumer lost its channel; re-attaching", {
+            queue: options.queue,
+            attempt,
+            retryInMs: Math.round(Duration.toMillis(duration)),
+            reason: input.message
+          })
+        )
+      )
+    )
   )

@@ -8,12 +8,19 @@ import { randomUUID } from "node:crypto"
 import {
   type GetMessagingParamsResponse,
   type MessagingServiceServer,
-  type RoutingKey
+  type RoutingKey,
+  type SchemaMessageResponse,
+  type SchemaSubscriptionEvent,
+  type SubscriptionRequest,
+  type ValidationMessageResponse,
+  type ValidationSubscriptionEvent
 } from "../gen/messaging.js"
 import type { Broker } from "./broker.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
 import { contractQueues, deadLetterQueue, type ProxySettings, type QueueBinding } from "./config.js"
+import type { AdmissionPolicy } from "./redelivery.js"
 import { type QueueStreamSpec, serveQueueStream } from "./streaming.js"
+import { serveSubscription, type SubscriptionEvent, type SubscriptionSpec } from "./subscription.js"
 
 export type RunHandler = <A, E>(effect: Effect.Effect<A, E, Broker>) => Fiber.Fiber<A, E>
 
@@ -37,41 +44,62 @@ const routingKey = (binding: QueueBinding): RoutingKey => ({ routingKey: binding
 const queueSpec = <A>(
   settings: ProxySettings,
   binding: QueueBinding,
-  decode: QueueStreamSpec<A>["decode"]
-): QueueStreamSpec<A> => ({
+  decode: AdmissionPolicy<A>["decode"]
+): QueueStreamSpec<A> & SubscriptionSpec<A> => ({
   queue: binding.queue,
   deadLetterQueue: deadLetterQueue(settings.rabbit, binding.queue),
   prefetch: settings.rabbit.prefetch,
+  defaultMaxInFlight: settings.rabbit.prefetch,
+  maxRequeues: settings.maxRequeues,
   decode
 })
 
+/** Runs one call's work as a fiber that the call's cancel (or deadline) interrupts. */
+const runForCall = (
+  run: RunHandler,
+  call: grpc.ServerWritableStream<unknown, unknown> | grpc.ServerDuplexStream<unknown, unknown>,
+  rpc: string,
+  work: Effect.Effect<void, never, Broker>
+) => {
+  if (call.cancelled) return
+  const fiber = run(work.pipe(Effect.annotateLogs({ streamId: randomUUID().slice(0, 8), peer: call.getPeer(), rpc })))
+  // Also fires after a normal end; interrupting a finished fiber is a no-op.
+  call.once("cancelled", () => fiber.interruptUnsafe())
+}
+
 export const makeHandlers = (settings: ProxySettings, run: RunHandler): MessagingServiceServer => {
   const streamHandler = <Req, A>(rpc: string, spec: QueueStreamSpec<A>): grpc.handleServerStreamingCall<Req, A> =>
-  (call) => {
-    if (call.cancelled) return
-    const fiber = run(
-      serveQueueStream(call, spec).pipe(
-        Effect.annotateLogs({ streamId: randomUUID().slice(0, 8), peer: call.getPeer(), rpc })
-      )
+  (call) => runForCall(run, call as grpc.ServerWritableStream<unknown, unknown>, rpc, serveQueueStream(call, spec))
+  const subscriptionHandler = <A, Event extends SubscriptionEvent<A>>(
+    rpc: string,
+    spec: SubscriptionSpec<A>
+  ): grpc.handleBidiStreamingCall<SubscriptionRequest, Event> =>
+  (call) =>
+    runForCall(
+      run,
+      call as grpc.ServerDuplexStream<unknown, unknown>,
+      rpc,
+      serveSubscription(call as unknown as grpc.ServerDuplexStream<SubscriptionRequest, SubscriptionEvent<A>>, spec)
     )
-    // Also fires after a normal end; interrupting a finished fiber is a no-op.
-    call.once("cancelled", () => fiber.interruptUnsafe())
-  }
   const params = messagingParams(settings)
   const { rabbit } = settings
+  const schemas = queueSpec(settings, rabbit.schemas, decodeSchemaMessage)
+  const validations = queueSpec(settings, rabbit.validations, decodeValidationMessage)
   return {
     getMessagingParams: (_call, callback) => callback(null, params),
     getRoutingKeySchemas: (call, callback) =>
       callback(null, routingKey(call.request.results ? rabbit.schemaResults : rabbit.schemas)),
     getRoutingKeyValidations: (call, callback) =>
       callback(null, routingKey(call.request.results ? rabbit.validationResults : rabbit.validations)),
-    streamSchemaMessages: streamHandler(
-      "StreamSchemaMessages",
-      queueSpec(settings, rabbit.schemas, decodeSchemaMessage)
+    streamSchemaMessages: streamHandler("StreamSchemaMessages", schemas),
+    streamValidationMessages: streamHandler("StreamValidationMessages", validations),
+    subscribeSchemaMessages: subscriptionHandler<SchemaMessageResponse, SchemaSubscriptionEvent>(
+      "SubscribeSchemaMessages",
+      schemas
     ),
-    streamValidationMessages: streamHandler(
-      "StreamValidationMessages",
-      queueSpec(settings, rabbit.validations, decodeValidationMessage)
+    subscribeValidationMessages: subscriptionHandler<ValidationMessageResponse, ValidationSubscriptionEvent>(
+      "SubscribeValidationMessages",
+      validations
     )
   }
 }

@@ -1,0 +1,83 @@
+/**
+ * What server-streaming and bidi calls share: writing with backpressure, and ending the call with
+ * the status that matches how the work ended, plus the reason for the log line.
+ */
+import * as grpc from "@grpc/grpc-js"
+import { Cause, Effect, Exit } from "effect"
+import type { ConsumeError } from "./consumer.js"
+import type { AmqpError } from "./errors.js"
+
+/** The part of a grpc-js server call (writable or duplex) the proxy writes to. */
+export type OutgoingCall<A> = grpc.ServerWritableStream<unknown, A> | grpc.ServerDuplexStream<unknown, A>
+
+/** A failure that ends a call with a chosen status (e.g. a bad first message). */
+export class CallRejected {
+  readonly _tag = "CallRejected"
+  constructor(readonly code: grpc.status, readonly details: string) {}
+}
+
+export type CallError = ConsumeError | AmqpError | CallRejected
+
+/** What a failure means to the client, as a gRPC status. */
+export const statusOf = (error: CallError): { code: grpc.status; details: string } => {
+  switch (error._tag) {
+    case "CallRejected":
+      return { code: error.code, details: error.details }
+    case "ConnectionLost":
+      return { code: grpc.status.UNAVAILABLE, details: error.message }
+    case "ConsumerClosedByBroker":
+      return {
+        code: /NOT_FOUND|\b404\b/.test(error.reason) ? grpc.status.NOT_FOUND : grpc.status.ABORTED,
+        details: error.message
+      }
+    case "AmqpError":
+      return { code: grpc.status.UNAVAILABLE, details: error.message }
+  }
+}
+
+/** Resolves when the call can take more writes, or when it is cancelled (no 'drain' follows a cancel). */
+export const drainOrCancel = <A>(call: OutgoingCall<A>) =>
+  Effect.callback<void>((resume) => {
+    if (call.cancelled) return resume(Effect.void)
+    const done = () => resume(Effect.void)
+    call.once("drain", done)
+    call.once("cancelled", done)
+    return Effect.sync(() => {
+      call.off("drain", done)
+      call.off("cancelled", done)
+    })
+  })
+
+/** Writes one message; suspends only when grpc-js asks us to wait. */
+export const writeWithBackpressure = <A>(
+  call: OutgoingCall<A>,
+  message: A,
+  onAccepted?: (error: Error | null | undefined) => void
+): Effect.Effect<void> => call.write(message, onAccepted) ? Effect.void : drainOrCancel(call)
+
+const deadlinePassed = (deadline: grpc.Deadline): boolean =>
+  deadline instanceof Date ? deadline.getTime() <= Date.now() : Number.isFinite(deadline) && deadline <= Date.now()
+
+/**
+ * Ends the call to match `exit` (unless the client already went away) and returns why it ended:
+ * OK on success, the failure's status, or UNAVAILABLE when the server interrupted it (shutdown).
+ */
+export const finishCall = <A>(call: OutgoingCall<A>, exit: Exit.Exit<unknown, CallError>): string => {
+  if (call.cancelled) return deadlinePassed(call.getDeadline()) ? "deadline exceeded" : "client cancelled"
+  if (Exit.isSuccess(exit)) {
+    call.end()
+    return "completed"
+  }
+  const failure = Exit.findErrorOption(exit)
+  if (failure._tag === "Some") {
+    const status = statusOf(failure.value)
+    call.emit("error", status)
+    return `${grpc.status[status.code]}: ${status.details}`
+  }
+  if (Cause.hasInterruptsOnly(exit.cause)) {
+    call.emit("error", { code: grpc.status.UNAVAILABLE, details: "messaging-proxy is shutting down" })
+    return "server shutting down"
+  }
+  call.emit("error", { code: grpc.status.INTERNAL, details: "internal error" })
+  return Cause.pretty(exit.cause).split("\n")[0] ?? "defect"
+}

@@ -1,0 +1,109 @@
+/**
+ * What happens to a delivery before a client sees it, and when a client gives it back.
+ *
+ * Classic queues keep no delivery count, so the proxy keeps one in the `x-delivery-count` header
+ * (the header quorum queues use, with the same meaning: earlier deliveries that were not acked).
+ * A requeue is a confirmed republish of the message with the count raised, then an ack of the
+ * original. A message the broker redelivers after a lost consumer (flag `redelivered`) is counted
+ * the same way before it is delivered again, so a message that kills its consumers cannot loop
+ * forever either. Past `maxRequeues` the message goes to the dead-letter queue with its history.
+ */
+import { Effect, Result } from "effect"
+import type { BodyRejected } from "./codec.js"
+import type { Delivery } from "./consumer.js"
+import type { AmqpError } from "./errors.js"
+
+export interface AdmissionPolicy<A> {
+  readonly queue: string
+  readonly maxRequeues: number
+  readonly decode: (body: Buffer) => Result.Result<A, BodyRejected>
+}
+
+/** A delivery that passed the checks, ready to hand to a client. */
+export interface Admitted<A> {
+  readonly delivery: Delivery
+  readonly message: A
+  /** 1 on the first delivery. */
+  readonly deliveryCount: number
+  readonly redelivered: boolean
+}
+
+export type Admission<A> =
+  | { readonly _tag: "Deliver"; readonly admitted: Admitted<A> }
+  | { readonly _tag: "DeadLettered"; readonly reason: string }
+  | { readonly _tag: "Requeued" }
+
+const countHeader = "x-delivery-count"
+const historyHeader = "x-requeue-history"
+const historyLimit = 20
+
+export const requeueCountOf = (delivery: Delivery): number => {
+  const raw: unknown = delivery.message.properties.headers?.[countHeader]
+  const count = typeof raw === "number" ? raw : typeof raw === "string" ? Number(raw) : 0
+  return Number.isSafeInteger(count) && count > 0 ? count : 0
+}
+
+const historyOf = (delivery: Delivery): Array<string> => {
+  const raw: unknown = delivery.message.properties.headers?.[historyHeader]
+  return Array.isArray(raw) ? raw.map(String) : []
+}
+
+/**
+ * Gives the delivery back to the queue with its count raised, or dead-letters it once it has been
+ * requeued more than `maxRequeues` times. `note` says why, for the history.
+ */
+export const requeueCounted = (
+  delivery: Delivery,
+  policy: Pick<AdmissionPolicy<unknown>, "queue" | "maxRequeues">,
+  note: string
+): Effect.Effect<"Requeued" | "DeadLettered", AmqpError> => {
+  const requeues = requeueCountOf(delivery) + 1
+  const history = [...historyOf(delivery), `${new Date().toISOString()} ${note}`].slice(-historyLimit)
+  const headers = { [countHeader]: requeues, [historyHeader]: history }
+  if (requeues > policy.maxRequeues) {
+    const reason = `requeued more than ${policy.maxRequeues} times`
+    return delivery.deadLetter(reason, headers).pipe(
+      Effect.tap(() =>
+        Effect.logWarning("poison message dead-lettered", {
+          queue: policy.queue,
+          messageId: delivery.message.properties.messageId,
+          reason
+        })
+      ),
+      Effect.as("DeadLettered" as const)
+    )
+  }
+  return delivery.moveTo(policy.queue, headers).pipe(Effect.as("Requeued" as const))
+}
+
+export const admit = <A>(delivery: Delivery, policy: AdmissionPolicy<A>): Effect.Effect<Admission<A>, AmqpError> => {
+  const decoded = policy.decode(delivery.message.content)
+  if (Result.isFailure(decoded)) {
+    const reason = decoded.failure.reason
+    return delivery.deadLetter(reason).pipe(
+      Effect.tap(() =>
+        Effect.logWarning("malformed body dead-lettered", {
+          queue: policy.queue,
+          messageId: delivery.message.properties.messageId,
+          reason
+        })
+      ),
+      Effect.as({ _tag: "DeadLettered", reason } as const)
+    )
+  }
+  if (delivery.message.fields.redelivered) {
+    // The broker gave it back after a consumer was lost: count that attempt before delivering again.
+    return requeueCounted(delivery, policy, "returned by the broker (consumer lost)").pipe(
+      Effect.map((outcome) =>
+        outcome === "Requeued"
+          ? { _tag: "Requeued" } as const
+          : { _tag: "DeadLettered", reason: `requeued more than ${policy.maxRequeues} times` } as const
+      )
+    )
+  }
+  const requeues = requeueCountOf(delivery)
+  return Effect.succeed({
+    _tag: "Deliver",
+    admitted: { delivery, message: decoded.success, deliveryCount: requeues + 1, redelivered: requeues > 0 }
+  })
+}

@@ -1,0 +1,200 @@
+/**
+ * Acknowledged subscriptions: a bidi call where the client settles each delivery by id. Nothing is
+ * acked on the broker until the client says so, so a client crash, a cancel, a proxy restart or a
+ * broker cut loses nothing: whatever is unsettled when the call or the channel ends is requeued.
+ *
+ * Flow control is the channel's prefetch (the client's max_in_flight): the broker stops pushing
+ * once that many deliveries are unsettled, so the proxy holds at most that many per subscription.
+ */
+import * as grpc from "@grpc/grpc-js"
+import { Cause, Effect, Fiber, Queue, Stream } from "effect"
+import type { DeliveryInfo, SettleError, SubscriptionOpened, SubscriptionRequest } from "../gen/messaging.js"
+import type { Broker } from "./broker.js"
+import { CallRejected, finishCall, writeWithBackpressure } from "./callLifecycle.js"
+import { consumeResilient, type Delivery } from "./consumer.js"
+import { admit, type AdmissionPolicy, requeueCounted } from "./redelivery.js"
+
+/** The event shape both subscription RPCs share (SchemaSubscriptionEvent, ValidationSubscriptionEvent). */
+export interface SubscriptionEvent<A> {
+  event?:
+    | { $case: "opened"; value: SubscriptionOpened }
+    | { $case: "delivery"; value: { info?: DeliveryInfo | undefined; message?: A | undefined } }
+    | { $case: "settleError"; value: SettleError }
+    | undefined
+}
+
+export interface SubscriptionSpec<A> extends AdmissionPolicy<A> {
+  readonly deadLetterQueue: string
+  readonly defaultMaxInFlight: number
+}
+
+export const maxInFlightLimit = 65535
+const consumerNameLimit = 128
+
+type SubscriptionCall<A> = grpc.ServerDuplexStream<SubscriptionRequest, SubscriptionEvent<A>>
+
+/** Requests as they arrive; ends when the client half-closes. */
+const incomingRequests = (call: SubscriptionCall<unknown>) =>
+  Effect.gen(function*() {
+    const requests = yield* Queue.unbounded<SubscriptionRequest, Cause.Done>()
+    call.on("data", (request: SubscriptionRequest) => Queue.offerUnsafe(requests, request))
+    call.on("end", () => Queue.endUnsafe(requests))
+    call.on("error", () => Queue.endUnsafe(requests))
+    return requests
+  })
+
+const openOptions = (request: SubscriptionRequest | undefined, defaultMaxInFlight: number) => {
+  if (request?.action?.$case !== "open") {
+    return Effect.fail(new CallRejected(grpc.status.INVALID_ARGUMENT, "the first message must be `open`"))
+  }
+  const { maxInFlight, consumerName } = request.action.value
+  if (maxInFlight > maxInFlightLimit) {
+    return Effect.fail(
+      new CallRejected(grpc.status.INVALID_ARGUMENT, `max_in_flight must be at most ${maxInFlightLimit}, got ${maxInFlight}`)
+    )
+  }
+  if (consumerName.length > consumerNameLimit || /[\u0000-\u001f]/.test(consumerName)) {
+    return Effect.fail(
+      new CallRejected(
+        grpc.status.INVALID_ARGUMENT,
+        `consumer_name must be at most ${consumerNameLimit} printable characters`
+      )
+    )
+  }
+  return Effect.succeed({ maxInFlight: maxInFlight === 0 ? defaultMaxInFlight : maxInFlight, consumerName })
+}
+
+export const serveSubscription = <A>(
+  call: SubscriptionCall<A>,
+  spec: SubscriptionSpec<A>
+): Effect.Effect<void, never, Broker> => {
+  const counts = { delivered: 0, acked: 0, requeued: 0, deadLettered: 0 }
+  const outgoing = call as grpc.ServerDuplexStream<unknown, SubscriptionEvent<A>>
+  const write = (event: SubscriptionEvent<A>) => writeWithBackpressure(outgoing, event)
+
+  const program = Effect.gen(function*() {
+    const requests = yield* incomingRequests(call as SubscriptionCall<unknown>)
+    const first = yield* Queue.take(requests).pipe(Effect.option)
+    // A client that half-closes before opening simply gets an empty, successful call.
+    if (first._tag === "None") return
+    const { maxInFlight, consumerName } = yield* openOptions(first.value, spec.defaultMaxInFlight)
+    yield* Effect.annotateLogsScoped({ consumerName })
+    yield* Effect.logInfo("subscription opened", { queue: spec.queue, maxInFlight })
+    yield* write({ event: { $case: "opened", value: { maxInFlight, consumerName } } })
+
+    // Unsettled deliveries by id. Ids are ours, not AMQP delivery tags, so they stay unique
+    // across the channels a subscription goes through when the broker connection is re-made.
+    const pending = new Map<string, Delivery>()
+    let nextId = 1n
+
+    const pump = consumeResilient({
+      queue: spec.queue,
+      prefetch: maxInFlight,
+      deadLetterQueue: spec.deadLetterQueue,
+      consumerTag: consumerName ? `${consumerName}.${crypto.randomUUID().slice(0, 8)}` : undefined
+    }).pipe(
+      Stream.runForEach((delivery) =>
+        Effect.flatMap(admit(delivery, spec), (admission) => {
+          if (admission._tag === "DeadLettered") counts.deadLettered++
+          if (admission._tag !== "Deliver") return Effect.void
+          const { deliveryCount, redelivered, message } = admission.admitted
+          const deliveryId = String(nextId++)
+          pending.set(deliveryId, delivery)
+          counts.delivered++
+          return write({
+            event: {
+              $case: "delivery",
+              value: { info: { deliveryId, redelivered, deliveryCount }, message }
+            }
+          })
+        })
+      )
+    )
+
+    const settleError = (deliveryIds: Array<string>, reason: string) =>
+      deliveryIds.length === 0 ? Effect.void : write({ event: { $case: "settleError", value: { deliveryIds, reason } } })
+
+    /** Takes the ids out of `pending`; reports the unknown ones. */
+    const claim = (ids: ReadonlyArray<string>) =>
+      Effect.gen(function*() {
+        const found: Array<[string, Delivery]> = []
+        const unknown: Array<string> = []
+        for (const id of ids) {
+          const delivery = pending.get(id)
+          if (delivery === undefined) unknown.push(id)
+          else {
+            pending.delete(id)
+            found.push([id, delivery])
+          }
+        }
+        yield* settleError(unknown, "unknown or already settled delivery id")
+        return found
+      })
+
+    /** Settles each delivery; ids whose channel died with a lost connection are reported. */
+    const settleEach = (
+      ids: ReadonlyArray<string>,
+      settle: (delivery: Delivery) => Effect.Effect<boolean, unknown>
+    ) =>
+      Effect.gen(function*() {
+        const lost: Array<string> = []
+        for (const [id, delivery] of yield* claim(ids)) {
+          const ok = yield* settle(delivery).pipe(Effect.catch(() => Effect.succeed(false)))
+          if (!ok) lost.push(id)
+        }
+        yield* settleError(lost, "the delivery's broker channel is gone; the message will be redelivered")
+      })
+
+    const handle = (request: SubscriptionRequest) => {
+      const action = request.action
+      switch (action?.$case) {
+        case "ack":
+          return settleEach(action.value.deliveryIds, (delivery) =>
+            Effect.sync(() => {
+              const ok = delivery.ack()
+              if (ok) counts.acked++
+              return ok
+            }))
+        case "nack":
+          return settleEach(action.value.deliveryIds, (delivery) =>
+            requeueCounted(delivery, spec, `nacked by ${consumerName || "a subscriber"}`).pipe(
+              Effect.map((outcome) => {
+                if (outcome === "Requeued") counts.requeued++
+                else counts.deadLettered++
+                return true
+              })
+            ))
+        case "reject": {
+          const reason = action.value.reason.trim() || "rejected by the subscriber"
+          return settleEach(action.value.deliveryIds, (delivery) =>
+            delivery.deadLetter(reason, { "x-rejected-by": consumerName || "a subscriber" }).pipe(
+              Effect.map(() => {
+                counts.deadLettered++
+                return true
+              })
+            ))
+        }
+        case "open":
+          return Effect.fail(new CallRejected(grpc.status.INVALID_ARGUMENT, "`open` may only be the first message"))
+        case undefined:
+          return Effect.fail(new CallRejected(grpc.status.INVALID_ARGUMENT, "empty request: set open, ack, nack or reject"))
+      }
+    }
+
+    const pumpFiber = yield* Effect.forkScoped(pump)
+    // Settle requests until the client half-closes; the pump runs beside it and its failure
+    // (e.g. the queue was deleted) ends the call.
+    yield* Stream.fromQueue(requests).pipe(
+      Stream.runForEach(handle),
+      Effect.raceFirst(Fiber.join(pumpFiber))
+    )
+  }).pipe(Effect.scoped)
+
+  return Effect.logInfo("subscription call started", { queue: spec.queue }).pipe(
+    Effect.andThen(program),
+    Effect.onExit((exit) =>
+      Effect.logInfo("subscription ended", { queue: spec.queue, reason: finishCall(outgoing, exit), ...counts })
+    ),
+    Effect.ignore
+  )
+}

@@ -1,0 +1,238 @@
+/**
+ * Acknowledged subscriptions and failure handling, over the real broker and server: ack, nack,
+ * reject, poison messages, flow control, cancel and half-close, a broker connection cut (through a
+ * relay the test severs) and a queue deleted under a stream.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import * as grpc from "@grpc/grpc-js"
+import { Effect } from "effect"
+import { schemaBody } from "./fixtures/bodies.js"
+import { makeTestEnv, publishJson, queueState, quiet, readMessages, unary, waitForQueue } from "./support/harness.js"
+import { HealthClient } from "./support/health.js"
+import { startRelay } from "./support/relay.js"
+import { idsOf, subscribeSchemas } from "./support/subscriber.js"
+
+const publishSchemas = (env: { admin: Parameters<typeof publishJson>[0]; names: { exchange: string } }, ids: Array<string>) =>
+  Effect.forEach(ids, (id) => publishJson(env.admin, env.names.exchange, "schemas.*", schemaBody(id)), { discard: true })
+
+describe("acknowledged subscriptions", () => {
+  it.live("opened, delivered with ids, acked: the queue is empty afterwards", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      yield* publishSchemas(env, ["a", "b", "c"])
+      const sub = yield* subscribeSchemas(env.client, { maxInFlight: 10, consumerName: "typechecker-1" })
+      const opened = yield* sub.next()
+      assert.deepStrictEqual(opened.event, {
+        $case: "opened",
+        value: { maxInFlight: 10, consumerName: "typechecker-1" }
+      })
+      const got = yield* sub.deliveries(3)
+      assert.deepStrictEqual(got.map((d) => d.message?.id), ["a", "b", "c"])
+      assert.deepStrictEqual(got.map((d) => d.info), [
+        { deliveryId: "1", redelivered: false, deliveryCount: 1 },
+        { deliveryId: "2", redelivered: false, deliveryCount: 1 },
+        { deliveryId: "3", redelivered: false, deliveryCount: 1 }
+      ])
+      // Nothing acked yet: all three are still held by the broker for us.
+      const held = yield* queueState(env.admin, env.names.schemas)
+      assert.strictEqual(held.messageCount, 0)
+      yield* sub.ack("3", "1") // any order, batched
+      yield* sub.ack("2")
+      sub.call.end() // half-close: the subscription ends cleanly
+      const status = yield* sub.status
+      assert.strictEqual(status.code, grpc.status.OK)
+      const after = yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 0)
+      assert.strictEqual(after.messageCount, 0, "acked messages are gone")
+    }))
+
+  it.live("a nacked delivery comes back flagged redelivered with its count raised", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      yield* publishSchemas(env, ["n-1"])
+      const sub = yield* subscribeSchemas(env.client)
+      const [first] = yield* sub.deliveries(1)
+      yield* sub.nack(first!.info!.deliveryId)
+      const [second] = yield* sub.deliveries(1)
+      assert.strictEqual(second?.message?.id, "n-1")
+      assert.deepStrictEqual(second?.info, { deliveryId: "2", redelivered: true, deliveryCount: 2 })
+      yield* sub.ack("2")
+      sub.call.end()
+      assert.strictEqual((yield* sub.status).code, grpc.status.OK)
+      const after = yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 0)
+      assert.strictEqual(after.messageCount, 0)
+    }))
+
+  it.live("a rejected delivery is kept in the dead-letter queue with the subscriber's reason", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      yield* publishSchemas(env, ["r-1", "r-2"])
+      const sub = yield* subscribeSchemas(env.client, { consumerName: "checker" })
+      const got = yield* sub.deliveries(2)
+      yield* sub.send({ action: { $case: "reject", value: { deliveryIds: [got[0]!.info!.deliveryId], reason: "schema conflicts" } } })
+      yield* sub.ack(got[1]!.info!.deliveryId)
+      yield* waitForQueue(env.admin, env.names.schemasDead, (q) => q.messageCount === 1)
+      const dead = yield* Effect.promise(() => env.admin.channel.get(env.names.schemasDead, { noAck: true }))
+      assert.notStrictEqual(dead, false)
+      if (dead === false) return
+      assert.strictEqual(JSON.parse(dead.content.toString()).id, "r-1")
+      assert.strictEqual(dead.properties.headers?.["x-dead-letter-reason"], "schema conflicts")
+      assert.strictEqual(dead.properties.headers?.["x-rejected-by"], "checker")
+      assert.strictEqual(dead.properties.headers?.["x-original-queue"], env.names.schemas)
+    }))
+
+  it.live("unknown and already-settled ids get a settle error; the subscription goes on", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      yield* publishSchemas(env, ["u-1"])
+      const sub = yield* subscribeSchemas(env.client)
+      const [first] = yield* sub.deliveries(1)
+      yield* sub.ack(first!.info!.deliveryId, "999")
+      const error = yield* sub.next()
+      assert.deepStrictEqual(error.event, {
+        $case: "settleError",
+        value: { deliveryIds: ["999"], reason: "unknown or already settled delivery id" }
+      })
+      yield* sub.ack(first!.info!.deliveryId)
+      const again = yield* sub.next()
+      assert.deepStrictEqual(again.event?.$case === "settleError" ? again.event.value.deliveryIds : [], ["1"])
+      yield* publishSchemas(env, ["u-2"])
+      const [next] = yield* sub.deliveries(1)
+      assert.strictEqual(next?.message?.id, "u-2")
+    }))
+
+  it.live("a message requeued more than MESSAGING_MAX_REQUEUES times is dead-lettered with its history", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv({ MESSAGING_MAX_REQUEUES: "2" })
+      yield* publishSchemas(env, ["poison"])
+      const sub = yield* subscribeSchemas(env.client, { consumerName: "crashy" })
+      const counts: Array<number> = []
+      for (let i = 0; i < 3; i++) {
+        const [d] = yield* sub.deliveries(1)
+        counts.push(d!.info!.deliveryCount)
+        yield* sub.nack(d!.info!.deliveryId)
+      }
+      assert.deepStrictEqual(counts, [1, 2, 3])
+      yield* waitForQueue(env.admin, env.names.schemasDead, (q) => q.messageCount === 1)
+      const dead = yield* Effect.promise(() => env.admin.channel.get(env.names.schemasDead, { noAck: true }))
+      if (dead === false) return assert.fail("nothing dead-lettered")
+      const headers = dead.properties.headers ?? {}
+      assert.strictEqual(headers["x-dead-letter-reason"], "requeued more than 2 times")
+      assert.strictEqual(headers["x-delivery-count"], 3)
+      const history = headers["x-requeue-history"] as Array<unknown>
+      assert.strictEqual(history.length, 3)
+      for (const entry of history) assert.match(String(entry), /nacked by crashy$/)
+      assert.strictEqual(headers["x-original-exchange"], env.names.exchange, "first origin kept")
+      const source = yield* queueState(env.admin, env.names.schemas)
+      assert.strictEqual(source.messageCount, 0, "not looping in the source queue")
+    }))
+
+  it.live("max_in_flight bounds what the proxy holds; an ack lets the next one through", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      yield* publishSchemas(env, Array.from({ length: 10 }, (_, i) => `f-${i}`))
+      const sub = yield* subscribeSchemas(env.client, { maxInFlight: 2 })
+      const firstTwo = yield* sub.deliveries(2)
+      const state = yield* waitForQueue(env.admin, env.names.schemas, (q) => q.messageCount === 8)
+      assert.strictEqual(state.messageCount, 8, "the broker pushed only max_in_flight")
+      yield* sub.ack(firstTwo[0]!.info!.deliveryId)
+      const [third] = yield* sub.deliveries(1)
+      assert.strictEqual(third?.message?.id, "f-2")
+      yield* waitForQueue(env.admin, env.names.schemas, (q) => q.messageCount === 7)
+    }))
+
+  it.live("unsettled deliveries go back to the queue when the client cancels", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      yield* publishSchemas(env, ["x-1", "x-2", "x-3"])
+      const first = yield* Effect.scoped(
+        Effect.gen(function*() {
+          const sub = yield* subscribeSchemas(env.client)
+          const got = yield* sub.deliveries(3)
+          yield* sub.ack(got[0]!.info!.deliveryId)
+          yield* sub.settled
+          return got
+        })
+      ) // scope close = client cancel
+      assert.strictEqual(first.length, 3)
+      yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 0 && q.messageCount === 2)
+      const sub = yield* subscribeSchemas(env.client)
+      const again = yield* sub.deliveries(2)
+      assert.deepStrictEqual(again.map((d) => d.message?.id).sort(), ["x-2", "x-3"])
+      for (const d of again) {
+        assert.isTrue(d.info?.redelivered, "flagged redelivered")
+        assert.strictEqual(d.info?.deliveryCount, 2)
+      }
+    }))
+
+  it.live("a first message other than open is refused with INVALID_ARGUMENT", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      const sub = yield* subscribeSchemas(env.client, null)
+      yield* sub.ack("1")
+      const status = yield* sub.status
+      assert.strictEqual(status.code, grpc.status.INVALID_ARGUMENT)
+      assert.strictEqual(status.details, "the first message must be `open`")
+      const tooMany = yield* subscribeSchemas(env.client, { maxInFlight: 70000 })
+      const refused = yield* tooMany.status
+      assert.strictEqual(refused.code, grpc.status.INVALID_ARGUMENT)
+      assert.match(refused.details, /max_in_flight must be at most 65535, got 70000/)
+    }))
+})
+
+describe("broker failures", () => {
+  it.live("a cut broker connection: health goes NOT_SERVING and back, the same calls keep receiving", () =>
+    Effect.gen(function*() {
+      const relay = yield* startRelay()
+      const env = yield* makeTestEnv({ RABBITMQ_PORT: String(relay.port) })
+      const health = yield* Effect.acquireRelease(
+        Effect.sync(() => new HealthClient(`127.0.0.1:${env.port}`, grpc.credentials.createInsecure())),
+        (c) => Effect.sync(() => c.close())
+      )
+      const healthStatus = unary(health.check.bind(health), { service: "" }).pipe(Effect.map((r) => r.status))
+      const sub = yield* subscribeSchemas(env.client)
+      const stream = quiet(env.client.streamValidationMessages({}))
+      yield* publishSchemas(env, ["before-1", "before-2"])
+      const held = yield* sub.deliveries(2)
+      yield* sub.ack(held[0]!.info!.deliveryId) // before-2 stays unacked across the cut
+      yield* waitForQueue(env.admin, env.names.validations, (q) => q.consumerCount === 1)
+
+      yield* relay.setRefusing(true)
+      yield* relay.sever
+      while ((yield* healthStatus) !== 2) yield* Effect.sleep("10 millis") // 2 = NOT_SERVING
+      yield* relay.setRefusing(false)
+      while ((yield* healthStatus) !== 1) yield* Effect.sleep("10 millis") // 1 = SERVING
+
+      // The unacked one is redelivered, flagged, on the same call; new messages follow.
+      yield* publishSchemas(env, ["after-1"])
+      const after = yield* sub.deliveries(2, 15_000)
+      assert.deepStrictEqual(after.map((d) => d.message?.id).sort(), ["after-1", "before-2"])
+      const redelivered = after.find((d) => d.message?.id === "before-2")
+      assert.isTrue(redelivered?.info?.redelivered)
+      assert.strictEqual(redelivered?.info?.deliveryCount, 2)
+      yield* sub.ack(...idsOf(after))
+      // The server stream re-attached too.
+      yield* waitForQueue(env.admin, env.names.validations, (q) => q.consumerCount === 1, 15_000)
+      yield* publishJson(env.admin, env.names.exchange, "validation.*", { id: "v-after", task: "sample_validation" })
+      const [v] = yield* readMessages(stream, 1)
+      assert.strictEqual(v?.id, "v-after")
+    }), { timeout: 60_000 })
+
+  it.live("a queue deleted under a stream ends only that stream, with a precise status", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      const doomed = env.client.streamSchemaMessages({})
+      const status = Effect.callback<grpc.ServiceError>((resume) => {
+        doomed.on("error", (error: grpc.ServiceError) => resume(Effect.succeed(error)))
+      })
+      const survivor = quiet(env.client.streamValidationMessages({}))
+      yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 1)
+      yield* waitForQueue(env.admin, env.names.validations, (q) => q.consumerCount === 1)
+      yield* Effect.promise(() => env.admin.channel.deleteQueue(env.names.schemas))
+      const error = yield* status
+      assert.strictEqual(error.code, grpc.status.ABORTED)
+      assert.include(error.details, `queue '${env.names.schemas}'`)
+      yield* publishJson(env.admin, env.names.exchange, "validation.*", { id: "still-here", task: "sample_validation" })
+      const [v] = yield* readMessages(survivor, 1)
+      assert.strictEqual(v?.id, "still-here")
+    }))
+})
