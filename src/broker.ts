@@ -21,10 +21,16 @@ export class Broker extends Context.Service<Broker, {
   static readonly layer = Layer.effect(Broker, Effect.suspend(() => make))
 }
 
+/** A live connection and the reason it closed, once it does. */
+interface Session {
+  readonly connection: amqp.ChannelModel
+  readonly closed: Deferred.Deferred<string>
+}
+
 const connectOnce = (rabbit: ProxySettings["rabbit"]) =>
   Effect.tryPromise({
-    try: () =>
-      amqp.connect(
+    try: async (): Promise<Session> => {
+      const connection = await amqp.connect(
         {
           protocol: "amqp",
           hostname: rabbit.host,
@@ -35,7 +41,22 @@ const connectOnce = (rabbit: ProxySettings["rabbit"]) =>
           heartbeat: rabbit.heartbeatSeconds
         },
         { clientProperties: { connection_name: rabbit.connectionName }, timeout: 10_000, noDelay: true }
-      ),
+      )
+      // Listeners go on in the same tick as the connection: amqplib crashes the process on an
+      // unheard 'error', and a broker restart emits only 'close', which must not be missed.
+      const closed = Deferred.makeUnsafe<string>()
+      let lastError = "connection closed"
+      connection.on("error", (error: Error) => {
+        lastError = error.message
+      })
+      connection.on("blocked", (reason: string) => {
+        lastError = `broker blocked the connection: ${reason}`
+      })
+      connection.on("close", (error?: Error) => {
+        Deferred.doneUnsafe(closed, Exit.succeed(error?.message ?? lastError))
+      })
+      return { connection, closed }
+    },
     catch: (cause) => new AmqpError({ operation: `connect to amqp://${rabbit.host}:${rabbit.port}`, cause })
   })
 
@@ -63,38 +84,19 @@ const make = Effect.gen(function*() {
 
   // Connect and declare as one step, so a failed declaration closes its connection and is retried.
   const open = connectOnce(rabbit).pipe(
-    Effect.tap((connection) =>
+    Effect.tap(({ connection }) =>
       declareTopology(connection, rabbit).pipe(Effect.onError(() => closeQuietly(connection)))
     )
   )
 
   const session = Effect.gen(function*() {
-    const lost = yield* Deferred.make<string>()
-    const connection = yield* Effect.acquireRelease(
-      open.pipe(
-        Effect.retry(backoff),
-        // Listeners go on before anything else can happen: amqplib crashes the process on an
-        // unheard 'error', and a broker restart emits only 'close'.
-        Effect.tap((connection) =>
-          Effect.sync(() => {
-            let lastError = "connection closed"
-            connection.on("error", (error: Error) => {
-              lastError = error.message
-            })
-            connection.on("close", (error?: Error) => {
-              Deferred.doneUnsafe(lost, Exit.succeed(error?.message ?? lastError))
-            })
-            connection.on("blocked", () => {
-              lastError = "broker blocked the connection"
-            })
-          })
-        )
-      ),
-      closeQuietly
-    )
+    // The retry runs outside acquireRelease: an acquire cannot be interrupted, and shutdown must
+    // be able to stop the retry loop while the broker is unreachable.
+    const { connection, closed } = yield* open.pipe(Effect.retry(backoff))
+    yield* Effect.addFinalizer(() => closeQuietly(connection))
     yield* SubscriptionRef.set(current, Option.some(connection))
     yield* Effect.logInfo("connected to broker", { host: rabbit.host, port: rabbit.port, vhost: rabbit.vhost })
-    const reason = yield* Deferred.await(lost)
+    const reason = yield* Deferred.await(closed)
     yield* SubscriptionRef.set(current, Option.none())
     yield* Effect.logWarning("broker connection lost, reconnecting", { reason })
   }).pipe(Effect.scoped)
@@ -109,14 +111,15 @@ const make = Effect.gen(function*() {
     Effect.flatMap((found) => Option.isSome(found) ? Effect.succeed(found.value.value) : Effect.never)
   )
 
-  const openChannel = Effect.acquireRelease(
-    Effect.flatMap(connection, (conn) =>
+  // Waiting for the connection stays interruptible; only the channel creation is the acquire.
+  const openChannel = Effect.flatMap(connection, (conn) =>
+    Effect.acquireRelease(
       Effect.tryPromise({
         try: () => conn.createConfirmChannel(),
         catch: (cause) => new AmqpError({ operation: "create channel", cause })
-      })),
-    (channel) => Effect.promise(() => channel.close().catch(() => undefined))
-  ).pipe(
+      }),
+      (channel) => Effect.promise(() => channel.close().catch(() => undefined))
+    )).pipe(
     // A default listener so a channel error can never escalate into a process crash.
     Effect.tap((channel) => Effect.sync(() => channel.on("error", () => undefined)))
   )

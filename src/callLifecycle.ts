@@ -39,13 +39,18 @@ export const statusOf = (error: CallError): { code: grpc.status; details: string
 export const drainOrCancel = <A>(call: OutgoingCall<A>) =>
   Effect.callback<void>((resume) => {
     if (call.cancelled) return resume(Effect.void)
-    const done = () => resume(Effect.void)
-    call.once("drain", done)
-    call.once("cancelled", done)
-    return Effect.sync(() => {
+    const detach = () => {
       call.off("drain", done)
       call.off("cancelled", done)
-    })
+    }
+    // Detach both on either event: a listener left behind per wait would pile up on long streams.
+    const done = () => {
+      detach()
+      resume(Effect.void)
+    }
+    call.on("drain", done)
+    call.on("cancelled", done)
+    return Effect.sync(detach)
   })
 
 /** Writes one message; suspends only when grpc-js asks us to wait. */

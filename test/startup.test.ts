@@ -5,6 +5,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import { spawn } from "node:child_process"
+import { type AddressInfo, createServer } from "node:net"
 import { fileURLToPath } from "node:url"
 import { makeAdmin, makeNames, proxyEnv, waitForQueue } from "./support/harness.js"
 
@@ -16,8 +17,8 @@ interface Exited {
   readonly stderr: string
 }
 
-/** Runs the built proxy; `whenUp` is called once it logs that it listens. */
-const runProxy = (env: Record<string, string>, whenUp?: (kill: () => void) => void) =>
+/** Runs the built proxy; `whenUp` is called once its output includes `marker`. */
+const runProxy = (env: Record<string, string>, whenUp?: (kill: () => void) => void, marker = "connected to broker") =>
   Effect.callback<Exited>((resume) => {
     const child = spawn(process.execPath, [mainScript], {
       env: { PATH: process.env["PATH"] ?? "", ...env },
@@ -27,7 +28,7 @@ const runProxy = (env: Record<string, string>, whenUp?: (kill: () => void) => vo
     let stderr = ""
     child.stdout.on("data", (chunk: Buffer) => {
       stdout += chunk.toString()
-      if (whenUp && stdout.includes("connected to broker")) {
+      if (whenUp && stdout.includes(marker)) {
         const up = whenUp
         whenUp = undefined
         up(() => child.kill("SIGTERM"))
@@ -74,4 +75,27 @@ describe("start-up", () => {
       assert.include(result.stdout, "gRPC server stopped")
       yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0)
     }))
+
+  it.live("SIGTERM while the broker is unreachable still exits 0 at once", () =>
+    Effect.gen(function*() {
+      const names = makeNames()
+      const closedPort = yield* freePort
+      const started = performance.now()
+      const result = yield* runProxy(
+        proxyEnv(names, { RABBITMQ_PORT: String(closedPort) }),
+        (kill) => kill(),
+        "broker unreachable, retrying"
+      )
+      assert.strictEqual(result.code, 0, result.stderr)
+      assert.isBelow(performance.now() - started, 10_000)
+    }))
+})
+
+/** A port nothing listens on (bound, then released). */
+const freePort = Effect.callback<number>((resume) => {
+  const server = createServer()
+  server.listen(0, "127.0.0.1", () => {
+    const { port } = server.address() as AddressInfo
+    server.close(() => resume(Effect.succeed(port)))
+  })
 })

@@ -194,6 +194,7 @@ describe("broker failures", () => {
       yield* publishSchemas(env, ["before-1", "before-2"])
       const held = yield* sub.deliveries(2)
       yield* sub.ack(held[0]!.info!.deliveryId) // before-2 stays unacked across the cut
+      yield* sub.settled
       yield* waitForQueue(env.admin, env.names.validations, (q) => q.consumerCount === 1)
 
       yield* relay.setRefusing(true)
