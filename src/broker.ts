@@ -60,8 +60,9 @@ const connectOnce = (rabbit: ProxySettings["rabbit"]) =>
     catch: (cause) => new AmqpError({ operation: `connect to amqp://${rabbit.host}:${rabbit.port}`, cause })
   })
 
+/** Close, but never hang on a connection whose socket is already dead. */
 const closeQuietly = (connection: amqp.ChannelModel) =>
-  Effect.promise(() => connection.close().catch(() => undefined))
+  Effect.promise(() => connection.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
 
 const make = Effect.gen(function*() {
   const { rabbit } = yield* ProxyConfig

@@ -4,7 +4,7 @@
  * streams (they end with UNAVAILABLE), then shuts down, forcing it after the shutdown timeout.
  */
 import * as grpc from "@grpc/grpc-js"
-import { Context, Duration, Effect, FiberSet, Layer, Stream } from "effect"
+import { Context, Deferred, Duration, Effect, Exit, FiberSet, Layer, Stream } from "effect"
 import { HealthImplementation } from "grpc-health-check"
 import { MessagingServiceService } from "../gen/messaging.js"
 import { Broker } from "./broker.js"
@@ -59,19 +59,22 @@ const make = Effect.gen(function*() {
         health.setStatus("", "NOT_SERVING")
         health.setStatus(serviceName, "NOT_SERVING")
         yield* Effect.logInfo("shutting down: ending open streams")
-        // Interrupt the streams first: each ends its call with UNAVAILABLE and requeues what is unacked.
+        // Stop taking new calls first; tryShutdown then waits for the open ones to end.
+        const stopped = Deferred.makeUnsafe<void>()
+        server.tryShutdown(() => Deferred.doneUnsafe(stopped, Exit.void))
+        // Interrupt the streams: each ends its call with UNAVAILABLE and requeues what is unacked.
         yield* FiberSet.clear(handlerFibers)
-        yield* Effect.callback<void>((resume) => server.tryShutdown(() => resume(Effect.void))).pipe(
-          Effect.timeoutOrElse({
-            duration: settings.grpc.shutdownTimeout,
-            orElse: () =>
-              Effect.logWarning("shutdown timeout reached, forcing", {
-                timeoutMs: Duration.toMillis(settings.grpc.shutdownTimeout)
-              }).pipe(Effect.andThen(Effect.sync(() => server.forceShutdown())))
-          })
-        )
+        yield* Deferred.await(stopped)
         yield* Effect.logInfo("gRPC server stopped")
-      })
+      }).pipe(
+        Effect.timeoutOrElse({
+          duration: settings.grpc.shutdownTimeout,
+          orElse: () =>
+            Effect.logWarning("shutdown timeout reached, forcing", {
+              timeoutMs: Duration.toMillis(settings.grpc.shutdownTimeout)
+            }).pipe(Effect.andThen(Effect.sync(() => server.forceShutdown())))
+        })
+      )
   )
   yield* Effect.logInfo("gRPC server listening", { address, port })
   return GrpcServer.of({ port })

@@ -7,7 +7,18 @@ import { Effect } from "effect"
 import { spawn } from "node:child_process"
 import { type AddressInfo, createServer } from "node:net"
 import { fileURLToPath } from "node:url"
-import { makeAdmin, makeNames, proxyEnv, waitForQueue } from "./support/harness.js"
+import * as grpc from "@grpc/grpc-js"
+import { MessagingServiceClient, type SchemaSubscriptionEvent } from "../gen/messaging.js"
+import { schemaBody } from "./fixtures/bodies.js"
+import { type Admin, makeAdmin, makeNames, proxyEnv, publishJson, type TestNames, waitForQueue } from "./support/harness.js"
+
+/** Declares the test's topology the way the proxy does, so messages can wait before it starts. */
+const declareSchemasQueue = (names: TestNames, admin: Admin) =>
+  Effect.promise(async () => {
+    await admin.channel.assertExchange(names.exchange, "topic", { durable: true })
+    await admin.channel.assertQueue(names.schemas, { durable: true })
+    await admin.channel.bindQueue(names.schemas, names.exchange, "schemas.*")
+  })
 
 const mainScript = fileURLToPath(new URL("../dist/src/main.js", import.meta.url))
 
@@ -18,7 +29,11 @@ interface Exited {
 }
 
 /** Runs the built proxy; `whenUp` is called once its output includes `marker`. */
-const runProxy = (env: Record<string, string>, whenUp?: (kill: () => void) => void, marker = "connected to broker") =>
+const runProxy = (
+  env: Record<string, string>,
+  whenUp?: (kill: () => void, stdout: string) => void,
+  marker = "connected to broker"
+) =>
   Effect.callback<Exited>((resume) => {
     const child = spawn(process.execPath, [mainScript], {
       env: { PATH: process.env["PATH"] ?? "", ...env },
@@ -31,7 +46,7 @@ const runProxy = (env: Record<string, string>, whenUp?: (kill: () => void) => vo
       if (whenUp && stdout.includes(marker)) {
         const up = whenUp
         whenUp = undefined
-        up(() => child.kill("SIGTERM"))
+        up(() => child.kill("SIGTERM"), stdout)
       }
     })
     child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()))
@@ -74,6 +89,37 @@ describe("start-up", () => {
       assert.strictEqual(result.code, 0, result.stderr)
       assert.include(result.stdout, "gRPC server stopped")
       yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0)
+    }))
+
+  it.live("SIGTERM ends open calls with UNAVAILABLE, requeues what is unsettled, exits 0", () =>
+    Effect.gen(function*() {
+      const names = makeNames()
+      const admin = yield* makeAdmin(names)
+      yield* declareSchemasQueue(names, admin)
+      for (const id of ["s-1", "s-2", "s-3"]) yield* publishJson(admin, names.exchange, "schemas.*", schemaBody(id))
+      const statuses: Array<grpc.StatusObject> = []
+      const result = yield* runProxy(proxyEnv(names), (kill, stdout) => {
+        const port = Number(/"port":(\d+)/.exec(stdout.split("\n").find((l) => l.includes("gRPC server listening")) ?? "")?.[1])
+        const client = new MessagingServiceClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure())
+        const subscription = client.subscribeSchemaMessages()
+        subscription.on("error", () => undefined)
+        subscription.on("status", (s: grpc.StatusObject) => statuses.push(s))
+        subscription.write({ action: { $case: "open", value: { maxInFlight: 10, consumerName: "" } } })
+        let delivered = 0
+        subscription.on("data", (e: SchemaSubscriptionEvent) => {
+          // Kill once all three are held unsettled by this subscription.
+          if (e.event?.$case === "delivery" && ++delivered === 3) kill()
+        })
+      }, "gRPC server listening")
+      assert.strictEqual(result.code, 0, result.stderr)
+      yield* Effect.callback<void>((resume) => {
+        const check = () => statuses.length > 0 ? resume(Effect.void) : setImmediate(check)
+        check()
+      })
+      assert.strictEqual(statuses[0]?.code, grpc.status.UNAVAILABLE)
+      assert.strictEqual(statuses[0]?.details, "messaging-proxy is shutting down")
+      const state = yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0 && q.messageCount === 3)
+      assert.strictEqual(state.messageCount, 3, "the unsettled deliveries are back in the queue")
     }))
 
   it.live("SIGTERM while the broker is unreachable still exits 0 at once", () =>
