@@ -14,7 +14,9 @@ import {
   type ClientOptions,
   type ClientReadableStream,
   type ClientUnaryCall,
+  type ClientWritableStream,
   type handleBidiStreamingCall,
+  type handleClientStreamingCall,
   type handleServerStreamingCall,
   type handleUnaryCall,
   makeGenericClientConstructor,
@@ -144,6 +146,58 @@ export function validationTasksToJSON(object: ValidationTasks): string {
     case ValidationTasks.SAMPLE_VALIDATION:
       return "SAMPLE_VALIDATION";
     case ValidationTasks.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** Which contract queue a published body is for; selects its routing key and body format. */
+export enum MessageKind {
+  MESSAGE_KIND_UNSPECIFIED = 0,
+  MESSAGE_KIND_SCHEMA = 1,
+  MESSAGE_KIND_VALIDATION = 2,
+  MESSAGE_KIND_SCHEMA_RESULT = 3,
+  MESSAGE_KIND_VALIDATION_RESULT = 4,
+  UNRECOGNIZED = -1,
+}
+
+export function messageKindFromJSON(object: any): MessageKind {
+  switch (object) {
+    case 0:
+    case "MESSAGE_KIND_UNSPECIFIED":
+      return MessageKind.MESSAGE_KIND_UNSPECIFIED;
+    case 1:
+    case "MESSAGE_KIND_SCHEMA":
+      return MessageKind.MESSAGE_KIND_SCHEMA;
+    case 2:
+    case "MESSAGE_KIND_VALIDATION":
+      return MessageKind.MESSAGE_KIND_VALIDATION;
+    case 3:
+    case "MESSAGE_KIND_SCHEMA_RESULT":
+      return MessageKind.MESSAGE_KIND_SCHEMA_RESULT;
+    case 4:
+    case "MESSAGE_KIND_VALIDATION_RESULT":
+      return MessageKind.MESSAGE_KIND_VALIDATION_RESULT;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return MessageKind.UNRECOGNIZED;
+  }
+}
+
+export function messageKindToJSON(object: MessageKind): string {
+  switch (object) {
+    case MessageKind.MESSAGE_KIND_UNSPECIFIED:
+      return "MESSAGE_KIND_UNSPECIFIED";
+    case MessageKind.MESSAGE_KIND_SCHEMA:
+      return "MESSAGE_KIND_SCHEMA";
+    case MessageKind.MESSAGE_KIND_VALIDATION:
+      return "MESSAGE_KIND_VALIDATION";
+    case MessageKind.MESSAGE_KIND_SCHEMA_RESULT:
+      return "MESSAGE_KIND_SCHEMA_RESULT";
+    case MessageKind.MESSAGE_KIND_VALIDATION_RESULT:
+      return "MESSAGE_KIND_VALIDATION_RESULT";
+    case MessageKind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
   }
@@ -337,6 +391,40 @@ export interface ValidationSubscriptionEvent {
     $case: "settleError";
     value: SettleError;
   } | undefined;
+}
+
+export interface PublishRequest {
+  kind: MessageKind;
+  /** UTF-8 JSON in the contract's format (results: a JSON object with a non-empty string `id`). */
+  body: Buffer;
+  /** Optional; defaults to the kind's routing key. Must route to at least one queue. */
+  routingKey: string;
+}
+
+export interface PublishResponse {
+  /** The body's id, also set as the AMQP message_id. */
+  messageId: string;
+  routingKey: string;
+}
+
+export interface PublishBatchResponse {
+  published: number;
+  messageIds: string[];
+}
+
+export interface GetQueueInfoRequest {
+}
+
+export interface QueueStatus {
+  queue: string;
+  /** schemas, validations, schema_results, validation_results, schemas_dead, validations_dead */
+  role: string;
+  messageCount: number;
+  consumerCount: number;
+}
+
+export interface GetQueueInfoResponse {
+  queues: QueueStatus[];
 }
 
 function createBaseGetMessagingParamsRequest(): GetMessagingParamsRequest {
@@ -3351,6 +3439,539 @@ export const ValidationSubscriptionEvent: MessageFns<ValidationSubscriptionEvent
   },
 };
 
+function createBasePublishRequest(): PublishRequest {
+  return { kind: 0, body: Buffer.alloc(0), routingKey: "" };
+}
+
+export const PublishRequest: MessageFns<PublishRequest> = {
+  encode(message: PublishRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.kind !== 0) {
+      writer.uint32(8).int32(message.kind);
+    }
+    if (message.body.length !== 0) {
+      writer.uint32(18).bytes(message.body);
+    }
+    if (message.routingKey !== "") {
+      writer.uint32(26).string(message.routingKey);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PublishRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePublishRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.kind = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.body = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.routingKey = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PublishRequest {
+    return {
+      kind: isSet(object.kind) ? messageKindFromJSON(object.kind) : 0,
+      body: isSet(object.body) ? Buffer.from(bytesFromBase64(object.body)) : Buffer.alloc(0),
+      routingKey: isSet(object.routingKey)
+        ? globalThis.String(object.routingKey)
+        : isSet(object.routing_key)
+        ? globalThis.String(object.routing_key)
+        : "",
+    };
+  },
+
+  toJSON(message: PublishRequest): unknown {
+    const obj: any = {};
+    if (message.kind !== 0) {
+      obj.kind = messageKindToJSON(message.kind);
+    }
+    if (message.body.length !== 0) {
+      obj.body = base64FromBytes(message.body);
+    }
+    if (message.routingKey !== "") {
+      obj.routingKey = message.routingKey;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PublishRequest>): PublishRequest {
+    return PublishRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PublishRequest>): PublishRequest {
+    const message = createBasePublishRequest();
+    message.kind = object.kind ?? 0;
+    message.body = object.body ?? Buffer.alloc(0);
+    message.routingKey = object.routingKey ?? "";
+    return message;
+  },
+};
+
+function createBasePublishResponse(): PublishResponse {
+  return { messageId: "", routingKey: "" };
+}
+
+export const PublishResponse: MessageFns<PublishResponse> = {
+  encode(message: PublishResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.messageId !== "") {
+      writer.uint32(10).string(message.messageId);
+    }
+    if (message.routingKey !== "") {
+      writer.uint32(18).string(message.routingKey);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PublishResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePublishResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.messageId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.routingKey = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PublishResponse {
+    return {
+      messageId: isSet(object.messageId)
+        ? globalThis.String(object.messageId)
+        : isSet(object.message_id)
+        ? globalThis.String(object.message_id)
+        : "",
+      routingKey: isSet(object.routingKey)
+        ? globalThis.String(object.routingKey)
+        : isSet(object.routing_key)
+        ? globalThis.String(object.routing_key)
+        : "",
+    };
+  },
+
+  toJSON(message: PublishResponse): unknown {
+    const obj: any = {};
+    if (message.messageId !== "") {
+      obj.messageId = message.messageId;
+    }
+    if (message.routingKey !== "") {
+      obj.routingKey = message.routingKey;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PublishResponse>): PublishResponse {
+    return PublishResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PublishResponse>): PublishResponse {
+    const message = createBasePublishResponse();
+    message.messageId = object.messageId ?? "";
+    message.routingKey = object.routingKey ?? "";
+    return message;
+  },
+};
+
+function createBasePublishBatchResponse(): PublishBatchResponse {
+  return { published: 0, messageIds: [] };
+}
+
+export const PublishBatchResponse: MessageFns<PublishBatchResponse> = {
+  encode(message: PublishBatchResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.published !== 0) {
+      writer.uint32(8).uint32(message.published);
+    }
+    for (const v of message.messageIds) {
+      writer.uint32(18).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PublishBatchResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePublishBatchResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.published = reader.uint32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.messageIds.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PublishBatchResponse {
+    return {
+      published: isSet(object.published) ? globalThis.Number(object.published) : 0,
+      messageIds: globalThis.Array.isArray(object?.messageIds)
+        ? object.messageIds.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.message_ids)
+        ? object.message_ids.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: PublishBatchResponse): unknown {
+    const obj: any = {};
+    if (message.published !== 0) {
+      obj.published = Math.round(message.published);
+    }
+    if (message.messageIds?.length) {
+      obj.messageIds = message.messageIds;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PublishBatchResponse>): PublishBatchResponse {
+    return PublishBatchResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PublishBatchResponse>): PublishBatchResponse {
+    const message = createBasePublishBatchResponse();
+    message.published = object.published ?? 0;
+    message.messageIds = object.messageIds?.map((e) => e) || [];
+    return message;
+  },
+};
+
+function createBaseGetQueueInfoRequest(): GetQueueInfoRequest {
+  return {};
+}
+
+export const GetQueueInfoRequest: MessageFns<GetQueueInfoRequest> = {
+  encode(_: GetQueueInfoRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetQueueInfoRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetQueueInfoRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): GetQueueInfoRequest {
+    return {};
+  },
+
+  toJSON(_: GetQueueInfoRequest): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetQueueInfoRequest>): GetQueueInfoRequest {
+    return GetQueueInfoRequest.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<GetQueueInfoRequest>): GetQueueInfoRequest {
+    const message = createBaseGetQueueInfoRequest();
+    return message;
+  },
+};
+
+function createBaseQueueStatus(): QueueStatus {
+  return { queue: "", role: "", messageCount: 0, consumerCount: 0 };
+}
+
+export const QueueStatus: MessageFns<QueueStatus> = {
+  encode(message: QueueStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.queue !== "") {
+      writer.uint32(10).string(message.queue);
+    }
+    if (message.role !== "") {
+      writer.uint32(18).string(message.role);
+    }
+    if (message.messageCount !== 0) {
+      writer.uint32(24).uint32(message.messageCount);
+    }
+    if (message.consumerCount !== 0) {
+      writer.uint32(32).uint32(message.consumerCount);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): QueueStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseQueueStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.queue = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.role = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.messageCount = reader.uint32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.consumerCount = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): QueueStatus {
+    return {
+      queue: isSet(object.queue) ? globalThis.String(object.queue) : "",
+      role: isSet(object.role) ? globalThis.String(object.role) : "",
+      messageCount: isSet(object.messageCount)
+        ? globalThis.Number(object.messageCount)
+        : isSet(object.message_count)
+        ? globalThis.Number(object.message_count)
+        : 0,
+      consumerCount: isSet(object.consumerCount)
+        ? globalThis.Number(object.consumerCount)
+        : isSet(object.consumer_count)
+        ? globalThis.Number(object.consumer_count)
+        : 0,
+    };
+  },
+
+  toJSON(message: QueueStatus): unknown {
+    const obj: any = {};
+    if (message.queue !== "") {
+      obj.queue = message.queue;
+    }
+    if (message.role !== "") {
+      obj.role = message.role;
+    }
+    if (message.messageCount !== 0) {
+      obj.messageCount = Math.round(message.messageCount);
+    }
+    if (message.consumerCount !== 0) {
+      obj.consumerCount = Math.round(message.consumerCount);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<QueueStatus>): QueueStatus {
+    return QueueStatus.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<QueueStatus>): QueueStatus {
+    const message = createBaseQueueStatus();
+    message.queue = object.queue ?? "";
+    message.role = object.role ?? "";
+    message.messageCount = object.messageCount ?? 0;
+    message.consumerCount = object.consumerCount ?? 0;
+    return message;
+  },
+};
+
+function createBaseGetQueueInfoResponse(): GetQueueInfoResponse {
+  return { queues: [] };
+}
+
+export const GetQueueInfoResponse: MessageFns<GetQueueInfoResponse> = {
+  encode(message: GetQueueInfoResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.queues) {
+      QueueStatus.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): GetQueueInfoResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseGetQueueInfoResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.queues.push(QueueStatus.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): GetQueueInfoResponse {
+    return {
+      queues: globalThis.Array.isArray(object?.queues) ? object.queues.map((e: any) => QueueStatus.fromJSON(e)) : [],
+    };
+  },
+
+  toJSON(message: GetQueueInfoResponse): unknown {
+    const obj: any = {};
+    if (message.queues?.length) {
+      obj.queues = message.queues.map((e) => QueueStatus.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<GetQueueInfoResponse>): GetQueueInfoResponse {
+    return GetQueueInfoResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<GetQueueInfoResponse>): GetQueueInfoResponse {
+    const message = createBaseGetQueueInfoResponse();
+    message.queues = object.queues?.map((e) => QueueStatus.fromPartial(e)) || [];
+    return message;
+  },
+};
+
 export type MessagingServiceService = typeof MessagingServiceService;
 export const MessagingServiceService = {
   /** Broker connection parameters and the exchange/queue layout, for publishers. */
@@ -3438,6 +4059,44 @@ export const MessagingServiceService = {
       Buffer.from(ValidationSubscriptionEvent.encode(value).finish()),
     responseDeserialize: (value: Buffer): ValidationSubscriptionEvent => ValidationSubscriptionEvent.decode(value),
   },
+  /**
+   * Publishes one body (in the contract's JSON format, validated first) to the exchange and
+   * answers only after the broker's publisher confirm. A body that routes to no queue is an error.
+   */
+  publish: {
+    path: "/messaging.MessagingService/Publish" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: PublishRequest): Buffer => Buffer.from(PublishRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): PublishRequest => PublishRequest.decode(value),
+    responseSerialize: (value: PublishResponse): Buffer => Buffer.from(PublishResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): PublishResponse => PublishResponse.decode(value),
+  },
+  /**
+   * The same for a batch: each request is validated and confirmed in order; the first failure
+   * ends the call with its status, and `published` in the details says how many went through.
+   */
+  publishBatch: {
+    path: "/messaging.MessagingService/PublishBatch" as const,
+    requestStream: true as const,
+    responseStream: false as const,
+    requestSerialize: (value: PublishRequest): Buffer => Buffer.from(PublishRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): PublishRequest => PublishRequest.decode(value),
+    responseSerialize: (value: PublishBatchResponse): Buffer =>
+      Buffer.from(PublishBatchResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): PublishBatchResponse => PublishBatchResponse.decode(value),
+  },
+  /** Message and consumer counts of the configured queues and the dead-letter queues. */
+  getQueueInfo: {
+    path: "/messaging.MessagingService/GetQueueInfo" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: GetQueueInfoRequest): Buffer => Buffer.from(GetQueueInfoRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): GetQueueInfoRequest => GetQueueInfoRequest.decode(value),
+    responseSerialize: (value: GetQueueInfoResponse): Buffer =>
+      Buffer.from(GetQueueInfoResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): GetQueueInfoResponse => GetQueueInfoResponse.decode(value),
+  },
 } as const;
 
 export interface MessagingServiceServer extends UntypedServiceImplementation {
@@ -3460,6 +4119,18 @@ export interface MessagingServiceServer extends UntypedServiceImplementation {
   subscribeSchemaMessages: handleBidiStreamingCall<SubscriptionRequest, SchemaSubscriptionEvent>;
   /** The same for the validations queue. */
   subscribeValidationMessages: handleBidiStreamingCall<SubscriptionRequest, ValidationSubscriptionEvent>;
+  /**
+   * Publishes one body (in the contract's JSON format, validated first) to the exchange and
+   * answers only after the broker's publisher confirm. A body that routes to no queue is an error.
+   */
+  publish: handleUnaryCall<PublishRequest, PublishResponse>;
+  /**
+   * The same for a batch: each request is validated and confirmed in order; the first failure
+   * ends the call with its status, and `published` in the details says how many went through.
+   */
+  publishBatch: handleClientStreamingCall<PublishRequest, PublishBatchResponse>;
+  /** Message and consumer counts of the configured queues and the dead-letter queues. */
+  getQueueInfo: handleUnaryCall<GetQueueInfoRequest, GetQueueInfoResponse>;
 }
 
 export interface MessagingServiceClient extends Client {
@@ -3554,6 +4225,61 @@ export interface MessagingServiceClient extends Client {
     metadata: Metadata1,
     options?: Partial<CallOptions>,
   ): ClientDuplexStream<SubscriptionRequest, ValidationSubscriptionEvent>;
+  /**
+   * Publishes one body (in the contract's JSON format, validated first) to the exchange and
+   * answers only after the broker's publisher confirm. A body that routes to no queue is an error.
+   */
+  publish(
+    request: PublishRequest,
+    callback: (error: ServiceError | null, response: PublishResponse) => void,
+  ): ClientUnaryCall;
+  publish(
+    request: PublishRequest,
+    metadata: Metadata1,
+    callback: (error: ServiceError | null, response: PublishResponse) => void,
+  ): ClientUnaryCall;
+  publish(
+    request: PublishRequest,
+    metadata: Metadata1,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: PublishResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * The same for a batch: each request is validated and confirmed in order; the first failure
+   * ends the call with its status, and `published` in the details says how many went through.
+   */
+  publishBatch(
+    callback: (error: ServiceError | null, response: PublishBatchResponse) => void,
+  ): ClientWritableStream<PublishRequest>;
+  publishBatch(
+    metadata: Metadata1,
+    callback: (error: ServiceError | null, response: PublishBatchResponse) => void,
+  ): ClientWritableStream<PublishRequest>;
+  publishBatch(
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: PublishBatchResponse) => void,
+  ): ClientWritableStream<PublishRequest>;
+  publishBatch(
+    metadata: Metadata1,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: PublishBatchResponse) => void,
+  ): ClientWritableStream<PublishRequest>;
+  /** Message and consumer counts of the configured queues and the dead-letter queues. */
+  getQueueInfo(
+    request: GetQueueInfoRequest,
+    callback: (error: ServiceError | null, response: GetQueueInfoResponse) => void,
+  ): ClientUnaryCall;
+  getQueueInfo(
+    request: GetQueueInfoRequest,
+    metadata: Metadata1,
+    callback: (error: ServiceError | null, response: GetQueueInfoResponse) => void,
+  ): ClientUnaryCall;
+  getQueueInfo(
+    request: GetQueueInfoRequest,
+    metadata: Metadata1,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: GetQueueInfoResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const MessagingServiceClient = makeGenericClientConstructor(
@@ -3564,6 +4290,14 @@ export const MessagingServiceClient = makeGenericClientConstructor(
   service: typeof MessagingServiceService;
   serviceName: string;
 };
+
+function bytesFromBase64(b64: string): Uint8Array {
+  return Uint8Array.from(globalThis.Buffer.from(b64, "base64"));
+}
+
+function base64FromBytes(arr: Uint8Array): string {
+  return globalThis.Buffer.from(arr).toString("base64");
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
 

@@ -2,7 +2,7 @@
  * The MessagingService handlers. Unary calls answer from the settings; each streaming call gets its
  * own consumer, run as a fiber that the call's 'cancelled' event interrupts.
  */
-import type * as grpc from "@grpc/grpc-js"
+import * as grpc from "@grpc/grpc-js"
 import { Effect, type Fiber, Redacted } from "effect"
 import { randomUUID } from "node:crypto"
 import {
@@ -100,6 +100,9 @@ export const makeHandlers = (settings: ProxySettings, run: RunHandler): Messagin
     subscribeValidationMessages: subscriptionHandler<ValidationMessageResponse, ValidationSubscriptionEvent>(
       "SubscribeValidationMessages",
       validations
-    )
+    ),
+    publish: (_call, callback) => callback({ code: grpc.status.UNIMPLEMENTED, details: "Publish: not yet" }),
+    publishBatch: (_call, callback) => callback({ code: grpc.status.UNIMPLEMENTED, details: "PublishBatch: not yet" }),
+    getQueueInfo: (_call, callback) => callback({ code: grpc.status.UNIMPLEMENTED, details: "GetQueueInfo: not yet" })
   }
 }
