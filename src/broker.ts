@@ -8,6 +8,7 @@ import * as amqp from "amqplib"
 import { Context, Deferred, Duration, Effect, Exit, Layer, Option, Redacted, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
 import { ProxyConfig, type ProxySettings } from "./config.js"
 import { AmqpError } from "./errors.js"
+import { amqpTlsOptions } from "./tls.js"
 import { declareTopology } from "./topology.js"
 
 export class Broker extends Context.Service<Broker, {
@@ -27,12 +28,12 @@ interface Session {
   readonly closed: Deferred.Deferred<string>
 }
 
-const connectOnce = (rabbit: ProxySettings["rabbit"]) =>
+const connectOnce = (rabbit: ProxySettings["rabbit"], tls: amqp.SocketOptions | undefined) =>
   Effect.tryPromise({
     try: async (): Promise<Session> => {
       const connection = await amqp.connect(
         {
-          protocol: "amqp",
+          protocol: tls ? "amqps" : "amqp",
           hostname: rabbit.host,
           port: rabbit.port,
           username: rabbit.user,
@@ -40,7 +41,7 @@ const connectOnce = (rabbit: ProxySettings["rabbit"]) =>
           vhost: rabbit.vhost,
           heartbeat: rabbit.heartbeatSeconds
         },
-        { clientProperties: { connection_name: rabbit.connectionName }, timeout: 10_000, noDelay: true }
+        { ...tls, clientProperties: { connection_name: rabbit.connectionName }, timeout: 10_000, noDelay: true }
       )
       // Listeners go on in the same tick as the connection: amqplib crashes the process on an
       // unheard 'error', and a broker restart emits only 'close', which must not be missed.
@@ -57,7 +58,8 @@ const connectOnce = (rabbit: ProxySettings["rabbit"]) =>
       })
       return { connection, closed }
     },
-    catch: (cause) => new AmqpError({ operation: `connect to amqp://${rabbit.host}:${rabbit.port}`, cause })
+    catch: (cause) =>
+      new AmqpError({ operation: `connect to ${tls ? "amqps" : "amqp"}://${rabbit.host}:${rabbit.port}`, cause })
   })
 
 /** Close, but never hang on a connection whose socket is already dead. */
@@ -66,6 +68,8 @@ const closeQuietly = (connection: amqp.ChannelModel) =>
 
 const make = Effect.gen(function*() {
   const { rabbit } = yield* ProxyConfig
+  // Read (and check) the TLS files once, at start: a bad path stops start-up.
+  const tls = yield* amqpTlsOptions(rabbit)
   const current = yield* SubscriptionRef.make<Option.Option<amqp.ChannelModel>>(Option.none())
 
   const backoff = Schedule.min([
@@ -84,7 +88,7 @@ const make = Effect.gen(function*() {
   )
 
   // Connect and declare as one step, so a failed declaration closes its connection and is retried.
-  const open = connectOnce(rabbit).pipe(
+  const open = connectOnce(rabbit, tls).pipe(
     Effect.tap(({ connection }) =>
       declareTopology(connection, rabbit).pipe(Effect.onError(() => closeQuietly(connection)))
     )

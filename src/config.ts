@@ -26,13 +26,54 @@ export interface QueueBinding {
   readonly routingKey: string
 }
 
+/** Paths of PEM files; read (and checked) when the server or connection starts. */
+export interface TlsFiles {
+  readonly certPath: string
+  readonly keyPath: string
+  readonly caPath?: string | undefined
+}
+
+export const Scopes = ["params", "consume", "publish", "admin"] as const
+/** params: GetMessagingParams + routing keys; consume: streams + subscriptions; publish; admin: all. */
+export type Scope = (typeof Scopes)[number]
+
+/** An API key, configured by the SHA-256 of its value (never the value itself). */
+export interface ApiKey {
+  readonly name: string
+  readonly sha256: Buffer
+  readonly scopes: ReadonlySet<Scope>
+}
+
+/** With mutual TLS, a client certificate whose subject CN is `commonName` stands for a key. */
+export interface CertificateIdentity {
+  readonly commonName: string
+  readonly scopes: ReadonlySet<Scope>
+}
+
 export interface ProxySettings {
   readonly grpc: {
     readonly host: string
     readonly port: number
     /** How long SIGTERM waits for open calls to end before forcing the server down. */
     readonly shutdownTimeout: Duration.Duration
+    /** Off, server TLS, or mutual TLS when a CA for client certificates is given. */
+    readonly tls: Option.Option<TlsFiles>
+    readonly maxMessageBytes: number
+    readonly keepaliveTimeSeconds: number
+    readonly keepaliveTimeoutSeconds: number
+    readonly maxConcurrentStreamsPerConnection: number
   }
+  readonly limits: {
+    /** Open streams and subscriptions over all callers. */
+    readonly maxStreamsTotal: number
+    /** Open streams and subscriptions of one caller (API key, certificate, or peer address). */
+    readonly maxStreamsPerCaller: number
+  }
+  readonly auth: {
+    readonly apiKeys: ReadonlyArray<ApiKey>
+    readonly certificateIdentities: ReadonlyArray<CertificateIdentity>
+  }
+  readonly metrics: Option.Option<{ readonly host: string; readonly port: number }>
   readonly debug: boolean
   /** Requeues (nacks, lost consumers) after which a message is dead-lettered instead. */
   readonly maxRequeues: number
@@ -46,6 +87,7 @@ export interface ProxySettings {
     readonly connectionName: string
     readonly reconnectMaxDelay: Duration.Duration
     readonly prefetch: number
+    readonly tls: Option.Option<Partial<TlsFiles> & { readonly enabled: true }>
     readonly exchange: string
     readonly exchangeType: ExchangeType
     readonly deadLetterSuffix: string
@@ -81,6 +123,61 @@ const setting = <A>(
         )
     }))
 
+type Parsed<A> = { readonly value: A } | { readonly expected: string }
+
+/** A variable whose value is parsed by hand; `parse` returns the value or what was expected. */
+const parsed = <A>(
+  variable: string,
+  fallback: A,
+  parse: (raw: string) => Parsed<A>
+): Effect.Effect<A, ConfigInvalid | Config.ConfigError> =>
+  Effect.flatMap(Config.option(Config.String(variable)), (raw) => {
+    if (Option.isNone(raw) || raw.value.trim() === "") return Effect.succeed(fallback)
+    const result = parse(raw.value)
+    return "value" in result
+      ? Effect.succeed(result.value)
+      : Effect.fail(new ConfigInvalid({ variable, value: raw.value, expected: result.expected }))
+  })
+
+const parseScopes = (raw: string): ReadonlySet<Scope> | undefined => {
+  const scopes = raw.split("+").map((s) => s.trim())
+  return scopes.length > 0 && scopes.every((s): s is Scope => (Scopes as ReadonlyArray<string>).includes(s))
+    ? new Set(scopes)
+    : undefined
+}
+
+const entries = (raw: string) => raw.split(",").map((e) => e.trim()).filter((e) => e !== "")
+
+const apiKeysExpected = "comma-separated name:sha256-hex:scope[+scope…] entries, scopes from " + Scopes.join(", ")
+const parseApiKeys = (raw: string): Parsed<ReadonlyArray<ApiKey>> => {
+  const keys: Array<ApiKey> = []
+  for (const entry of entries(raw)) {
+    const [name, hash, scopeList, ...rest] = entry.split(":")
+    const scopes = parseScopes(scopeList ?? "")
+    if (!name || !hash || !/^[0-9a-fA-F]{64}$/.test(hash) || !scopes || rest.length > 0) {
+      return { expected: apiKeysExpected }
+    }
+    keys.push({ name, sha256: Buffer.from(hash, "hex"), scopes })
+  }
+  return { value: keys }
+}
+
+const identitiesExpected = "comma-separated certificate-CN:scope[+scope…] entries, scopes from " + Scopes.join(", ")
+const parseIdentities = (raw: string): Parsed<ReadonlyArray<CertificateIdentity>> => {
+  const identities: Array<CertificateIdentity> = []
+  for (const entry of entries(raw)) {
+    const separator = entry.lastIndexOf(":")
+    const scopes = parseScopes(entry.slice(separator + 1))
+    const commonName = entry.slice(0, separator).trim()
+    if (separator <= 0 || !scopes || commonName === "") return { expected: identitiesExpected }
+    identities.push({ commonName, scopes })
+  }
+  return { value: identities }
+}
+
+const optionalPath = (variable: string) =>
+  setting(variable, Schema.String, "a file path", "").pipe(Effect.map((p) => p.trim() === "" ? undefined : p))
+
 const bool = (variable: string, fallback: boolean) =>
   setting(variable, Schema.Literals(["true", "false", "1", "0", "yes", "no"]), "true or false", fallback ? "true" : "false")
     .pipe(Effect.map((v) => v === "true" || v === "1" || v === "yes"))
@@ -98,7 +195,41 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
   const grpc = yield* Effect.all({
     host: name("MESSAGING_CONNECTION_HOST", "localhost"),
     port: setting("MESSAGING_CONNECTION_PORT", ListenPort, "a port number between 0 and 65535", 50055),
-    shutdownTimeout: seconds("MESSAGING_SHUTDOWN_TIMEOUT_SECONDS", 10, 3600).pipe(Effect.map(Duration.seconds))
+    shutdownTimeout: seconds("MESSAGING_SHUTDOWN_TIMEOUT_SECONDS", 10, 3600).pipe(Effect.map(Duration.seconds)),
+    tls: Effect.gen(function*() {
+      const enabled = yield* bool("GRPC_TLS_ENABLED", false)
+      const certPath = yield* optionalPath("GRPC_TLS_CERT_PATH")
+      const keyPath = yield* optionalPath("GRPC_TLS_KEY_PATH")
+      const caPath = yield* optionalPath("GRPC_TLS_CA_PATH")
+      if (!enabled) return Option.none<TlsFiles>()
+      if (certPath === undefined) {
+        return yield* new ConfigInvalid({ variable: "GRPC_TLS_CERT_PATH", value: "", expected: "a certificate file when GRPC_TLS_ENABLED=true" })
+      }
+      if (keyPath === undefined) {
+        return yield* new ConfigInvalid({ variable: "GRPC_TLS_KEY_PATH", value: "", expected: "a key file when GRPC_TLS_ENABLED=true" })
+      }
+      return Option.some<TlsFiles>({ certPath, keyPath, caPath })
+    }),
+    maxMessageBytes: setting("GRPC_MAX_MESSAGE_BYTES", PositiveInt(1024 * 1024 * 1024), "a number of bytes between 1 and 1 GiB", 16 * 1024 * 1024),
+    keepaliveTimeSeconds: setting("GRPC_KEEPALIVE_TIME_SECONDS", PositiveInt(86_400), "a whole number of seconds", 30),
+    keepaliveTimeoutSeconds: setting("GRPC_KEEPALIVE_TIMEOUT_SECONDS", PositiveInt(3600), "a whole number of seconds", 10),
+    maxConcurrentStreamsPerConnection: setting(
+      "GRPC_MAX_CONCURRENT_STREAMS_PER_CONNECTION", PositiveInt(1_000_000), "a whole number of streams", 1000
+    )
+  })
+  const limits = yield* Effect.all({
+    maxStreamsTotal: setting("MESSAGING_MAX_STREAMS_TOTAL", PositiveInt(1_000_000), "a whole number of streams", 5000),
+    maxStreamsPerCaller: setting("MESSAGING_MAX_STREAMS_PER_CALLER", PositiveInt(1_000_000), "a whole number of streams", 1000)
+  })
+  const auth = yield* Effect.all({
+    apiKeys: parsed("MESSAGING_API_KEYS", [] as ReadonlyArray<ApiKey>, parseApiKeys),
+    certificateIdentities: parsed("MESSAGING_TLS_CLIENT_IDENTITIES", [] as ReadonlyArray<CertificateIdentity>, parseIdentities)
+  })
+  const metrics = yield* Effect.gen(function*() {
+    const enabled = yield* bool("METRICS_ENABLED", true)
+    const host = yield* name("METRICS_HOST", "localhost")
+    const port = yield* setting("METRICS_PORT", ListenPort, "a port number between 0 and 65535", 9464)
+    return enabled ? Option.some({ host, port }) : Option.none()
   })
   const debug = yield* bool("MESSAGING_CONNECTION_DEBUG", false)
   const maxRequeues = yield* setting("MESSAGING_MAX_REQUEUES", NonNegativeInt, "a whole number (0 = never requeue)", 5)
@@ -112,6 +243,21 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
     connectionName: name("RABBITMQ_CONNECTION_NAME", "messaging-proxy"),
     reconnectMaxDelay: seconds("RABBITMQ_RECONNECT_MAX_DELAY_SECONDS", 30, 3600).pipe(Effect.map(Duration.seconds)),
     prefetch: setting("RABBITMQ_PREFETCH", PositiveInt(65535), "a whole number between 1 and 65535", 32),
+    tls: Effect.gen(function*() {
+      const enabled = yield* bool("RABBITMQ_TLS_ENABLED", false)
+      const caPath = yield* optionalPath("RABBITMQ_TLS_CA_PATH")
+      const certPath = yield* optionalPath("RABBITMQ_TLS_CERT_PATH")
+      const keyPath = yield* optionalPath("RABBITMQ_TLS_KEY_PATH")
+      if (!enabled) return Option.none()
+      if ((certPath === undefined) !== (keyPath === undefined)) {
+        return yield* new ConfigInvalid({
+          variable: certPath === undefined ? "RABBITMQ_TLS_CERT_PATH" : "RABBITMQ_TLS_KEY_PATH",
+          value: "",
+          expected: "both RABBITMQ_TLS_CERT_PATH and RABBITMQ_TLS_KEY_PATH, or neither"
+        })
+      }
+      return Option.some({ enabled: true as const, caPath, certPath, keyPath })
+    }),
     exchange: name("RABBITMQ_EXCHANGE", "typechecking.exchange"),
     exchangeType: setting("RABBITMQ_EXCHANGE_TYPE", Schema.Literals(ExchangeTypes), `one of ${ExchangeTypes.join(", ")}`, "topic"),
     deadLetterSuffix: name("RABBITMQ_DEAD_LETTER_SUFFIX", ".dead"),
@@ -129,7 +275,7 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
       "RABBITMQ_ROUTING_KEY_RESULTS_VALIDATIONS", "validation.result.*"
     )
   })
-  return { grpc, debug, maxRequeues, rabbit }
+  return { grpc, limits, auth, metrics, debug, maxRequeues, rabbit }
 })
 
 export class ProxyConfig extends Context.Service<ProxyConfig, ProxySettings>()("messaging-proxy/ProxyConfig") {

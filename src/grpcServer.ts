@@ -4,7 +4,7 @@
  * streams (they end with UNAVAILABLE), then shuts down, forcing it after the shutdown timeout.
  */
 import * as grpc from "@grpc/grpc-js"
-import { Context, Deferred, Duration, Effect, Exit, FiberSet, Layer, Stream } from "effect"
+import { Context, Deferred, Duration, Effect, Exit, FiberSet, Layer, Option, Stream } from "effect"
 import { HealthImplementation } from "grpc-health-check"
 import { MessagingServiceService } from "../gen/messaging.js"
 import { Broker } from "./broker.js"
@@ -12,6 +12,13 @@ import { ProxyConfig } from "./config.js"
 import { AmqpError } from "./errors.js"
 import { makeHandlers } from "./handlers.js"
 import { makeReflectionService } from "./reflection.js"
+import { makeAccess } from "./access.js"
+import { type CallObserver, guardHandlers } from "./guard.js"
+import { serverCredentials } from "./tls.js"
+
+/** Until metrics.ts provides it: RPC outcomes at debug level. */
+const recordRpc = (method: string, code: string, seconds: number) =>
+  Effect.logDebug("rpc", { method, code, ms: Math.round(seconds * 1000) })
 
 const serviceName = "messaging.MessagingService"
 
@@ -30,8 +37,34 @@ const make = Effect.gen(function*() {
   const handlerFibers = yield* FiberSet.make()
   const run = yield* FiberSet.runtime(handlerFibers)<Broker>()
 
-  const server = new grpc.Server()
-  server.addService(MessagingServiceService, makeHandlers(settings, run))
+  const credentials = yield* serverCredentials(settings.grpc)
+  const access = makeAccess(settings)
+  if (access.open) {
+    yield* Effect.logWarning(
+      "no API keys or client certificate identities configured: every caller may call every RPC " +
+        "(set MESSAGING_API_KEYS to require keys)"
+    )
+  }
+  const observer: CallObserver = {
+    ended: (method, code, seconds) => run(recordRpc(method, grpc.status[code] ?? String(code), seconds)),
+    refused: (method, peer, decision) =>
+      run(Effect.logWarning("call refused", { method, peer, code: grpc.status[decision.code], reason: decision.details }))
+  }
+
+  const { grpc: limits } = settings
+  const server = new grpc.Server({
+    "grpc.max_receive_message_length": limits.maxMessageBytes,
+    "grpc.max_send_message_length": limits.maxMessageBytes,
+    "grpc.keepalive_time_ms": limits.keepaliveTimeSeconds * 1000,
+    "grpc.keepalive_timeout_ms": limits.keepaliveTimeoutSeconds * 1000,
+    // Clients may ping idle connections (their keepalive), but not more often than every 10 s.
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.min_ping_interval_without_data_ms": 10_000,
+    // Our own per-connection stream limit answers RESOURCE_EXHAUSTED first; HTTP/2's is a backstop
+    // with headroom for unary calls, since above it clients queue instead of getting an error.
+    "grpc.max_concurrent_streams": limits.maxConcurrentStreamsPerConnection + 100
+  })
+  server.addService(MessagingServiceService, guardHandlers(makeHandlers(settings, run), access, observer))
   const health = new HealthImplementation({ "": "NOT_SERVING", [serviceName]: "NOT_SERVING" })
   health.addToServer(server)
   makeReflectionService().addToServer(server)
@@ -50,7 +83,7 @@ const make = Effect.gen(function*() {
   const address = `${settings.grpc.host}:${settings.grpc.port}`
   const port = yield* Effect.acquireRelease(
     Effect.callback<number, BindError>((resume) => {
-      server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (error, port) => {
+      server.bindAsync(address, credentials, (error, port) => {
         resume(error ? Effect.fail(new BindError({ operation: `bind gRPC server to ${address}`, cause: error })) : Effect.succeed(port))
       })
     }),
@@ -76,6 +109,10 @@ const make = Effect.gen(function*() {
         })
       )
   )
-  yield* Effect.logInfo("gRPC server listening", { address, port })
+  yield* Effect.logInfo("gRPC server listening", {
+    address,
+    port,
+    tls: Option.match(settings.grpc.tls, { onNone: () => "off", onSome: (t) => t.caPath ? "mutual" : "server" })
+  })
   return GrpcServer.of({ port })
 })

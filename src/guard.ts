@@ -1,0 +1,101 @@
+/**
+ * Wraps the MessagingService handlers with what every call goes through before it may touch the
+ * broker: authentication and scope (access.ts), the stream limits, and the per-RPC outcome
+ * (method, status code, duration) for metrics. Health and reflection are not wrapped: they stay
+ * open.
+ */
+import * as grpc from "@grpc/grpc-js"
+import type { MessagingServiceServer } from "../gen/messaging.js"
+import type { Access, Decision } from "./access.js"
+import type { Scope } from "./config.js"
+
+type Kind = "unary" | "clientStream" | "serverStream" | "bidi"
+
+/** Every RPC with the scope it needs. */
+export const rpcTable = {
+  getMessagingParams: { method: "GetMessagingParams", scope: "params", kind: "unary" },
+  getRoutingKeySchemas: { method: "GetRoutingKeySchemas", scope: "params", kind: "unary" },
+  getRoutingKeyValidations: { method: "GetRoutingKeyValidations", scope: "params", kind: "unary" },
+  streamSchemaMessages: { method: "StreamSchemaMessages", scope: "consume", kind: "serverStream" },
+  streamValidationMessages: { method: "StreamValidationMessages", scope: "consume", kind: "serverStream" },
+  subscribeSchemaMessages: { method: "SubscribeSchemaMessages", scope: "consume", kind: "bidi" },
+  subscribeValidationMessages: { method: "SubscribeValidationMessages", scope: "consume", kind: "bidi" },
+  publish: { method: "Publish", scope: "publish", kind: "unary" },
+  publishBatch: { method: "PublishBatch", scope: "publish", kind: "clientStream" },
+  getQueueInfo: { method: "GetQueueInfo", scope: "admin", kind: "unary" }
+} as const satisfies Record<string, { method: string; scope: Scope; kind: Kind }>
+
+export interface CallObserver {
+  /** Once per call, when it ends: the status code it ended with and how long it took. */
+  readonly ended: (method: string, code: grpc.status, seconds: number) => void
+  /** A call refused before it reached the handler. */
+  readonly refused: (method: string, peer: string, decision: Extract<Decision, { _tag: "Denied" }>) => void
+}
+
+type UnaryLike = (
+  call: grpc.ServerUnaryCall<unknown, unknown> | grpc.ServerReadableStream<unknown, unknown>,
+  callback: grpc.sendUnaryData<unknown>
+) => void
+type StreamLike = (call: grpc.ServerWritableStream<unknown, unknown> | grpc.ServerDuplexStream<unknown, unknown>) => void
+
+const secondsSince = (started: number) => (performance.now() - started) / 1000
+
+const guardUnary = (method: string, scope: Scope, handler: UnaryLike, access: Access, observer: CallObserver): UnaryLike =>
+(call, callback) => {
+  const started = performance.now()
+  const decision = access.authorize(call, scope, method)
+  const respond: grpc.sendUnaryData<unknown> = (error, value, trailer, flags) => {
+    observer.ended(method, error ? (error.code ?? grpc.status.UNKNOWN) : grpc.status.OK, secondsSince(started))
+    callback(error, value, trailer, flags)
+  }
+  if (decision._tag === "Denied") {
+    observer.refused(method, call.getPeer(), decision)
+    return respond({ code: decision.code, details: decision.details })
+  }
+  handler(call, respond)
+}
+
+const guardStream = (method: string, scope: Scope, handler: StreamLike, access: Access, observer: CallObserver): StreamLike =>
+(call) => {
+  const started = performance.now()
+  const refuse = (decision: Extract<Decision, { _tag: "Denied" }>) => {
+    observer.refused(method, call.getPeer(), decision)
+    observer.ended(method, decision.code, secondsSince(started))
+    call.emit("error", { code: decision.code, details: decision.details })
+  }
+  const decision = access.authorize(call, scope, method)
+  if (decision._tag === "Denied") return refuse(decision)
+  const slot = access.acquireStreamSlot(decision.caller, call.getPeer())
+  if ("_tag" in slot) return slot._tag === "Denied" ? refuse(slot) : undefined
+  // The handlers end calls by emitting 'error' with a status; 'cancelled' fires after every end.
+  let code: grpc.status | undefined
+  call.on("error", (error: Partial<grpc.StatusObject>) => {
+    code ??= error.code ?? grpc.status.UNKNOWN
+  })
+  call.once("finish", () => {
+    code ??= grpc.status.OK
+  })
+  call.once("cancelled", () => {
+    slot.release()
+    const deadline = call.getDeadline()
+    const expired = deadline instanceof Date ? deadline.getTime() <= Date.now() : deadline <= Date.now()
+    observer.ended(method, code ?? (expired ? grpc.status.DEADLINE_EXCEEDED : grpc.status.CANCELLED), secondsSince(started))
+  })
+  handler(call)
+}
+
+export const guardHandlers = (
+  handlers: MessagingServiceServer,
+  access: Access,
+  observer: CallObserver
+): MessagingServiceServer => {
+  const guarded: Record<string, UnaryLike | StreamLike> = {}
+  for (const [key, { method, scope, kind }] of Object.entries(rpcTable)) {
+    const handler = handlers[key]
+    if (handler === undefined) throw new Error(`no handler for ${method}`)
+    guarded[key] = kind === "unary" || kind === "clientStream"
+      ? guardUnary(method, scope, handler as UnaryLike, access, observer)
+      : guardStream(method, scope, handler as StreamLike, access, observer)
+  }
+  return guarded as unknown as MessagingServiceServer
+}
