@@ -28,4 +28,12 @@ export class ConsumerClosedByBroker extends Data.TaggedError("ConsumerClosedByBr
   }
 }
 
-export const describe = (cause: unknown): string => cause instanceof Error ? cause.message : String(cause)
+export const describe = (cause: unknown): string => {
+  if (cause instanceof Error) return cause.message
+  if (typeof cause === "object" && cause !== null && "message" in cause) return String(cause.message)
+  try {
+    return typeof cause === "string" ? cause : JSON.stringify(cause) ?? String(cause)
+  } catch {
+    return Object.prototype.toString.call(cause)
+  }
+}

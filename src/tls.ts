@@ -5,6 +5,7 @@
 import * as grpc from "@grpc/grpc-js"
 import { Data, Effect, Option } from "effect"
 import { readFile } from "node:fs/promises"
+import { isIP } from "node:net"
 import type { ProxySettings } from "./config.js"
 
 export class TlsFileUnreadable extends Data.TaggedError("TlsFileUnreadable")<{
@@ -58,7 +59,8 @@ export const amqpTlsOptions = (rabbit: ProxySettings["rabbit"]) =>
           ...(ca ? { ca: [ca] } : {}),
           ...(cert ? { cert } : {}),
           ...(key ? { key } : {}),
-          servername: rabbit.host
+          // SNI takes names only; an IP host is still checked against the certificate's IP SANs.
+          ...(isIP(rabbit.host) === 0 ? { servername: rabbit.host } : {})
         }))
       )
   })

@@ -9,7 +9,18 @@ import { createHash, randomBytes } from "node:crypto"
 import { readFileSync } from "node:fs"
 import { MessagingServiceClient } from "../gen/messaging.js"
 import { makePki, type Pki } from "./support/certs.js"
-import { makeNames, makeTestEnv, queueState, startProxy, unary, waitForQueue } from "./support/harness.js"
+import { schemaBody } from "./fixtures/bodies.js"
+import {
+  makeNames,
+  makeTestEnv,
+  publishJson,
+  queueState,
+  readMessages,
+  startProxy,
+  unary,
+  waitForQueue
+} from "./support/harness.js"
+import { startTlsRelay } from "./support/relay.js"
 import { HealthClient } from "./support/health.js"
 
 const sha256 = (value: string) => createHash("sha256").update(value).digest("hex")
@@ -195,6 +206,43 @@ describe("caller authentication and authorization", () => {
         call.write(Buffer.from([0x3a, 0x01, 0x2a]))
       })
       assert.include(listed, "messaging.MessagingService")
+    }))
+})
+
+describe("AMQPS to the broker", () => {
+  it.live("with RABBITMQ_TLS_ENABLED the proxy speaks amqps:// and verifies the broker's certificate", () =>
+    Effect.gen(function*() {
+      const pki = yield* makePki
+      const relay = yield* startTlsRelay(pem(pki, "server.crt"), pem(pki, "server.key"))
+      const env = yield* makeTestEnv({
+        RABBITMQ_HOST: "127.0.0.1",
+        RABBITMQ_PORT: String(relay.port),
+        RABBITMQ_TLS_ENABLED: "true",
+        RABBITMQ_TLS_CA_PATH: pki.path("ca.crt")
+      })
+      assert.isAtLeast(relay.handshakes(), 1, "the connection went through TLS")
+      yield* publishJson(env.admin, env.names.exchange, "schemas.*", schemaBody("over-tls"))
+      const [message] = yield* readMessages(env.client.streamSchemaMessages({}), 1)
+      assert.strictEqual(message?.id, "over-tls")
+    }))
+
+  it.live("a broker certificate from an untrusted CA is refused (health stays NOT_SERVING)", () =>
+    Effect.gen(function*() {
+      const pki = yield* makePki
+      const relay = yield* startTlsRelay(pem(pki, "server.crt"), pem(pki, "server.key"))
+      const port = yield* startProxy(makeNames(), {
+        RABBITMQ_HOST: "127.0.0.1",
+        RABBITMQ_PORT: String(relay.port),
+        RABBITMQ_TLS_ENABLED: "true",
+        RABBITMQ_TLS_CA_PATH: pki.path("rogue-ca.crt")
+      })
+      const health = yield* Effect.acquireRelease(
+        Effect.sync(() => new HealthClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure())),
+        (c) => Effect.sync(() => c.close())
+      )
+      while (relay.attempts() < 2) yield* Effect.sleep("20 millis") // it keeps retrying
+      assert.strictEqual(relay.handshakes(), 0, "no TLS session was accepted by the proxy")
+      assert.strictEqual((yield* unary(health.check.bind(health), { service: "" })).status, 2) // NOT_SERVING
     }))
 })
 

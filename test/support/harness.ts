@@ -43,6 +43,7 @@ export const makeNames = (): TestNames => {
 export const proxyEnv = (names: TestNames, extra: Record<string, string> = {}): Record<string, string> => ({
   MESSAGING_CONNECTION_HOST: "127.0.0.1",
   MESSAGING_CONNECTION_PORT: "0",
+  METRICS_PORT: "0",
   RABBITMQ_HOST: "127.0.0.1",
   RABBITMQ_EXCHANGE: names.exchange,
   RABBITMQ_QUEUE_SCHEMAS: names.schemas,

@@ -4,6 +4,7 @@
  */
 import { Effect } from "effect"
 import * as net from "node:net"
+import * as tls from "node:tls"
 
 export interface Relay {
   readonly port: number
@@ -53,3 +54,30 @@ export const startRelay = (targetPort = 5672, targetHost = "127.0.0.1") =>
         server.close(() => resume(Effect.void))
       })))
   ).pipe(Effect.map(({ relay }) => relay))
+
+/** A TLS-terminating relay: amqps:// on the outside, the broker's plain AMQP behind it. */
+export const startTlsRelay = (cert: Buffer, key: Buffer, targetPort = 5672, targetHost = "127.0.0.1") =>
+  Effect.acquireRelease(
+    Effect.callback<{ port: number; server: tls.Server; handshakes: () => number; attempts: () => number }>((resume) => {
+      let handshakes = 0
+      let attempts = 0
+      const server = tls.createServer({ cert, key }, (client) => {
+        handshakes++
+        const upstream = net.connect(targetPort, targetHost)
+        client.on("error", () => upstream.destroy())
+        upstream.on("error", () => client.destroy())
+        client.on("close", () => upstream.destroy())
+        upstream.on("close", () => client.destroy())
+        client.pipe(upstream).pipe(client)
+      })
+      server.on("tlsClientError", () => undefined)
+      server.on("connection", () => attempts++)
+      server.listen(0, "127.0.0.1", () => {
+        const { port } = server.address() as net.AddressInfo
+        resume(Effect.succeed({ port, server, handshakes: () => handshakes, attempts: () => attempts }))
+      })
+    }),
+    ({ server }) => Effect.callback<void>((resume) => {
+      server.close(() => resume(Effect.void))
+    })
+  ).pipe(Effect.map(({ port, handshakes, attempts }) => ({ port, handshakes, attempts })))
