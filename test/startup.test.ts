@@ -4,12 +4,11 @@
  */
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
-import { spawn } from "node:child_process"
 import { type AddressInfo, createServer } from "node:net"
-import { fileURLToPath } from "node:url"
 import * as grpc from "@grpc/grpc-js"
 import { MessagingServiceClient, type SchemaSubscriptionEvent } from "../gen/messaging.js"
 import { schemaBody } from "./fixtures/bodies.js"
+import { grpcPortOf, runProxy } from "./support/process.js"
 import { type Admin, makeAdmin, makeNames, proxyEnv, publishJson, type TestNames, waitForQueue } from "./support/harness.js"
 
 /** Declares the test's topology the way the proxy does, so messages can wait before it starts. */
@@ -18,40 +17,6 @@ const declareSchemasQueue = (names: TestNames, admin: Admin) =>
     await admin.channel.assertExchange(names.exchange, "topic", { durable: true })
     await admin.channel.assertQueue(names.schemas, { durable: true })
     await admin.channel.bindQueue(names.schemas, names.exchange, "schemas.*")
-  })
-
-const mainScript = fileURLToPath(new URL("../dist/src/main.js", import.meta.url))
-
-interface Exited {
-  readonly code: number | null
-  readonly stdout: string
-  readonly stderr: string
-}
-
-/** Runs the built proxy; `whenUp` is called once its output includes `marker`. */
-const runProxy = (
-  env: Record<string, string>,
-  whenUp?: (kill: () => void, stdout: string) => void,
-  marker = "connected to broker"
-) =>
-  Effect.callback<Exited>((resume) => {
-    const child = spawn(process.execPath, [mainScript], {
-      env: { PATH: process.env["PATH"] ?? "", ...env },
-      stdio: ["ignore", "pipe", "pipe"]
-    })
-    let stdout = ""
-    let stderr = ""
-    child.stdout.on("data", (chunk: Buffer) => {
-      stdout += chunk.toString()
-      if (whenUp && stdout.includes(marker)) {
-        const up = whenUp
-        whenUp = undefined
-        up(() => child.kill("SIGTERM"), stdout)
-      }
-    })
-    child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()))
-    child.on("exit", (code) => resume(Effect.succeed({ code, stdout, stderr })))
-    return Effect.sync(() => child.kill("SIGKILL"))
   })
 
 describe("start-up", () => {
@@ -99,7 +64,7 @@ describe("start-up", () => {
       for (const id of ["s-1", "s-2", "s-3"]) yield* publishJson(admin, names.exchange, "schemas.*", schemaBody(id))
       const statuses: Array<grpc.StatusObject> = []
       const result = yield* runProxy(proxyEnv(names), (kill, stdout) => {
-        const port = Number(/"port":(\d+)/.exec(stdout.split("\n").find((l) => l.includes("gRPC server listening")) ?? "")?.[1])
+        const port = grpcPortOf(stdout)
         const client = new MessagingServiceClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure())
         const subscription = client.subscribeSchemaMessages()
         subscription.on("error", () => undefined)
