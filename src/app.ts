@@ -1,12 +1,14 @@
-/** The whole service as one Layer: config → logging → broker (+ topology) → gRPC server. */
+/** The whole service as one Layer: config → logging → metrics endpoint → broker (+ topology) → gRPC server. */
 import { Layer } from "effect"
 import { Broker } from "./broker.js"
 import { ProxyConfig } from "./config.js"
 import { GrpcServer } from "./grpcServer.js"
 import { LoggingLive } from "./logging.js"
+import { MetricsLive } from "./metrics.js"
 
 export const ProxyLive = GrpcServer.layer.pipe(
   Layer.provideMerge(Broker.layer),
+  Layer.provideMerge(MetricsLive),
   Layer.provideMerge(LoggingLive),
   Layer.provideMerge(ProxyConfig.layer)
 )

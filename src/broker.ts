@@ -8,6 +8,7 @@ import * as amqp from "amqplib"
 import { Context, Deferred, Duration, Effect, Exit, Layer, Option, Redacted, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
 import { ProxyConfig, type ProxySettings } from "./config.js"
 import { AmqpError } from "./errors.js"
+import * as Metrics from "./metrics.js"
 import { amqpTlsOptions } from "./tls.js"
 import { declareTopology } from "./topology.js"
 
@@ -71,6 +72,7 @@ const make = Effect.gen(function*() {
   // Read (and check) the TLS files once, at start: a bad path stops start-up.
   const tls = yield* amqpTlsOptions(rabbit)
   const current = yield* SubscriptionRef.make<Option.Option<amqp.ChannelModel>>(Option.none())
+  const connectionMetrics = yield* Metrics.trackBrokerConnection
 
   const backoff = Schedule.min([
     Schedule.exponential("200 millis", 2),
@@ -100,9 +102,11 @@ const make = Effect.gen(function*() {
     const { connection, closed } = yield* open.pipe(Effect.retry(backoff))
     yield* Effect.addFinalizer(() => closeQuietly(connection))
     yield* SubscriptionRef.set(current, Option.some(connection))
+    yield* connectionMetrics.connected
     yield* Effect.logInfo("connected to broker", { host: rabbit.host, port: rabbit.port, vhost: rabbit.vhost })
     const reason = yield* Deferred.await(closed)
     yield* SubscriptionRef.set(current, Option.none())
+    yield* connectionMetrics.lost
     yield* Effect.logWarning("broker connection lost, reconnecting", { reason })
   }).pipe(Effect.scoped)
 

@@ -20,9 +20,12 @@ export interface Delivery {
    * exchange, wait for the broker's confirm, then ack this delivery: the message is never in
    * neither place. Used to dead-letter and to requeue with a delivery count.
    */
-  readonly moveTo: (queue: string, headers: Record<string, unknown>) => Effect.Effect<void, AmqpError>
+  readonly moveTo: (queue: string, headers: Record<string, unknown>) => Effect.Effect<void, AmqpError | ConnectionLost>
   /** `moveTo` the dead-letter queue with the reason and where the message came from. */
-  readonly deadLetter: (reason: string, headers?: Record<string, unknown>) => Effect.Effect<void, AmqpError>
+  readonly deadLetter: (
+    reason: string,
+    headers?: Record<string, unknown>
+  ) => Effect.Effect<void, AmqpError | ConnectionLost>
 }
 
 export interface ConsumeOptions {
@@ -88,6 +91,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
           Effect.mapError((error) => new ConnectionLost({ reason: error.message }))
         )
         let closingOurselves = false
+        let channelClosed = false
         // Runs before the channel's own finalizer (reverse order), so our close is not a failure.
         yield* Effect.addFinalizer(() => Effect.sync(() => { closingOurselves = true }))
         channel.on("error", (error: Error) => {
@@ -97,6 +101,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
           )
         })
         channel.on("close", () => {
+          channelClosed = true
           if (!closingOurselves) {
             Queue.failCauseUnsafe(queue, Cause.fail(new ConnectionLost({ reason: "channel closed" })))
           }
@@ -117,7 +122,13 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
                 ...message.properties.headers,
                 ...headers
               }
-            }).pipe(Effect.andThen(Effect.sync(() => settle(() => channel.ack(message)))), Effect.asVoid)
+            }).pipe(
+              // A publish cut short by a lost connection is not a failure of this message: the
+              // broker requeues the original, and the consumer re-attaches.
+              Effect.mapError((error) => channelClosed ? new ConnectionLost({ reason: error.message }) : error),
+              Effect.andThen(Effect.sync(() => settle(() => channel.ack(message)))),
+              Effect.asVoid
+            )
           return {
             message,
             ack: () => settle(() => channel.ack(message)),
@@ -160,18 +171,21 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
   )
 
 /**
- * `consume`, re-attached on a new channel whenever the broker connection is lost, so the stream
- * (and the gRPC call it feeds) outlives broker restarts. Other failures end the stream.
+ * Runs `stream` again on a new channel whenever the broker connection is lost, so it (and the gRPC
+ * call it feeds) outlives broker restarts. Other failures end it.
  */
-export const consumeResilient = (options: ConsumeOptions): Stream.Stream<Delivery, ConsumeError, Broker> =>
-  consume(options).pipe(
+export const reattachOnConnectionLoss = <A, R>(
+  queue: string,
+  stream: Stream.Stream<A, ConsumeError, R>
+): Stream.Stream<A, ConsumeError, R> =>
+  stream.pipe(
     Stream.retry(
       Schedule.min([Schedule.exponential("100 millis", 2), Schedule.spaced("2 seconds")]).pipe(
         Schedule.setInputType<ConsumeError>(),
         Schedule.while(({ input }) => input._tag === "ConnectionLost"),
         Schedule.tap(({ attempt, duration, input }) =>
           Effect.logWarning("consumer lost its channel; re-attaching", {
-            queue: options.queue,
+            queue,
             attempt,
             retryInMs: Math.round(Duration.toMillis(duration)),
             reason: input.message

@@ -14,11 +14,8 @@ import { makeHandlers } from "./handlers.js"
 import { makeReflectionService } from "./reflection.js"
 import { makeAccess } from "./access.js"
 import { type CallObserver, guardHandlers } from "./guard.js"
+import { recordRpc } from "./metrics.js"
 import { serverCredentials } from "./tls.js"
-
-/** Until metrics.ts provides it: RPC outcomes at debug level. */
-const recordRpc = (method: string, code: string, seconds: number) =>
-  Effect.logDebug("rpc", { method, code, ms: Math.round(seconds * 1000) })
 
 const serviceName = "messaging.MessagingService"
 

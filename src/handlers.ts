@@ -18,6 +18,8 @@ import {
 import type { Broker } from "./broker.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
 import { contractQueues, deadLetterQueue, type ProxySettings, type QueueBinding } from "./config.js"
+import { publishBatchHandler, publishHandler } from "./publishing.js"
+import { queueInfoHandler } from "./queueInfo.js"
 import type { AdmissionPolicy } from "./redelivery.js"
 import { type QueueStreamSpec, serveQueueStream } from "./streaming.js"
 import { serveSubscription, type SubscriptionEvent, type SubscriptionSpec } from "./subscription.js"
@@ -101,8 +103,8 @@ export const makeHandlers = (settings: ProxySettings, run: RunHandler): Messagin
       "SubscribeValidationMessages",
       validations
     ),
-    publish: (_call, callback) => callback({ code: grpc.status.UNIMPLEMENTED, details: "Publish: not yet" }),
-    publishBatch: (_call, callback) => callback({ code: grpc.status.UNIMPLEMENTED, details: "PublishBatch: not yet" }),
-    getQueueInfo: (_call, callback) => callback({ code: grpc.status.UNIMPLEMENTED, details: "GetQueueInfo: not yet" })
+    publish: publishHandler(settings, run),
+    publishBatch: publishBatchHandler(settings, run),
+    getQueueInfo: queueInfoHandler(settings, run)
   }
 }

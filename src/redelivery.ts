@@ -8,10 +8,12 @@
  * the same way before it is delivered again, so a message that kills its consumers cannot loop
  * forever either. Past `maxRequeues` the message goes to the dead-letter queue with its history.
  */
-import { Effect, Result } from "effect"
+import { Effect, Result, Stream } from "effect"
 import type { BodyRejected } from "./codec.js"
-import type { Delivery } from "./consumer.js"
-import type { AmqpError } from "./errors.js"
+import type { Broker } from "./broker.js"
+import { consume, type ConsumeError, type ConsumeOptions, type Delivery, reattachOnConnectionLoss } from "./consumer.js"
+import type { AmqpError, ConnectionLost } from "./errors.js"
+import * as Metrics from "./metrics.js"
 
 export interface AdmissionPolicy<A> {
   readonly queue: string
@@ -56,13 +58,14 @@ export const requeueCounted = (
   delivery: Delivery,
   policy: Pick<AdmissionPolicy<unknown>, "queue" | "maxRequeues">,
   note: string
-): Effect.Effect<"Requeued" | "DeadLettered", AmqpError> => {
+): Effect.Effect<"Requeued" | "DeadLettered", AmqpError | ConnectionLost> => {
   const requeues = requeueCountOf(delivery) + 1
   const history = [...historyOf(delivery), `${new Date().toISOString()} ${note}`].slice(-historyLimit)
   const headers = { [countHeader]: requeues, [historyHeader]: history }
   if (requeues > policy.maxRequeues) {
     const reason = `requeued more than ${policy.maxRequeues} times`
     return delivery.deadLetter(reason, headers).pipe(
+      Effect.tap(() => Metrics.deadLettered(policy.queue, "requeue_limit")),
       Effect.tap(() =>
         Effect.logWarning("poison message dead-lettered", {
           queue: policy.queue,
@@ -76,11 +79,15 @@ export const requeueCounted = (
   return delivery.moveTo(policy.queue, headers).pipe(Effect.as("Requeued" as const))
 }
 
-export const admit = <A>(delivery: Delivery, policy: AdmissionPolicy<A>): Effect.Effect<Admission<A>, AmqpError> => {
+export const admit = <A>(
+  delivery: Delivery,
+  policy: AdmissionPolicy<A>
+): Effect.Effect<Admission<A>, AmqpError | ConnectionLost> => {
   const decoded = policy.decode(delivery.message.content)
   if (Result.isFailure(decoded)) {
     const reason = decoded.failure.reason
     return delivery.deadLetter(reason).pipe(
+      Effect.tap(() => Metrics.deadLettered(policy.queue, "malformed")),
       Effect.tap(() =>
         Effect.logWarning("malformed body dead-lettered", {
           queue: policy.queue,
@@ -94,6 +101,7 @@ export const admit = <A>(delivery: Delivery, policy: AdmissionPolicy<A>): Effect
   if (delivery.message.fields.redelivered) {
     // The broker gave it back after a consumer was lost: count that attempt before delivering again.
     return requeueCounted(delivery, policy, "returned by the broker (consumer lost)").pipe(
+      Effect.tap(() => Metrics.redelivered(policy.queue)),
       Effect.map((outcome) =>
         outcome === "Requeued"
           ? { _tag: "Requeued" } as const
@@ -107,3 +115,14 @@ export const admit = <A>(delivery: Delivery, policy: AdmissionPolicy<A>): Effect
     admitted: { delivery, message: decoded.success, deliveryCount: requeues + 1, redelivered: requeues > 0 }
   })
 }
+
+/**
+ * The queue's deliveries, each admitted (or dead-lettered / recounted) on the channel it came
+ * from; consuming and admitting re-attach together after a lost connection, since a cut can land
+ * in the middle of a requeue's republish.
+ */
+export const admittedDeliveries = <A>(
+  options: ConsumeOptions,
+  policy: AdmissionPolicy<A>
+): Stream.Stream<Admission<A>, ConsumeError, Broker> =>
+  reattachOnConnectionLoss(options.queue, consume(options).pipe(Stream.mapEffect((delivery) => admit(delivery, policy))))

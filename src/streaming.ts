@@ -7,8 +7,8 @@ import * as grpc from "@grpc/grpc-js"
 import { Effect, Stream } from "effect"
 import type { Broker } from "./broker.js"
 import { finishCall, writeWithBackpressure } from "./callLifecycle.js"
-import { consumeResilient } from "./consumer.js"
-import { admit, type AdmissionPolicy } from "./redelivery.js"
+import * as Metrics from "./metrics.js"
+import { type AdmissionPolicy, admittedDeliveries } from "./redelivery.js"
 
 export interface QueueStreamSpec<A> extends AdmissionPolicy<A> {
   readonly deadLetterQueue: string
@@ -20,24 +20,29 @@ export const serveQueueStream = <Req, A>(
   spec: QueueStreamSpec<A>
 ): Effect.Effect<void, never, Broker> => {
   const counts = { delivered: 0, deadLettered: 0 }
+  const rpc = Metrics.rpcName(call)
   const outgoing = call as grpc.ServerWritableStream<unknown, A>
   return Effect.logInfo("stream opened", { queue: spec.queue }).pipe(
     Effect.andThen(
-      consumeResilient({ queue: spec.queue, prefetch: spec.prefetch, deadLetterQueue: spec.deadLetterQueue }).pipe(
-        Stream.runForEach((delivery) =>
-          Effect.flatMap(admit(delivery, spec), (admission) => {
+      admittedDeliveries({ queue: spec.queue, prefetch: spec.prefetch, deadLetterQueue: spec.deadLetterQueue }, spec)
+        .pipe(
+          Stream.runForEach((admission) => {
             if (admission._tag === "DeadLettered") counts.deadLettered++
             if (admission._tag !== "Deliver") return Effect.void
+            const { delivery, message } = admission.admitted
             // Ack in the write callback: only then has grpc-js taken the message. A write that
             // never completes (cancel) leaves it unacked, and the channel's close requeues it.
-            return writeWithBackpressure(outgoing, admission.admitted.message, (error) => {
-              if (error == null && delivery.ack()) counts.delivered++
+            return writeWithBackpressure(outgoing, message, (error) => {
+              if (error == null && delivery.ack()) {
+                counts.delivered++
+                Metrics.deliveredUnsafe(spec.queue, rpc)
+              }
             })
           })
         )
-      )
     ),
     Effect.onExit((exit) => Effect.logInfo("stream ended", { queue: spec.queue, reason: finishCall(outgoing, exit), ...counts })),
+    Metrics.trackActiveStream(rpc),
     Effect.ignore
   )
 }

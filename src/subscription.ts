@@ -11,8 +11,9 @@ import { Cause, Effect, Fiber, Queue, Stream } from "effect"
 import type { DeliveryInfo, SettleError, SubscriptionOpened, SubscriptionRequest } from "../gen/messaging.js"
 import type { Broker } from "./broker.js"
 import { CallRejected, finishCall, writeWithBackpressure } from "./callLifecycle.js"
-import { consumeResilient, type Delivery } from "./consumer.js"
-import { admit, type AdmissionPolicy, requeueCounted } from "./redelivery.js"
+import type { Delivery } from "./consumer.js"
+import * as Metrics from "./metrics.js"
+import { type AdmissionPolicy, admittedDeliveries, requeueCounted } from "./redelivery.js"
 
 /** The event shape both subscription RPCs share (SchemaSubscriptionEvent, ValidationSubscriptionEvent). */
 export interface SubscriptionEvent<A> {
@@ -69,6 +70,7 @@ export const serveSubscription = <A>(
   spec: SubscriptionSpec<A>
 ): Effect.Effect<void, never, Broker> => {
   const counts = { delivered: 0, acked: 0, requeued: 0, deadLettered: 0 }
+  const rpc = Metrics.rpcName(call)
   const outgoing = call as grpc.ServerDuplexStream<unknown, SubscriptionEvent<A>>
   const write = (event: SubscriptionEvent<A>) => writeWithBackpressure(outgoing, event)
 
@@ -87,20 +89,20 @@ export const serveSubscription = <A>(
     const pending = new Map<string, Delivery>()
     let nextId = 1n
 
-    const pump = consumeResilient({
+    const pump = admittedDeliveries({
       queue: spec.queue,
       prefetch: maxInFlight,
       deadLetterQueue: spec.deadLetterQueue,
       consumerTag: consumerName ? `${consumerName}.${crypto.randomUUID().slice(0, 8)}` : undefined
-    }).pipe(
-      Stream.runForEach((delivery) =>
-        Effect.flatMap(admit(delivery, spec), (admission) => {
+    }, spec).pipe(
+      Stream.runForEach((admission) => {
           if (admission._tag === "DeadLettered") counts.deadLettered++
           if (admission._tag !== "Deliver") return Effect.void
-          const { deliveryCount, redelivered, message } = admission.admitted
+          const { delivery, deliveryCount, redelivered, message } = admission.admitted
           const deliveryId = String(nextId++)
           pending.set(deliveryId, delivery)
           counts.delivered++
+          Metrics.deliveredUnsafe(spec.queue, rpc)
           return write({
             event: {
               $case: "delivery",
@@ -108,7 +110,6 @@ export const serveSubscription = <A>(
             }
           })
         })
-      )
     )
 
     const settleError = (deliveryIds: Array<string>, reason: string) =>
@@ -153,12 +154,14 @@ export const serveSubscription = <A>(
             Effect.sync(() => {
               const ok = delivery.ack()
               if (ok) counts.acked++
+              if (ok) Metrics.ackedUnsafe(spec.queue)
               return ok
             }))
         case "nack":
           return settleEach(action.value.deliveryIds, (delivery) =>
             requeueCounted(delivery, spec, `nacked by ${consumerName || "a subscriber"}`).pipe(
               Effect.map((outcome) => {
+                if (outcome === "Requeued") Metrics.nackedUnsafe(spec.queue)
                 if (outcome === "Requeued") counts.requeued++
                 else counts.deadLettered++
                 return true
@@ -168,6 +171,7 @@ export const serveSubscription = <A>(
           const reason = action.value.reason.trim() || "rejected by the subscriber"
           return settleEach(action.value.deliveryIds, (delivery) =>
             delivery.deadLetter(reason, { "x-rejected-by": consumerName || "a subscriber" }).pipe(
+              Effect.tap(() => Metrics.deadLettered(spec.queue, "rejected")),
               Effect.map(() => {
                 counts.deadLettered++
                 return true
@@ -195,6 +199,7 @@ export const serveSubscription = <A>(
     Effect.onExit((exit) =>
       Effect.logInfo("subscription ended", { queue: spec.queue, reason: finishCall(outgoing, exit), ...counts })
     ),
+    Metrics.trackActiveStream(rpc),
     Effect.ignore
   )
 }

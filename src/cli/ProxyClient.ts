@@ -9,7 +9,10 @@ import * as grpc from "@grpc/grpc-js"
 import { Cause, Context, Effect, Layer, Queue, Schema, Stream } from "effect"
 import {
   type GetMessagingParamsResponse,
+  type GetQueueInfoResponse,
   MessagingServiceClient,
+  type PublishRequest,
+  type PublishResponse,
   type RoutingKey,
   type SchemaMessageResponse,
   type ValidationMessageResponse
@@ -63,6 +66,9 @@ export class ProxyClient extends Context.Service<ProxyClient, {
   readonly getRoutingKey: (kind: Kind, results: boolean) => Effect.Effect<string, GrpcError>
   readonly streamSchemaMessages: Stream.Stream<SchemaMessageResponse, GrpcError>
   readonly streamValidationMessages: Stream.Stream<ValidationMessageResponse, GrpcError>
+  /** Publish through the proxy: validated, then confirmed by the broker before it answers. */
+  readonly publish: (request: PublishRequest) => Effect.Effect<PublishResponse, GrpcError>
+  readonly getQueueInfo: Effect.Effect<GetQueueInfoResponse, GrpcError>
 }>()("messaging-proxy-cli/ProxyClient") {
   /** Scoped: the grpc-js client is closed when the surrounding scope closes. */
   static readonly make = Effect.fnUntraced(function*(options: ConnectionOptions) {
@@ -138,7 +144,10 @@ export class ProxyClient extends Context.Service<ProxyClient, {
           (response) => response.routingKey
         ),
       streamSchemaMessages: serverStream("StreamSchemaMessages", () => client.streamSchemaMessages({})),
-      streamValidationMessages: serverStream("StreamValidationMessages", () => client.streamValidationMessages({}))
+      streamValidationMessages: serverStream("StreamValidationMessages", () => client.streamValidationMessages({})),
+      publish: (request) =>
+        unary<PublishResponse>("Publish", (md, opts, cb) => client.publish(request, md, opts, cb)),
+      getQueueInfo: unary<GetQueueInfoResponse>("GetQueueInfo", (md, opts, cb) => client.getQueueInfo({}, md, opts, cb))
     })
   })
 

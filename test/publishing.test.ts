@@ -1,0 +1,328 @@
+/**
+ * Publish, PublishBatch and GetQueueInfo end to end: a real proxy on loopback and the real broker.
+ * What arrived is read back with the admin channel (basic.get), so the properties are checked too.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import * as grpc from "@grpc/grpc-js"
+import type * as amqp from "amqplib"
+import { Effect } from "effect"
+import {
+  type GetQueueInfoRequest,
+  type GetQueueInfoResponse,
+  MessageKind,
+  type MessagingServiceClient,
+  type PublishBatchResponse,
+  type PublishRequest
+} from "../gen/messaging.js"
+import { schemaBody, validationBody } from "./fixtures/bodies.js"
+import {
+  type Admin,
+  makeTestEnv,
+  publishRaw,
+  queueState,
+  quiet,
+  readMessages,
+  unary,
+  waitForQueue
+} from "./support/harness.js"
+import { startRelay } from "./support/relay.js"
+
+const json = (body: unknown) => Buffer.from(JSON.stringify(body))
+
+// CONTRACT.md §3, verbatim
+const CONTRACT_SCHEMA_BODY = `{"id": "6f1c…", "schema": {"schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+  "required": ["name"], "properties": {"name": {"type": "string", "extra": {}},
+  "age": {"type": "integer", "extra": {"minimum": 0}}}},
+ "import_name": "customers", "raw": false, "tasks": "upload_schema",
+ "date": "2025-06-25T10:31:02.123456", "extra": {}}`
+
+const request = (kind: MessageKind, body: unknown, routingKey = ""): PublishRequest => ({
+  kind,
+  body: Buffer.isBuffer(body) ? body : json(body),
+  routingKey
+})
+
+const publish = (client: MessagingServiceClient, req: PublishRequest) => unary(client.publish.bind(client), req)
+
+/** The status of a call that must fail. */
+const failure = <A>(effect: Effect.Effect<A, grpc.ServiceError>) =>
+  Effect.flip(effect).pipe(Effect.map((error) => ({ code: error.code, details: error.details })))
+
+const queueInfo = (client: MessagingServiceClient) =>
+  unary<GetQueueInfoRequest, GetQueueInfoResponse>(client.getQueueInfo.bind(client), {})
+
+/** A client-streaming call: writes every request, half-closes, resolves with the answer. */
+const publishBatch = (client: MessagingServiceClient, requests: ReadonlyArray<PublishRequest>) =>
+  Effect.callback<PublishBatchResponse, grpc.ServiceError>((resume) => {
+    const call = client.publishBatch((error, response) => resume(error ? Effect.fail(error) : Effect.succeed(response)))
+    for (const req of requests) call.write(req)
+    call.end()
+    return Effect.sync(() => call.cancel())
+  })
+
+/** Takes every message currently in `queue` (basic.get, auto-ack), in queue order. */
+const drain = (admin: Admin, queue: string) =>
+  Effect.promise(async () => {
+    const got: Array<amqp.GetMessage> = []
+    while (true) {
+      const message = await admin.channel.get(queue, { noAck: true })
+      if (message === false) return got
+      got.push(message)
+    }
+  })
+
+const idsIn = (messages: ReadonlyArray<amqp.GetMessage>) => messages.map((m) => JSON.parse(m.content.toString()).id as string)
+
+describe("Publish", () => {
+  it.live("a contract schema body arrives on the schemas queue unchanged, persistent, with message_id", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      // The contract's example, byte for byte (whitespace included): it must not be re-encoded.
+      const body = Buffer.from(CONTRACT_SCHEMA_BODY.replace("6f1c…", "p-1"))
+      const response = yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, body))
+      assert.deepStrictEqual(response, { messageId: "p-1", routingKey: "schemas.*" })
+      // Answered after the confirm: the message is already in the queue.
+      const [message, ...rest] = yield* drain(admin, names.schemas)
+      assert.strictEqual(rest.length, 0)
+      assert.isTrue(message?.content.equals(body), "body bytes unchanged")
+      assert.strictEqual(message?.properties.messageId, "p-1")
+      assert.strictEqual(message?.properties.contentType, "application/json")
+      assert.strictEqual(message?.properties.deliveryMode, 2)
+      assert.strictEqual(message?.fields.exchange, names.exchange)
+      assert.strictEqual(message?.fields.routingKey, "schemas.*")
+    }))
+
+  it.live("what Publish accepts, StreamSchemaMessages and StreamValidationMessages deliver", () =>
+    Effect.gen(function*() {
+      const { client } = yield* makeTestEnv()
+      yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("s-1")))
+      yield* publish(client, request(MessageKind.MESSAGE_KIND_VALIDATION, validationBody("v-1")))
+      const [schema] = yield* readMessages(client.streamSchemaMessages({}), 1)
+      const [validation] = yield* readMessages(client.streamValidationMessages({}), 1)
+      assert.strictEqual(schema?.id, "s-1")
+      assert.strictEqual(validation?.id, "v-1")
+      assert.strictEqual(validation?.fileData, "48656c6c6f20576f726c6421")
+    }))
+
+  it.live("a body the codec rejects is INVALID_ARGUMENT with the reason, and nothing is published", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      const cases: Array<[MessageKind, Buffer | object, string]> = [
+        [MessageKind.MESSAGE_KIND_SCHEMA, { ...schemaBody("x"), id: 42 }, "body rejected: Expected string at [\"id\"]"],
+        [MessageKind.MESSAGE_KIND_SCHEMA, Buffer.from("{not json"), "body rejected: body is not valid JSON: "],
+        [MessageKind.MESSAGE_KIND_VALIDATION, { ...validationBody("x"), file_data: "xyz" }, "body rejected: Expected a hex string of even length"],
+        [MessageKind.MESSAGE_KIND_SCHEMA_RESULT, { ok: true }, "body rejected: Missing key at [\"id\"]"],
+        [MessageKind.MESSAGE_KIND_VALIDATION_RESULT, { id: "" }, "body rejected: Expected a value with a length of at least 1 at [\"id\"]"],
+        [MessageKind.MESSAGE_KIND_VALIDATION_RESULT, [1, 2], "body rejected: Expected a JSON object"],
+        [MessageKind.MESSAGE_KIND_SCHEMA_RESULT, Buffer.from([0x7b, 0xff, 0x7d]), "body rejected: body is not valid UTF-8: "]
+      ]
+      for (const [kind, body, reason] of cases) {
+        const status = yield* failure(publish(client, request(kind, body)))
+        assert.strictEqual(status.code, grpc.status.INVALID_ARGUMENT, reason)
+        assert.isTrue(status.details.startsWith(reason), `${status.details} starts with ${reason}`)
+      }
+      for (const queue of [names.schemas, names.validations, names.schemaResults, names.validationResults]) {
+        assert.strictEqual((yield* queueState(admin, queue)).messageCount, 0, queue)
+      }
+    }))
+
+  it.live("an unspecified or unknown kind is INVALID_ARGUMENT 'kind is required'", () =>
+    Effect.gen(function*() {
+      const { client } = yield* makeTestEnv()
+      for (const kind of [MessageKind.MESSAGE_KIND_UNSPECIFIED, 99 as MessageKind]) {
+        const status = yield* failure(publish(client, request(kind, schemaBody("k-1"))))
+        assert.deepStrictEqual(status, { code: grpc.status.INVALID_ARGUMENT, details: "kind is required" })
+      }
+    }))
+
+  it.live("a routing key bound to no queue is FAILED_PRECONDITION; the shared channel keeps working", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      const status = yield* failure(publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("u-1"), "nowhere.x")))
+      assert.strictEqual(status.code, grpc.status.FAILED_PRECONDITION)
+      assert.include(status.details, "message 'u-1' routed to no queue (routing key 'nowhere.x'")
+      // Concurrent publishes, routable and not, each get their own verdict.
+      const results = yield* Effect.forEach(
+        Array.from({ length: 20 }, (_, i) => i),
+        (i) =>
+          Effect.result(publish(
+            client,
+            request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody(`c-${i}`), i % 2 === 0 ? "schemas.x" : "nowhere.y")
+          )),
+        { concurrency: "unbounded" }
+      )
+      results.forEach((result, i) => {
+        if (i % 2 === 0) assert.strictEqual(result._tag, "Success", `c-${i}`)
+        else {
+          assert.strictEqual(result._tag, "Failure", `c-${i}`)
+          if (result._tag === "Failure") assert.strictEqual(result.failure.code, grpc.status.FAILED_PRECONDITION)
+        }
+      })
+      const arrived = yield* drain(admin, names.schemas)
+      assert.deepStrictEqual(idsIn(arrived).sort(), ["c-0", "c-10", "c-12", "c-14", "c-16", "c-18", "c-2", "c-4", "c-6", "c-8"])
+    }))
+
+  it.live("the result kinds route to the results queues with their configured routing keys", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      const schemaResult = yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA_RESULT, { id: "sr-1", ok: true }))
+      const validationResult = yield* publish(
+        client,
+        request(MessageKind.MESSAGE_KIND_VALIDATION_RESULT, { id: "vr-1", errors: [] })
+      )
+      assert.deepStrictEqual(schemaResult, { messageId: "sr-1", routingKey: "schemas.result.*" })
+      assert.deepStrictEqual(validationResult, { messageId: "vr-1", routingKey: "validation.result.*" })
+      assert.deepStrictEqual(idsIn(yield* drain(admin, names.schemaResults)), ["sr-1"])
+      assert.deepStrictEqual(idsIn(yield* drain(admin, names.validationResults)), ["vr-1"])
+      // Nothing leaked into the request queues (schemas.* does not match schemas.result.*).
+      assert.strictEqual((yield* queueState(admin, names.schemas)).messageCount, 0)
+      assert.strictEqual((yield* queueState(admin, names.validations)).messageCount, 0)
+    }))
+
+  it.live("a deleted exchange is NOT_FOUND; once it is back, a fresh channel publishes again", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("e-1")))
+      yield* Effect.promise(() => admin.channel.deleteExchange(names.exchange))
+      const status = yield* failure(publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("e-2"))))
+      assert.strictEqual(status.code, grpc.status.NOT_FOUND)
+      assert.include(status.details, "no exchange")
+      yield* Effect.promise(async () => {
+        await admin.channel.assertExchange(names.exchange, "topic", { durable: true })
+        await admin.channel.bindQueue(names.schemas, names.exchange, "schemas.*")
+      })
+      yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("e-3")))
+      assert.deepStrictEqual(idsIn(yield* drain(admin, names.schemas)), ["e-1", "e-3"])
+    }))
+
+  it.live("without a broker connection Publish and GetQueueInfo fail fast with UNAVAILABLE; after it returns they work", () =>
+    Effect.gen(function*() {
+      const relay = yield* startRelay()
+      const { names, client, admin } = yield* makeTestEnv({ RABBITMQ_PORT: String(relay.port) })
+      yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("d-1")))
+      yield* relay.setRefusing(true)
+      yield* relay.sever
+      const started = performance.now()
+      const status = yield* failure(publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("d-2"))))
+      assert.deepStrictEqual(status, { code: grpc.status.UNAVAILABLE, details: "broker not connected" })
+      assert.isBelow(performance.now() - started, 4_000)
+      const info = yield* failure(queueInfo(client))
+      assert.deepStrictEqual(info, { code: grpc.status.UNAVAILABLE, details: "broker not connected" })
+      const batch = yield* failure(publishBatch(client, [request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("d-b"))]))
+      assert.deepStrictEqual(batch, {
+        code: grpc.status.UNAVAILABLE,
+        details: "broker not connected (published 0 before this one)"
+      })
+      yield* relay.setRefusing(false)
+      // The old publishing channel died with its connection; the next publish opens one on the new connection.
+      let back = false
+      for (let attempt = 0; attempt < 100 && !back; attempt++) {
+        const result = yield* Effect.result(publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("d-3"))))
+        back = result._tag === "Success"
+        if (!back) yield* Effect.sleep("100 millis")
+      }
+      assert.isTrue(back, "publishing works again after the reconnect")
+      assert.deepStrictEqual(idsIn(yield* drain(admin, names.schemas)), ["d-1", "d-3"])
+    }))
+})
+
+describe("PublishBatch", () => {
+  it.live("50 requests: published=50 with their ids, all 50 in the queue in order", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      const ids = Array.from({ length: 50 }, (_, i) => `b-${String(i).padStart(2, "0")}`)
+      const response = yield* publishBatch(client, ids.map((id) => request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody(id))))
+      assert.deepStrictEqual(response, { published: 50, messageIds: ids })
+      const arrived = yield* drain(admin, names.schemas)
+      assert.deepStrictEqual(idsIn(arrived), ids)
+      assert.deepStrictEqual(arrived.map((m) => m.properties.messageId), ids)
+    }))
+
+  it.live("an empty batch answers published=0", () =>
+    Effect.gen(function*() {
+      const { client } = yield* makeTestEnv()
+      assert.deepStrictEqual(yield* publishBatch(client, []), { published: 0, messageIds: [] })
+    }))
+
+  it.live("a bad body at index 3 ends the batch with INVALID_ARGUMENT after exactly 3", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      const requests = Array.from({ length: 10 }, (_, i) =>
+        request(MessageKind.MESSAGE_KIND_SCHEMA, i === 3 ? { ...schemaBody("bad"), id: 7 } : schemaBody(`i-${i}`)))
+      const status = yield* failure(publishBatch(client, requests))
+      assert.strictEqual(status.code, grpc.status.INVALID_ARGUMENT)
+      assert.strictEqual(status.details, "body rejected: Expected string at [\"id\"] (published 3 before this one)")
+      assert.deepStrictEqual(idsIn(yield* drain(admin, names.schemas)), ["i-0", "i-1", "i-2"])
+    }))
+
+  it.live("an unroutable request ends the batch with FAILED_PRECONDITION; the count covers what was in flight", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      const requests = Array.from({ length: 20 }, (_, i) =>
+        request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody(`r-${i}`), i === 5 ? "nowhere.x" : ""))
+      const status = yield* failure(publishBatch(client, requests))
+      assert.strictEqual(status.code, grpc.status.FAILED_PRECONDITION)
+      const match = /routing key 'nowhere\.x'.*\(published 5 before this one(?:; (\d+) later ones were already in flight and were published too)?\)$/
+        .exec(status.details)
+      assert.isNotNull(match, status.details)
+      const after = Number(match?.[1] ?? 0)
+      const arrived = idsIn(yield* drain(admin, names.schemas))
+      // Exactly what the details say: the 5 before, then the later ones that were already sent.
+      assert.deepStrictEqual(arrived, [
+        ...Array.from({ length: 5 }, (_, i) => `r-${i}`),
+        ...Array.from({ length: after }, (_, i) => `r-${i + 6}`)
+      ])
+    }))
+
+  it.live("kind missing in the first request: nothing published", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      const status = yield* failure(publishBatch(client, [request(MessageKind.MESSAGE_KIND_UNSPECIFIED, schemaBody("z"))]))
+      assert.deepStrictEqual(status, {
+        code: grpc.status.INVALID_ARGUMENT,
+        details: "kind is required (published 0 before this one)"
+      })
+      assert.strictEqual((yield* queueState(admin, names.schemas)).messageCount, 0)
+    }))
+})
+
+describe("GetQueueInfo", () => {
+  it.live("exact counts for the six queues, in the documented order", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      for (const id of ["q-1", "q-2", "q-3"]) {
+        yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody(id)))
+      }
+      yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA_RESULT, { id: "q-r" }))
+      yield* publishRaw(admin, "", names.schemasDead, Buffer.from("{not json"))
+      yield* publishRaw(admin, "", names.validationsDead, Buffer.from("{}"))
+      yield* publishRaw(admin, "", names.validationsDead, Buffer.from("[]"))
+      // One consumer on the (empty) validations queue.
+      const stream = quiet(client.streamValidationMessages({}))
+      yield* Effect.addFinalizer(() => Effect.sync(() => stream.cancel()))
+      yield* waitForQueue(admin, names.validations, (q) => q.consumerCount === 1)
+      const info = yield* queueInfo(client)
+      assert.deepStrictEqual(info.queues, [
+        { queue: names.schemas, role: "schemas", messageCount: 3, consumerCount: 0 },
+        { queue: names.validations, role: "validations", messageCount: 0, consumerCount: 1 },
+        { queue: names.schemaResults, role: "schema_results", messageCount: 1, consumerCount: 0 },
+        { queue: names.validationResults, role: "validation_results", messageCount: 0, consumerCount: 0 },
+        { queue: names.schemasDead, role: "schemas_dead", messageCount: 1, consumerCount: 0 },
+        { queue: names.validationsDead, role: "validations_dead", messageCount: 2, consumerCount: 0 }
+      ])
+    }))
+
+  it.live("a missing queue fails the call with NOT_FOUND naming it; the proxy's connection survives", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      yield* Effect.promise(() => admin.channel.deleteQueue(names.validationResults))
+      const status = yield* failure(queueInfo(client))
+      assert.deepStrictEqual(status, {
+        code: grpc.status.NOT_FOUND,
+        details: `queue '${names.validationResults}' (validation_results) does not exist`
+      })
+      // The 404 closed only the probe's channel: the same connection still publishes.
+      yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("after-404")))
+      assert.deepStrictEqual(idsIn(yield* drain(admin, names.schemas)), ["after-404"])
+    }))
+})
