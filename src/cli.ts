@@ -67,6 +67,18 @@ const root = Command.make("messaging-proxy-cli").pipe(
       Flag.withDescription("deadline in seconds for unary calls and for the broker publish (default 10)"),
       Flag.withDefault(10),
       Flag.filter((seconds) => seconds > 0, (seconds) => `timeout must be positive, got ${seconds}`)
+    ),
+    tls: Flag.Boolean("tls").pipe(
+      Flag.withDescription("connect with TLS (implied by --ca, --cert, --key)"),
+      Flag.withDefault(false)
+    ),
+    ca: Flag.String("ca").pipe(Flag.withDescription("CA certificate (PEM) to trust"), Flag.optional),
+    cert: Flag.String("cert").pipe(Flag.withDescription("client certificate (PEM), for mutual TLS"), Flag.optional),
+    key: Flag.String("key").pipe(Flag.withDescription("client key (PEM), for mutual TLS"), Flag.optional),
+    apiKey: Flag.Redacted("api-key").pipe(
+      Flag.withDescription("API key sent as 'authorization: Bearer' (env MESSAGING_API_KEY)"),
+      Flag.withFallbackConfig(Config.Redacted("MESSAGING_API_KEY")),
+      Flag.optional
     )
   }),
   Command.withDescription("Command-line client for messaging-proxy (gRPC in front of RabbitMQ)")
@@ -77,7 +89,16 @@ const root = Command.make("messaging-proxy-cli").pipe(
  * (not on the root) because the root's parsed flags are only in context inside a subcommand handler.
  */
 const ProxyClientLive = Layer.unwrap(
-  Effect.map(root, ({ host, port, timeout }) => ProxyClient.layer({ host, port, timeoutSeconds: timeout }))
+  Effect.map(root, ({ host, port, timeout, tls, ca, cert, key, apiKey }) =>
+    ProxyClient.layer({
+      host,
+      port,
+      timeoutSeconds: timeout,
+      tls: tls || Option.isSome(ca) || Option.isSome(cert) || Option.isSome(key)
+        ? { ca: Option.getOrUndefined(ca), cert: Option.getOrUndefined(cert), key: Option.getOrUndefined(key) }
+        : undefined,
+      apiKey: Option.getOrUndefined(apiKey)
+    }))
 )
 
 /**

@@ -6,7 +6,8 @@
  * unary calls get a deadline, streams run until the server ends them or the consumer stops.
  */
 import * as grpc from "@grpc/grpc-js"
-import { Cause, Context, Effect, Layer, Queue, Schema, Stream } from "effect"
+import { Cause, Context, Effect, Layer, Queue, Redacted, Schema, Stream } from "effect"
+import { readFileSync } from "node:fs"
 import {
   type GetMessagingParamsResponse,
   type GetQueueInfoResponse,
@@ -18,12 +19,25 @@ import {
   type ValidationMessageResponse
 } from "../../gen/messaging.js"
 
-/** Where and how to reach the proxy. TLS options will be added here. */
+/** Where and how to reach the proxy. */
 export interface ConnectionOptions {
   readonly host: string
   readonly port: number
   /** Deadline for unary calls, in seconds. */
   readonly timeoutSeconds: number
+  /** TLS: on, with an optional CA to trust and an optional client certificate (mutual TLS). */
+  readonly tls: { readonly ca?: string | undefined; readonly cert?: string | undefined; readonly key?: string | undefined } | undefined
+  /** Sent as `authorization: Bearer <key>` on every call. */
+  readonly apiKey: Redacted.Redacted<string> | undefined
+}
+
+/** The client could not be set up (e.g. a TLS file is missing). */
+export class ClientSetupError extends Schema.TaggedError<ClientSetupError>()("ClientSetupError", {
+  reason: Schema.String
+}) {
+  override get message(): string {
+    return this.reason
+  }
 }
 
 /** Which queue family a routing-key / stream command is about. */
@@ -74,9 +88,14 @@ export class ProxyClient extends Context.Service<ProxyClient, {
   static readonly make = Effect.fnUntraced(function*(options: ConnectionOptions) {
     const target = `${options.host}:${options.port}`
     const client = yield* Effect.acquireRelease(
-      Effect.sync(() => createGrpcClient(target, options)),
+      createGrpcClient(target, options),
       (client) => Effect.sync(() => client.close())
     )
+    const metadata = () => {
+      const md = new grpc.Metadata()
+      if (options.apiKey) md.set("authorization", `Bearer ${Redacted.value(options.apiKey)}`)
+      return md
+    }
     const timeoutMillis = Math.round(options.timeoutSeconds * 1000)
 
     // Unary call with a deadline. The ts-proto overloads have no (req, options, cb) form, hence the
@@ -90,7 +109,7 @@ export class ProxyClient extends Context.Service<ProxyClient, {
       ) => grpc.ClientUnaryCall
     ): Effect.Effect<Res, GrpcError> =>
       Effect.callback<Res, GrpcError>((resume) => {
-        const call = invoke(new grpc.Metadata(), { deadline: Date.now() + timeoutMillis }, (error, response) =>
+        const call = invoke(metadata(), { deadline: Date.now() + timeoutMillis }, (error, response) =>
           resume(error === null ? Effect.succeed(response) : Effect.fail(GrpcError.fromStatus(method, target, error))))
         // On interruption (Ctrl-C) cancel the RPC; its late CANCELLED callback is then ignored by resume.
         return Effect.sync(() => call.cancel())
@@ -143,20 +162,40 @@ export class ProxyClient extends Context.Service<ProxyClient, {
               client.getRoutingKeyValidations({ results }, md, opts, cb)),
           (response) => response.routingKey
         ),
-      streamSchemaMessages: serverStream("StreamSchemaMessages", () => client.streamSchemaMessages({})),
-      streamValidationMessages: serverStream("StreamValidationMessages", () => client.streamValidationMessages({})),
+      streamSchemaMessages: serverStream("StreamSchemaMessages", () => client.streamSchemaMessages({}, metadata())),
+      streamValidationMessages: serverStream(
+        "StreamValidationMessages",
+        () => client.streamValidationMessages({}, metadata())
+      ),
       publish: (request) =>
         unary<PublishResponse>("Publish", (md, opts, cb) => client.publish(request, md, opts, cb)),
       getQueueInfo: unary<GetQueueInfoResponse>("GetQueueInfo", (md, opts, cb) => client.getQueueInfo({}, md, opts, cb))
     })
   })
 
-  static readonly layer = (options: ConnectionOptions): Layer.Layer<ProxyClient> =>
+  static readonly layer = (options: ConnectionOptions): Layer.Layer<ProxyClient, ClientSetupError> =>
     Layer.effect(ProxyClient, ProxyClient.make(options))
 }
 
 // Internal
 
-/** The single place where the channel is configured; TLS credentials will be chosen here. */
-const createGrpcClient = (target: string, _options: ConnectionOptions): MessagingServiceClient =>
-  new MessagingServiceClient(target, grpc.credentials.createInsecure())
+const readPem = (flag: string, path: string | undefined) =>
+  path === undefined ? Effect.succeed(undefined) : Effect.try({
+    try: () => readFileSync(path),
+    catch: (cause) =>
+      new ClientSetupError({ reason: `${flag} ${path}: ${cause instanceof Error ? cause.message : String(cause)}` })
+  })
+
+/** The single place where the channel is configured: plaintext, TLS, or mutual TLS. */
+const createGrpcClient = (target: string, options: ConnectionOptions) =>
+  Effect.gen(function*() {
+    const { tls } = options
+    if (tls === undefined) return new MessagingServiceClient(target, grpc.credentials.createInsecure())
+    if ((tls.cert === undefined) !== (tls.key === undefined)) {
+      return yield* new ClientSetupError({ reason: "--cert and --key go together" })
+    }
+    const ca = yield* readPem("--ca", tls.ca)
+    const cert = yield* readPem("--cert", tls.cert)
+    const key = yield* readPem("--key", tls.key)
+    return new MessagingServiceClient(target, grpc.credentials.createSsl(ca ?? null, key ?? null, cert ?? null))
+  })
