@@ -59,15 +59,19 @@ const codeOf = <A>(effect: Effect.Effect<A, grpc.ServiceError>) =>
 
 const pem = (pki: Pki, file: string) => readFileSync(pki.path(file))
 
+/** The proxy's TLS variables for the throwaway PKI; `mutual` adds the CA for client certificates. */
+const tlsEnv = (pki: Pki, mutual: boolean): Record<string, string> => ({
+  GRPC_TLS_ENABLED: "true",
+  GRPC_TLS_CERT_PATH: pki.path("server.crt"),
+  GRPC_TLS_KEY_PATH: pki.path("server.key"),
+  ...(mutual ? { GRPC_TLS_CA_PATH: pki.path("ca.crt") } : {})
+})
+
 describe("TLS", () => {
   it.live("server TLS: a client trusting the CA is served, a plaintext or untrusting client is not", () =>
     Effect.gen(function*() {
       const pki = yield* makePki
-      const env = yield* makeTestEnv({
-        GRPC_TLS_ENABLED: "true",
-        GRPC_TLS_CERT_PATH: pki.path("server.crt"),
-        GRPC_TLS_KEY_PATH: pki.path("server.key")
-      })
+      const env = yield* makeTestEnv(tlsEnv(pki, false))
       const trusting = yield* clientFor(env.port, grpc.credentials.createSsl(pem(pki, "ca.crt")))
       assert.strictEqual(yield* params(trusting), env.names.exchange)
       const plaintext = yield* clientFor(env.port, grpc.credentials.createInsecure())
@@ -79,12 +83,7 @@ describe("TLS", () => {
   it.live("mutual TLS: only clients with a certificate from the configured CA get through", () =>
     Effect.gen(function*() {
       const pki = yield* makePki
-      const env = yield* makeTestEnv({
-        GRPC_TLS_ENABLED: "true",
-        GRPC_TLS_CERT_PATH: pki.path("server.crt"),
-        GRPC_TLS_KEY_PATH: pki.path("server.key"),
-        GRPC_TLS_CA_PATH: pki.path("ca.crt")
-      })
+      const env = yield* makeTestEnv(tlsEnv(pki, true))
       const ca = pem(pki, "ca.crt")
       const good = yield* clientFor(env.port, grpc.credentials.createSsl(ca, pem(pki, "client.key"), pem(pki, "client.crt")))
       assert.strictEqual(yield* params(good), env.names.exchange)
@@ -160,10 +159,7 @@ describe("caller authentication and authorization", () => {
     Effect.gen(function*() {
       const pki = yield* makePki
       const env = yield* makeTestEnv({
-        GRPC_TLS_ENABLED: "true",
-        GRPC_TLS_CERT_PATH: pki.path("server.crt"),
-        GRPC_TLS_KEY_PATH: pki.path("server.key"),
-        GRPC_TLS_CA_PATH: pki.path("ca.crt"),
+        ...tlsEnv(pki, true),
         MESSAGING_API_KEYS: apiKeys,
         MESSAGING_TLS_CLIENT_IDENTITIES: "client-1:consume"
       })
