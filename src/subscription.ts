@@ -70,6 +70,8 @@ export const serveSubscription = <A>(
   spec: SubscriptionSpec<A>
 ): Effect.Effect<void, never, Broker> => {
   const counts = { delivered: 0, acked: 0, requeued: 0, deadLettered: 0 }
+  // Known once `open` arrives; kept out here so the final log line carries it too.
+  const opened = { consumerName: "" }
   const rpc = Metrics.rpcName(call)
   const outgoing = call as grpc.ServerDuplexStream<unknown, SubscriptionEvent<A>>
   const write = (event: SubscriptionEvent<A>) => writeWithBackpressure(outgoing, event)
@@ -80,6 +82,7 @@ export const serveSubscription = <A>(
     // A client that half-closes before opening simply gets an empty, successful call.
     if (first._tag === "None") return
     const { maxInFlight, consumerName } = yield* openOptions(first.value, spec.defaultMaxInFlight)
+    opened.consumerName = consumerName
     yield* Effect.annotateLogsScoped({ consumerName })
     yield* Effect.logInfo("subscription opened", { queue: spec.queue, maxInFlight })
     yield* write({ event: { $case: "opened", value: { maxInFlight, consumerName } } })
@@ -96,20 +99,20 @@ export const serveSubscription = <A>(
       consumerTag: consumerName ? `${consumerName}.${crypto.randomUUID().slice(0, 8)}` : undefined
     }, spec).pipe(
       Stream.runForEach((admission) => {
-          if (admission._tag === "DeadLettered") counts.deadLettered++
-          if (admission._tag !== "Deliver") return Effect.void
-          const { delivery, deliveryCount, redelivered, message } = admission.admitted
-          const deliveryId = String(nextId++)
-          pending.set(deliveryId, delivery)
-          counts.delivered++
-          Metrics.deliveredUnsafe(spec.queue, rpc)
-          return write({
-            event: {
-              $case: "delivery",
-              value: { info: { deliveryId, redelivered, deliveryCount }, message }
-            }
-          })
+        if (admission._tag === "DeadLettered") counts.deadLettered++
+        if (admission._tag !== "Deliver") return Effect.void
+        const { delivery, deliveryCount, redelivered, message } = admission.admitted
+        const deliveryId = String(nextId++)
+        pending.set(deliveryId, delivery)
+        counts.delivered++
+        Metrics.deliveredUnsafe(spec.queue, rpc)
+        return write({
+          event: {
+            $case: "delivery",
+            value: { info: { deliveryId, redelivered, deliveryCount }, message }
+          }
         })
+      })
     )
 
     const settleError = (deliveryIds: Array<string>, reason: string) =>
@@ -197,7 +200,12 @@ export const serveSubscription = <A>(
   return Effect.logInfo("subscription call started", { queue: spec.queue }).pipe(
     Effect.andThen(program),
     Effect.onExit((exit) =>
-      Effect.logInfo("subscription ended", { queue: spec.queue, reason: finishCall(outgoing, exit), ...counts })
+      Effect.logInfo("subscription ended", {
+        queue: spec.queue,
+        consumerName: opened.consumerName,
+        reason: finishCall(outgoing, exit),
+        ...counts
+      })
     ),
     Metrics.trackActiveStream(rpc),
     Effect.ignore
