@@ -127,7 +127,8 @@ const make = Effect.gen(function*() {
         try: () => conn.createConfirmChannel(),
         catch: (cause) => new AmqpError({ operation: "create channel", cause })
       }),
-      (channel) => Effect.promise(() => channel.close().catch(() => undefined))
+      // Bounded: a close racing a dying connection can hang in amqplib.
+      (channel) => Effect.promise(() => channel.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
     )).pipe(
     // A default listener so a channel error can never escalate into a process crash.
     Effect.tap((channel) => Effect.sync(() => channel.on("error", () => undefined)))

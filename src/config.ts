@@ -68,6 +68,8 @@ export interface ProxySettings {
     readonly maxStreamsTotal: number
     /** Open streams and subscriptions of one caller (API key, certificate, or peer address). */
     readonly maxStreamsPerCaller: number
+    /** The largest max_in_flight a subscription may ask for. */
+    readonly maxInFlight: number
   }
   readonly auth: {
     readonly apiKeys: ReadonlyArray<ApiKey>
@@ -218,7 +220,9 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
     )
   })
   const limits = yield* Effect.all({
-    maxStreamsTotal: setting("MESSAGING_MAX_STREAMS_TOTAL", PositiveInt(1_000_000), "a whole number of streams", 5000),
+    // Each stream has its own AMQP channel: stay below RabbitMQ's channel_max (2047 by default).
+    maxStreamsTotal: setting("MESSAGING_MAX_STREAMS_TOTAL", PositiveInt(65_535), "a whole number of streams", 2000),
+    maxInFlight: setting("MESSAGING_MAX_IN_FLIGHT", PositiveInt(65_535), "a whole number between 1 and 65535", 1024),
     maxStreamsPerCaller: setting("MESSAGING_MAX_STREAMS_PER_CALLER", PositiveInt(1_000_000), "a whole number of streams", 1000)
   })
   const auth = yield* Effect.all({

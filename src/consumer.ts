@@ -22,6 +22,8 @@ export interface Delivery {
    */
   readonly moveTo: (queue: string, headers: Record<string, unknown>) => Effect.Effect<void, AmqpError | ConnectionLost>
   /** `moveTo` the dead-letter queue with the reason and where the message came from. */
+  /** Stops the broker pushing more on this delivery's channel (the consumer is cancelled). */
+  readonly stopConsuming: Effect.Effect<void>
   readonly deadLetter: (
     reason: string,
     headers?: Record<string, unknown>
@@ -63,6 +65,15 @@ const keptProperties = (message: amqp.ConsumeMessage): amqp.Options.Publish => {
   }
 }
 
+/** Cancel a consumer, but never hang on a channel whose connection died mid-way (amqplib can). */
+const cancelQuietly = (channel: amqp.Channel, consumerTag: string) =>
+  Effect.promise(() => channel.cancel(consumerTag).catch(() => undefined)).pipe(
+    Effect.timeoutOption("2 seconds"),
+    Effect.asVoid
+  )
+
+const confirmTimeout = "30 seconds"
+
 const publishConfirmed = (
   channel: amqp.ConfirmChannel,
   queue: string,
@@ -79,7 +90,13 @@ const publishConfirmed = (
     } catch (cause) {
       resume(Effect.fail(new AmqpError({ operation: `publish to '${queue}'`, cause })))
     }
-  })
+  }).pipe(
+    // A blocked broker (memory or disk alarm) may hold confirms back: give up, the original stays unacked.
+    Effect.timeoutOrElse({
+      duration: confirmTimeout,
+      orElse: () => Effect.fail(new AmqpError({ operation: `publish to '${queue}'`, cause: `no confirm within ${confirmTimeout}` }))
+    })
+  )
 
 export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, ConsumeError, Broker> =>
   Stream.callback<Delivery, ConsumeError, Broker>(
@@ -111,6 +128,11 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
           catch: (cause) => new AmqpError({ operation: "set prefetch", cause })
         })
 
+        // Set once the consumer exists; bounded, since a close racing a dead connection can hang.
+        const consumer = { tag: undefined as string | undefined }
+        const stopConsuming = Effect.suspend(() =>
+          consumer.tag === undefined ? Effect.void : cancelQuietly(channel, consumer.tag)
+        )
         const toDelivery = (message: amqp.ConsumeMessage): Delivery => {
           const moveTo = (target: string, headers: Record<string, unknown>) =>
             publishConfirmed(channel, target, message.content, {
@@ -131,16 +153,22 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
             )
           return {
             message,
+            stopConsuming,
             ack: () => settle(() => channel.ack(message)),
             nack: (requeue) => settle(() => channel.nack(message, false, requeue)),
             moveTo,
             deadLetter: (reason, headers = {}) =>
-              moveTo(options.deadLetterQueue, {
+              // The default exchange drops a message for a missing queue (after confirming it!),
+              // and an operator may have deleted the dead-letter queue: declare it first.
+              Effect.tryPromise({
+                try: () => channel.assertQueue(options.deadLetterQueue, { durable: true }),
+                catch: (cause) => new AmqpError({ operation: `declare '${options.deadLetterQueue}'`, cause })
+              }).pipe(Effect.andThen(moveTo(options.deadLetterQueue, {
                 ...headers,
                 "x-dead-letter-reason": reason,
                 "x-original-queue": options.queue,
                 "x-dead-lettered-at": new Date().toISOString()
-              })
+              })))
           }
         }
 
@@ -160,11 +188,11 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
                 }
                 // Prefetch bounds what the broker sends unacked, and the buffer holds that many,
                 // so this cannot overflow; if it ever did, hand the message back rather than drop it.
-                if (!Queue.offerUnsafe(queue, toDelivery(message))) channel.nack(message, false, true)
+                if (!Queue.offerUnsafe(queue, toDelivery(message))) settle(() => channel.nack(message, false, true))
               }, { noAck: false, ...(options.consumerTag ? { consumerTag: options.consumerTag } : {}) }),
             catch: (cause) => new AmqpError({ operation: `consume from '${options.queue}'`, cause })
-          }),
-          ({ consumerTag }) => Effect.promise(() => channel.cancel(consumerTag).catch(() => undefined))
+          }).pipe(Effect.tap(({ consumerTag }) => Effect.sync(() => { consumer.tag = consumerTag }))),
+          ({ consumerTag }) => cancelQuietly(channel, consumerTag)
         )
       }),
     { bufferSize: options.prefetch, strategy: "suspend" }

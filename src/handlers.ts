@@ -51,7 +51,8 @@ const queueSpec = <A>(
   queue: binding.queue,
   deadLetterQueue: deadLetterQueue(settings.rabbit, binding.queue),
   prefetch: settings.rabbit.prefetch,
-  defaultMaxInFlight: settings.rabbit.prefetch,
+  defaultMaxInFlight: Math.min(settings.rabbit.prefetch, settings.limits.maxInFlight),
+  maxInFlightLimit: settings.limits.maxInFlight,
   maxRequeues: settings.maxRequeues,
   decode
 })

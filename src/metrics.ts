@@ -59,7 +59,7 @@ const deadLetteredMetric = perKey((key) => {
   return counter("messages_dead_lettered_total", "messages moved to the dead-letter queue", { queue, reason_kind })
 })
 const redeliveredMetric = perKey((queue) =>
-  counter("messages_redelivered_total", "messages the broker gave back after a lost consumer, counted and requeued", { queue })
+  counter("messages_redelivered_total", "deliveries the broker flagged as redelivered", { queue })
 )
 const activeStreamsMetric = perKey((rpc) =>
   Metric.gauge(prefix + "active_streams", { description: "open streaming calls (streams and subscriptions)", attributes: { rpc } })
@@ -97,22 +97,19 @@ export const rpcName = (call: { getPath(): string }): string => {
   return path.slice(path.lastIndexOf("/") + 1)
 }
 
-export const delivered = (queue: string, rpc: string): Effect.Effect<void> =>
-  Metric.update(deliveredMetric(queue + sep + rpc), 1)
 export const deliveredUnsafe = (queue: string, rpc: string): void =>
   deliveredMetric(queue + sep + rpc).updateUnsafe(1, globalContext)
 
-export const acked = (queue: string): Effect.Effect<void> => Metric.update(ackedMetric(queue), 1)
 export const ackedUnsafe = (queue: string): void => ackedMetric(queue).updateUnsafe(1, globalContext)
 
 /** A client nack that requeued the message (past the requeue limit it counts as dead-lettered). */
-export const nacked = (queue: string): Effect.Effect<void> => Metric.update(nackedMetric(queue), 1)
 export const nackedUnsafe = (queue: string): void => nackedMetric(queue).updateUnsafe(1, globalContext)
 
 export const deadLettered = (queue: string, kind: DeadLetterKind): Effect.Effect<void> =>
   Metric.update(deadLetteredMetric(queue + sep + kind), 1)
 
-export const redelivered = (queue: string): Effect.Effect<void> => Metric.update(redeliveredMetric(queue), 1)
+/** A delivery the broker flagged as redelivered (a consumer before it was lost or let go). */
+export const redeliveredUnsafe = (queue: string): void => redeliveredMetric(queue).updateUnsafe(1, globalContext)
 
 /** Counts the call as an open stream while `self` runs. */
 export const trackActiveStream = (rpc: string) => <A, E, R>(self: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> => {

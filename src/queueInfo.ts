@@ -79,7 +79,9 @@ const probe = (connection: amqp.ChannelModel, role: QueueRole, queue: string) =>
     // Closing a channel the broker has closed would send a second channel.close, which the
     // broker answers by closing the whole (shared) connection: only close an open one.
     (state) =>
-      state.open ? Effect.promise(() => state.channel.close().catch(() => undefined)) : Effect.void
+      state.open
+        ? Effect.promise(() => state.channel.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
+        : Effect.void
   ).pipe(
     Effect.map(({ messageCount, consumerCount }): QueueStatus => ({ queue, role, messageCount, consumerCount }))
   )

@@ -4,9 +4,11 @@
  * Classic queues keep no delivery count, so the proxy keeps one in the `x-delivery-count` header
  * (the header quorum queues use, with the same meaning: earlier deliveries that were not acked).
  * A requeue is a confirmed republish of the message with the count raised, then an ack of the
- * original. A message the broker redelivers after a lost consumer (flag `redelivered`) is counted
- * the same way before it is delivered again, so a message that kills its consumers cannot loop
- * forever either. Past `maxRequeues` the message goes to the dead-letter queue with its history.
+ * original. What counts as a requeue is what a client did with a message it had: a nack, or
+ * leaving it unsettled when its subscription ended (cancel, crash, half-close), so a message that
+ * kills its consumers cannot loop forever. Redeliveries the broker makes after the proxy itself
+ * went away or lost the connection (messages a client may never have seen) are flagged but not
+ * counted. Past `maxRequeues` the message goes to the dead-letter queue with its history.
  */
 import { Effect, Result, Stream } from "effect"
 import type { BodyRejected } from "./codec.js"
@@ -98,28 +100,25 @@ export const admit = <A>(
       Effect.as({ _tag: "DeadLettered", reason } as const)
     )
   }
-  if (delivery.message.fields.redelivered) {
-    // The broker gave it back after a consumer was lost: count that attempt before delivering again.
-    return requeueCounted(delivery, policy, "returned by the broker (consumer lost)").pipe(
-      Effect.tap(() => Metrics.redelivered(policy.queue)),
-      Effect.map((outcome) =>
-        outcome === "Requeued"
-          ? { _tag: "Requeued" } as const
-          : { _tag: "DeadLettered", reason: `requeued more than ${policy.maxRequeues} times` } as const
-      )
-    )
-  }
   const requeues = requeueCountOf(delivery)
+  // The broker's flag means at least one earlier delivery that the header does not count.
+  const brokerRedelivered = delivery.message.fields.redelivered
+  if (brokerRedelivered) Metrics.redeliveredUnsafe(policy.queue)
   return Effect.succeed({
     _tag: "Deliver",
-    admitted: { delivery, message: decoded.success, deliveryCount: requeues + 1, redelivered: requeues > 0 }
+    admitted: {
+      delivery,
+      message: decoded.success,
+      deliveryCount: requeues + 1 + (brokerRedelivered ? 1 : 0),
+      redelivered: brokerRedelivered || requeues > 0
+    }
   })
 }
 
 /**
- * The queue's deliveries, each admitted (or dead-lettered / recounted) on the channel it came
- * from; consuming and admitting re-attach together after a lost connection, since a cut can land
- * in the middle of a requeue's republish.
+ * The queue's deliveries, each admitted (or dead-lettered) on the channel it came from; consuming
+ * and admitting re-attach together after a lost connection, since a cut can land in the middle
+ * of a dead-letter publish.
  */
 export const admittedDeliveries = <A>(
   options: ConsumeOptions,

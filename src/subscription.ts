@@ -7,7 +7,7 @@
  * once that many deliveries are unsettled, so the proxy holds at most that many per subscription.
  */
 import * as grpc from "@grpc/grpc-js"
-import { Cause, Effect, Fiber, Queue, Stream } from "effect"
+import { Cause, Effect, Exit, Fiber, Queue, Stream } from "effect"
 import type { DeliveryInfo, SettleError, SubscriptionOpened, SubscriptionRequest } from "../gen/messaging.js"
 import type { Broker } from "./broker.js"
 import { CallRejected, finishCall, writeWithBackpressure } from "./callLifecycle.js"
@@ -27,38 +27,61 @@ export interface SubscriptionEvent<A> {
 export interface SubscriptionSpec<A> extends AdmissionPolicy<A> {
   readonly deadLetterQueue: string
   readonly defaultMaxInFlight: number
+  /** The most a client may ask for: what one subscription may make the proxy hold. */
+  readonly maxInFlightLimit: number
 }
 
-export const maxInFlightLimit = 65535
 const consumerNameLimit = 128
 
 type SubscriptionCall<A> = grpc.ServerDuplexStream<SubscriptionRequest, SubscriptionEvent<A>>
 
-/** Requests as they arrive; ends when the client half-closes. */
+/** Requests buffered before the call stops reading (HTTP/2 flow control then holds the client). */
+const requestBuffer = 64
+
+/**
+ * Requests as they arrive, ending when the client half-closes. Reading pauses while `requestBuffer`
+ * requests wait, so a client that floods requests (and never reads our answers) cannot grow memory.
+ */
 const incomingRequests = (call: SubscriptionCall<unknown>) =>
   Effect.gen(function*() {
     const requests = yield* Queue.unbounded<SubscriptionRequest, Cause.Done>()
-    call.on("data", (request: SubscriptionRequest) => Queue.offerUnsafe(requests, request))
+    call.on("data", (request: SubscriptionRequest) => {
+      Queue.offerUnsafe(requests, request)
+      if (Queue.sizeUnsafe(requests) >= requestBuffer) call.pause()
+    })
     call.on("end", () => Queue.endUnsafe(requests))
     call.on("error", () => Queue.endUnsafe(requests))
-    return requests
+    const resumeWhenDrained = Effect.sync(() => {
+      if (call.isPaused() && Queue.sizeUnsafe(requests) < requestBuffer / 2) call.resume()
+    })
+    return {
+      first: Queue.take(requests).pipe(Effect.option, Effect.tap(() => resumeWhenDrained)),
+      rest: Stream.fromQueue(requests).pipe(Stream.tap(() => resumeWhenDrained))
+    }
   })
 
-const openOptions = (request: SubscriptionRequest | undefined, defaultMaxInFlight: number) => {
+const openOptions = (
+  request: SubscriptionRequest | undefined,
+  { defaultMaxInFlight, maxInFlightLimit }: Pick<SubscriptionSpec<unknown>, "defaultMaxInFlight" | "maxInFlightLimit">
+) => {
   if (request?.action?.$case !== "open") {
     return Effect.fail(new CallRejected(grpc.status.INVALID_ARGUMENT, "the first message must be `open`"))
   }
   const { maxInFlight, consumerName } = request.action.value
   if (maxInFlight > maxInFlightLimit) {
     return Effect.fail(
-      new CallRejected(grpc.status.INVALID_ARGUMENT, `max_in_flight must be at most ${maxInFlightLimit}, got ${maxInFlight}`)
+      new CallRejected(
+        grpc.status.INVALID_ARGUMENT,
+        `max_in_flight must be at most ${maxInFlightLimit} (MESSAGING_MAX_IN_FLIGHT), got ${maxInFlight}`
+      )
     )
   }
-  if (consumerName.length > consumerNameLimit || /[\u0000-\u001f]/.test(consumerName)) {
+  // The AMQP consumer tag (name + suffix) is a short string: at most 255 bytes.
+  if (Buffer.byteLength(consumerName) > consumerNameLimit || /[\u0000-\u001f]/.test(consumerName)) {
     return Effect.fail(
       new CallRejected(
         grpc.status.INVALID_ARGUMENT,
-        `consumer_name must be at most ${consumerNameLimit} printable characters`
+        `consumer_name must be at most ${consumerNameLimit} bytes of printable characters`
       )
     )
   }
@@ -78,10 +101,10 @@ export const serveSubscription = <A>(
 
   const program = Effect.gen(function*() {
     const requests = yield* incomingRequests(call as SubscriptionCall<unknown>)
-    const first = yield* Queue.take(requests).pipe(Effect.option)
+    const first = yield* requests.first
     // A client that half-closes before opening simply gets an empty, successful call.
     if (first._tag === "None") return
-    const { maxInFlight, consumerName } = yield* openOptions(first.value, spec.defaultMaxInFlight)
+    const { maxInFlight, consumerName } = yield* openOptions(first.value, spec)
     opened.consumerName = consumerName
     yield* Effect.annotateLogsScoped({ consumerName })
     yield* Effect.logInfo("subscription opened", { queue: spec.queue, maxInFlight })
@@ -189,9 +212,25 @@ export const serveSubscription = <A>(
     }
 
     const pumpFiber = yield* Effect.forkScoped(pump)
+    // A client that leaves (cancel, crash, half-close) holding deliveries gave them back: count
+    // that, so a message that kills its consumers reaches the requeue limit. This finalizer runs
+    // before the pump's channel closes. On shutdown or a lost connection the broker requeues them
+    // itself, flagged but uncounted: those are not the message's fault.
+    yield* Effect.addFinalizer((exit) => {
+      if (pending.size === 0 || !(call.cancelled || Exit.isSuccess(exit))) return Effect.void
+      const unsettled = [...pending.values()]
+      pending.clear()
+      const note = `unsettled when ${consumerName || "a subscriber"} left`
+      // Stop the broker pushing first, or it could hand a requeued copy straight back to us.
+      return Effect.andThen(unsettled[0]!.stopConsuming, Effect.forEach(unsettled, (delivery) =>
+        requeueCounted(delivery, spec, note).pipe(
+          Effect.tap((outcome) => Effect.sync(() => outcome === "Requeued" ? counts.requeued++ : counts.deadLettered++)),
+          Effect.ignore
+        ), { discard: true })).pipe(Effect.timeoutOption("5 seconds"))
+    })
     // Settle requests until the client half-closes; the pump runs beside it and its failure
     // (e.g. the queue was deleted) ends the call.
-    yield* Stream.fromQueue(requests).pipe(
+    yield* requests.rest.pipe(
       Stream.runForEach(handle),
       Effect.raceFirst(Fiber.join(pumpFiber))
     )

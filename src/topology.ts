@@ -35,5 +35,6 @@ export const declareTopology = (connection: amqp.ChannelModel, rabbit: ProxySett
         },
         catch: (cause) => new AmqpError({ operation: "declare topology", cause })
       }),
-    (channel) => Effect.promise(() => channel.close().catch(() => undefined))
+    // Bounded: a close racing a dying connection can hang in amqplib.
+    (channel) => Effect.promise(() => channel.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
   ).pipe(Effect.tap(() => Effect.logDebug("topology declared", { exchange: rabbit.exchange })))

@@ -140,7 +140,7 @@ describe("metrics endpoint", () => {
       assert.strictEqual(active(body), before, "the ended subscription is no longer counted")
     }))
 
-  it.live("a lost consumer's deliveries count as redelivered; a nack past the limit as requeue_limit", () =>
+  it.live("deliveries a client leaves unsettled are counted requeues; a nack past the limit is requeue_limit", () =>
     Effect.gen(function*() {
       const env = yield* makeMetricsTestEnv({ MESSAGING_MAX_REQUEUES: "1" })
       const port = metricsPortOf(env)
@@ -152,7 +152,7 @@ describe("metrics endpoint", () => {
           const sub = yield* subscribeSchemas(env.client)
           yield* sub.deliveries(2)
         })
-      ) // scope close = client cancel: the broker takes both back, flagged redelivered
+      ) // scope close = client cancel: the proxy requeues both, counted
       yield* waitForQueue(env.admin, queue, (q) => q.consumerCount === 0 && q.messageCount === 2)
 
       const sub = yield* subscribeSchemas(env.client)
@@ -166,7 +166,7 @@ describe("metrics endpoint", () => {
         port,
         (b) => sample(b, m("messages_dead_lettered_total"), { queue, reason_kind: "requeue_limit" }) === 1
       )
-      assert.strictEqual(sample(body, m("messages_redelivered_total"), { queue }), 2)
+      assert.isUndefined(sample(body, m("messages_redelivered_total"), { queue }), "no broker redelivery happened")
       assert.strictEqual(sample(body, m("messages_delivered_total"), { queue, rpc }), 4)
       assert.strictEqual(sample(body, m("messages_dead_lettered_total"), { queue, reason_kind: "requeue_limit" }), 1)
       assert.isUndefined(sample(body, m("messages_nacked_total"), { queue }), "not requeued, so not a nack count")

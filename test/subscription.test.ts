@@ -175,7 +175,7 @@ describe("acknowledged subscriptions", () => {
       const tooMany = yield* subscribeSchemas(env.client, { maxInFlight: 70000 })
       const refused = yield* tooMany.status
       assert.strictEqual(refused.code, grpc.status.INVALID_ARGUMENT)
-      assert.match(refused.details, /max_in_flight must be at most 65535, got 70000/)
+      assert.match(refused.details, /max_in_flight must be at most 1024 \(MESSAGING_MAX_IN_FLIGHT\), got 70000/)
     }))
 })
 
