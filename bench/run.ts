@@ -1,0 +1,490 @@
+/**
+ * Benchmark: messaging-proxy against a direct RabbitMQ consumer.
+ *
+ *   npm run bench                       (builds, then node dist/bench/run.js)
+ *   BENCH_N=10000 BENCH_LATENCY_SECONDS=5 BENCH_STREAMS=200 npm run bench      (quick)
+ *
+ * The proxy runs as a child process (`node dist/src/main.js`, or BENCH_PROXY_MAIN), one per phase,
+ * on the real broker under random names (bench.<hex>.*) that are deleted at the end. Results go to
+ * stdout (a table) and to bench/results/latest.json (BENCH_RESULTS_DIR). Progress goes to stderr.
+ *
+ * Knobs: BENCH_N (100000), BENCH_REPEATS (3), BENCH_BODY_BYTES (1024), BENCH_LATENCY_SECONDS (30),
+ * BENCH_PREFETCH (32: the proxy's RABBITMQ_PREFETCH, the direct consumer's prefetch, (c)'s max_in_flight),
+ * BENCH_LATENCY_RATE (1000), BENCH_LATENCY_WARMUP_SECONDS (2), BENCH_STREAMS (1000),
+ * BENCH_STREAMS_MESSAGES (5000), BENCH_CANCEL_CYCLES (100), BENCH_PHASES
+ * (throughput,latency,streams,cancel[,profile]), BENCH_PROFILE=1 (adds the profile phase: one
+ * StreamSchemaMessages drain with the child under --cpu-prof, analysed), BENCH_PROFILE_DIR (/tmp/prof),
+ * BENCH_PROXY_MAIN (the proxy entry point), BENCH_PROXY_NODE_ARGS (extra node arguments for the child),
+ * BENCH_PROXY_LOG_DIR (keep each child's raw output there).
+ */
+import { access, mkdir, writeFile } from "node:fs/promises"
+import { cpus, loadavg } from "node:os"
+import { join } from "node:path"
+import { analyzeProfile, formatSummary, type ProfileSummary } from "./analyzeProfile.js"
+import { Admin, type BenchNames, listBrokerConnections, makeNames, proxyEnv } from "./broker.js"
+import { runCancel } from "./cancel.js"
+import { drainStream, makeClient } from "./drains.js"
+import { runLatency } from "./latency.js"
+import { defaultProxyMain, ProxyChild, stopAllChildren } from "./proxyProcess.js"
+import { runStreams } from "./streams.js"
+import { bodyFactory, MODE_LABEL, MODES, prefill, runThroughput } from "./throughput.js"
+import { envFlag, envInt, errorText, fmt, fmtInt, log, mb, now, sleep, table } from "./util.js"
+
+type Phase = "throughput" | "latency" | "streams" | "cancel" | "profile"
+const ALL_PHASES: ReadonlyArray<Phase> = ["throughput", "profile", "latency", "streams", "cancel"]
+
+const settings = () => {
+  const profile = envFlag("BENCH_PROFILE")
+  const requested = (process.env["BENCH_PHASES"] ?? "throughput,latency,streams,cancel")
+    .split(",").map((p) => p.trim()).filter((p) => p.length > 0)
+  for (const p of requested) {
+    if (!ALL_PHASES.includes(p as Phase)) throw new Error(`BENCH_PHASES: unknown phase ${JSON.stringify(p)}`)
+  }
+  const phases = ALL_PHASES.filter((p) => requested.includes(p) || (p === "profile" && profile))
+  return {
+    messages: envInt("BENCH_N", 100_000),
+    repetitions: envInt("BENCH_REPEATS", 3),
+    bodyBytes: envInt("BENCH_BODY_BYTES", 1024),
+    // The proxy's default RABBITMQ_PREFETCH; the child, the direct consumer and (c)'s max_in_flight all get it.
+    prefetch: envInt("BENCH_PREFETCH", 32),
+    latencySeconds: envInt("BENCH_LATENCY_SECONDS", 30),
+    latencyRate: envInt("BENCH_LATENCY_RATE", 1000),
+    latencyWarmupSeconds: envInt("BENCH_LATENCY_WARMUP_SECONDS", 2, 0),
+    streams: envInt("BENCH_STREAMS", 1000),
+    streamsMessages: envInt("BENCH_STREAMS_MESSAGES", 5000),
+    cancelCycles: envInt("BENCH_CANCEL_CYCLES", 100),
+    profileDir: process.env["BENCH_PROFILE_DIR"] ?? "/tmp/prof",
+    resultsDir: process.env["BENCH_RESULTS_DIR"] ?? join(process.cwd(), "bench", "results"),
+    proxyMain: defaultProxyMain(),
+    /** Extra node arguments for every proxy child (e.g. "--import ./experiment.mjs"); whitespace-separated. */
+    proxyNodeArgs: (process.env["BENCH_PROXY_NODE_ARGS"] ?? "").split(/\s+/).filter((a) => a.length > 0),
+    phases
+  }
+}
+type Settings = ReturnType<typeof settings>
+
+const TARGETS = {
+  ratio: 0.9,
+  addedP99Ms: 1,
+  rssBytes: 300e6,
+  cancelMs: 100
+} as const
+
+interface PhaseOutcome<A> {
+  readonly result?: A
+  readonly error?: string
+  readonly proxy?: {
+    readonly exitCode: number | null
+    readonly logLines: number
+    readonly warnings: number
+    readonly problems: ReadonlyArray<string>
+    readonly tail?: ReadonlyArray<string>
+  }
+}
+
+const streamLimits = (streams: number): Record<string, string> => {
+  const limit = String(Math.max(5000, streams + 100))
+  return {
+    MESSAGING_MAX_STREAMS_TOTAL: limit,
+    MESSAGING_MAX_STREAMS_PER_CALLER: limit,
+    GRPC_MAX_CONCURRENT_STREAMS_PER_CONNECTION: limit
+  }
+}
+
+const hrtimeUs = () => Number(process.hrtime.bigint() / 1000n)
+
+class Bench {
+  readonly names: BenchNames = makeNames()
+  admin: Admin | undefined
+  readonly children = new Set<ProxyChild>()
+  private shutdownStarted: Promise<void> | undefined
+  benchRssMax = 0
+  benchHeapUsedMax = 0
+
+  constructor(readonly settings: Settings) {}
+
+  connectionName(phase: Phase): string {
+    return `messaging-proxy ${this.names.prefix} ${phase}`
+  }
+
+  get stopping(): boolean {
+    return this.shutdownStarted !== undefined
+  }
+
+  async startChild(phase: Phase, nodeArgs: ReadonlyArray<string> = []): Promise<ProxyChild> {
+    if (this.stopping) throw new Error("the benchmark is stopping")
+    const child = await ProxyChild.start({
+      label: phase,
+      env: {
+        ...proxyEnv(this.names, this.connectionName(phase)),
+        RABBITMQ_PREFETCH: String(this.settings.prefetch),
+        // The stream limits (default 1000 per caller and per connection) must not be what the
+        // many-streams phase measures: all its calls come from one caller on one connection.
+        ...streamLimits(this.settings.streams)
+      },
+      nodeArgs: [...this.settings.proxyNodeArgs, ...nodeArgs],
+      main: this.settings.proxyMain
+    })
+    this.children.add(child)
+    // A signal may have arrived while it started: shutdown() has then already run past it.
+    if (this.stopping) {
+      await this.stopChild(child)
+      throw new Error("the benchmark is stopping")
+    }
+    return child
+  }
+
+  async stopChild(child: ProxyChild): Promise<number | null> {
+    const code = await child.stop()
+    this.children.delete(child)
+    return code
+  }
+
+  /** Runs one phase with its own proxy child; a failure is recorded and the benchmark goes on. */
+  async phase<A>(
+    phase: Phase,
+    run: (child: ProxyChild) => Promise<A>,
+    nodeArgs: ReadonlyArray<string> = []
+  ): Promise<PhaseOutcome<A>> {
+    log(`phase ${phase}: starting proxy child`)
+    let child: ProxyChild | undefined
+    try {
+      child = await this.startChild(phase, nodeArgs)
+      log(`phase ${phase}: proxy pid ${child.pid} on port ${child.port}`)
+      const result = await run(child)
+      const exitCode = await this.stopChild(child)
+      return { result, proxy: { exitCode, logLines: child.logLines, warnings: child.warnings, problems: child.problems } }
+    } catch (error) {
+      log(`phase ${phase} failed: ${errorText(error)}`)
+      const exitCode = child ? await this.stopChild(child) : null
+      return {
+        error: errorText(error),
+        ...(child
+          ? {
+            proxy: { exitCode, logLines: child.logLines, warnings: child.warnings, problems: child.problems, tail: child.tail.slice(-20) }
+          }
+          : {})
+      }
+    }
+  }
+
+  /** Stops every child and deletes everything declared; idempotent. */
+  shutdown(): Promise<void> {
+    this.shutdownStarted ??= (async () => {
+      for (const child of [...this.children]) await this.stopChild(child).catch(() => undefined)
+      await stopAllChildren()
+      if (this.admin) {
+        const problems = await this.admin.cleanup().catch((error: unknown) => [errorText(error)])
+        for (const problem of problems) log(`cleanup: ${problem}`)
+        await this.admin.close()
+      }
+    })()
+    return this.shutdownStarted
+  }
+}
+
+const main = async () => {
+  const s = settings()
+  const bench = new Bench(s)
+  const startedAt = new Date()
+  const started = now()
+  const onSignal = (signal: NodeJS.Signals) => {
+    log(`${signal}: stopping the proxy children and cleaning up`)
+    void bench.shutdown().finally(() => process.exit(130))
+  }
+  process.once("SIGINT", onSignal)
+  process.once("SIGTERM", onSignal)
+  const memoryTimer = setInterval(() => {
+    const m = process.memoryUsage()
+    bench.benchRssMax = Math.max(bench.benchRssMax, m.rss)
+    bench.benchHeapUsedMax = Math.max(bench.benchHeapUsedMax, m.heapUsed)
+  }, 500)
+  memoryTimer.unref()
+
+  await access(s.proxyMain).catch(() => {
+    throw new Error(`proxy entry point ${s.proxyMain} not found: build first (npm run build) or set BENCH_PROXY_MAIN`)
+  })
+  const othersBefore = await listBrokerConnections()
+  const environment = {
+    node: process.version,
+    cpus: cpus().length,
+    cpuModel: cpus()[0]?.model ?? "?",
+    loadavgAtStart: loadavg(),
+    otherBrokerConnectionsAtStart: othersBefore?.length ?? null,
+    proxyMain: s.proxyMain,
+    prefix: bench.names.prefix
+  }
+  log(`names ${bench.names.prefix}.*; proxy ${s.proxyMain}; phases ${s.phases.join(",")}; ` +
+    `load ${environment.loadavgAtStart.map((l) => l.toFixed(2)).join(" ")}; broker connections ${environment.otherBrokerConnectionsAtStart}`)
+
+  const results: Record<string, unknown> = {}
+  try {
+    bench.admin = await Admin.open(bench.names)
+    const admin = bench.admin
+    for (const phase of s.phases) {
+      if (bench.stopping) break
+      switch (phase) {
+        case "throughput":
+          results["throughput"] = await bench.phase("throughput", (proxy) =>
+            runThroughput({
+              admin,
+              proxy,
+              messages: s.messages,
+              bodyBytes: s.bodyBytes,
+              prefetch: s.prefetch,
+              repetitions: s.repetitions
+            }))
+          break
+        case "profile":
+          results["profile"] = await runProfilePhase(bench, admin, s)
+          break
+        case "latency":
+          results["latency"] = await bench.phase("latency", (proxy) =>
+            runLatency({
+              admin,
+              proxy,
+              ratePerSecond: s.latencyRate,
+              seconds: s.latencySeconds,
+              warmupSeconds: s.latencyWarmupSeconds,
+              bodyBytes: s.bodyBytes,
+              prefetch: s.prefetch
+            }))
+          break
+        case "streams":
+          results["streams"] = await bench.phase("streams", (proxy) =>
+            runStreams({
+              admin,
+              proxy,
+              connectionName: bench.connectionName("streams"),
+              streams: s.streams,
+              messages: s.streamsMessages,
+              bodyBytes: s.bodyBytes
+            }))
+          break
+        case "cancel":
+          results["cancel"] = await bench.phase("cancel", (proxy) =>
+            runCancel({ admin, proxy, connectionName: bench.connectionName("cancel"), cycles: s.cancelCycles }))
+          break
+      }
+    }
+  } finally {
+    await bench.shutdown()
+  }
+
+  const othersAfter = await listBrokerConnections()
+  const report = {
+    startedAt: startedAt.toISOString(),
+    durationSeconds: (now() - started) / 1000,
+    settings: { ...s },
+    environment: {
+      ...environment,
+      loadavgAtEnd: loadavg(),
+      otherBrokerConnectionsAtEnd: othersAfter?.length ?? null,
+      benchRssMax: bench.benchRssMax,
+      benchHeapUsedMax: bench.benchHeapUsedMax
+    },
+    targets: TARGETS,
+    ...results
+  }
+  const text = render(report, results)
+  process.stdout.write(text + "\n")
+  await mkdir(s.resultsDir, { recursive: true })
+  const file = join(s.resultsDir, "latest.json")
+  await writeFile(file, JSON.stringify(report, null, 2) + "\n")
+  log(`wrote ${file} (${report.durationSeconds.toFixed(0)} s in all)`)
+}
+
+interface ProfilePhaseResult {
+  readonly file: string
+  readonly messages: number
+  readonly msgPerSecProfiled: number
+  readonly windowAligned: boolean
+  readonly summary: ProfileSummary
+  readonly reportFile: string
+}
+
+/** One StreamSchemaMessages drain with the child under --cpu-prof; the profile is cut to the drain. */
+const runProfilePhase = async (bench: Bench, admin: Admin, s: Settings): Promise<PhaseOutcome<ProfilePhaseResult>> => {
+  await mkdir(s.profileDir, { recursive: true })
+  const name = `proxy-${bench.names.prefix}-${Date.now()}.cpuprofile`
+  const file = join(s.profileDir, name)
+  let window: { fromUs: number; toUs: number; seconds: number } | undefined
+  const outcome = await bench.phase("profile", async (proxy) => {
+    const client = await makeClient(proxy.port)
+    try {
+      await prefill(admin, s.messages, bodyFactory(s.bodyBytes))
+      const offsetUs = hrtimeUs() - now() * 1000
+      const drained = await drainStream(client, s.messages)
+      window = { fromUs: drained.startedAt * 1000 + offsetUs, toUs: drained.finishedAt * 1000 + offsetUs, seconds: drained.seconds }
+      await admin.waitQueue(admin.names.schemas, (q) => q.consumerCount === 0, 10_000, 5)
+    } finally {
+      client.close()
+    }
+  }, ["--cpu-prof", `--cpu-prof-dir=${s.profileDir}`, `--cpu-prof-name=${name}`])
+  if (outcome.error !== undefined || window === undefined) return { error: outcome.error ?? "no drain window" }
+  // The child writes the profile on exit (phase() has stopped it); give the file a moment.
+  for (let i = 0; i < 50; i++) {
+    if (await access(file).then(() => true, () => false)) break
+    await sleep(100)
+  }
+  try {
+    const w = window
+    let summary = await analyzeProfile(file, { fromUs: w.fromUs, toUs: w.toUs, messages: s.messages, top: 30 })
+    // V8's profile clock and process.hrtime are both CLOCK_MONOTONIC on Linux; if not, use it all.
+    const windowAligned = summary.windowMs > 0.5 * w.seconds * 1000
+    if (!windowAligned) summary = await analyzeProfile(file, { messages: s.messages, top: 30 })
+    const reportFile = join(s.resultsDir, "profile-latest.txt")
+    await mkdir(s.resultsDir, { recursive: true })
+    await writeFile(reportFile, formatSummary(summary) + "\n")
+    log(`profile: ${file} analysed into ${reportFile}`)
+    return {
+      result: { file, messages: s.messages, msgPerSecProfiled: s.messages / w.seconds, windowAligned, summary, reportFile },
+      ...(outcome.proxy ? { proxy: outcome.proxy } : {})
+    }
+  } catch (error) {
+    return { error: `analyse ${file}: ${errorText(error)}` }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rendering
+// ---------------------------------------------------------------------------------------------
+
+const verdict = (ok: boolean | null) => (ok === null ? "n/a" : ok ? "PASS" : "FAIL")
+
+const render = (report: { environment: Record<string, unknown>; durationSeconds: number }, results: Record<string, unknown>) => {
+  const out: Array<string> = []
+  const env = report.environment
+  out.push(`messaging-proxy benchmark — ${report.durationSeconds.toFixed(0)} s, node ${String(env["node"])}, ${String(env["cpus"])} CPUs`)
+  const loads = (key: string) => (env[key] as ReadonlyArray<number>).map((l) => l.toFixed(2)).join(" ")
+  out.push(`load average at start ${loads("loadavgAtStart")}, at end ${loads("loadavgAtEnd")}; ` +
+    `broker connections (all users) at start ${String(env["otherBrokerConnectionsAtStart"])}, at end ${String(env["otherBrokerConnectionsAtEnd"])}`)
+  out.push(`bench process: peak RSS ${mb(env["benchRssMax"] as number)}, peak heap used ${mb(env["benchHeapUsedMax"] as number)}`)
+
+  const summary: Array<Array<string>> = [["metric", "result", "target", ""]]
+  const t = results["throughput"] as PhaseOutcome<Awaited<ReturnType<typeof runThroughput>>> | undefined
+  if (t?.result) {
+    const r = t.result
+    out.push("", `1. Throughput: ${fmtInt(r.messages)} × ${r.bodyBytes} B messages, prefetch ${r.prefetch}, ${r.repetitions} repetitions (a,b,c alternating)`)
+    const rows: Array<Array<string>> = [["run", "drain msg/s", "drain s", "publish s", "proxy CPU µs/msg", "client CPU µs/msg", "proxy peak RSS", "proxy GC", "left", "note"]]
+    for (const run of r.runs) {
+      rows.push([
+        `${MODE_LABEL[run.mode]} #${run.repetition}`,
+        fmtInt(run.msgPerSec),
+        fmt(run.seconds, 2),
+        fmt(run.publishSeconds, 1),
+        fmt(run.proxyCpuUsPerMsg, 1),
+        fmt(run.clientCpuUsPerMsg, 1),
+        run.proxyRssMax === null ? "" : mb(run.proxyRssMax),
+        run.proxyGcPercent === null ? "" : `${fmt(run.proxyGcPercent, 1)}%`,
+        run.leftInQueue === null ? "?" : String(run.leftInQueue),
+        [run.error ?? "", run.malformed ? `malformed ${run.malformed}` : "", run.redelivered ? `redelivered ${run.redelivered}` : "",
+          run.settleErrors ? `settle errors ${run.settleErrors}` : ""].filter((x) => x).join("; ")
+      ])
+    }
+    out.push(table(rows))
+    if (!r.subscribe.available) out.push(`(c) n/a: ${r.subscribe.reason}`)
+    for (const mode of MODES) {
+      summary.push([`throughput ${MODE_LABEL[mode]} (median)`, `${fmtInt(r.medianMsgPerSec[mode])} msg/s`, "", ""])
+    }
+    summary.push(["throughput ratio b/a", fmt(r.ratioStreamToDirect, 3), `≥ ${TARGETS.ratio}`,
+      verdict(r.ratioStreamToDirect === null ? null : r.ratioStreamToDirect >= TARGETS.ratio)])
+    summary.push(["throughput ratio c/a", fmt(r.ratioSubscribeToDirect, 3), `(≥ ${TARGETS.ratio})`,
+      verdict(r.ratioSubscribeToDirect === null ? null : r.ratioSubscribeToDirect >= TARGETS.ratio)])
+    summary.push(["proxy CPU per message (b / c, median)",
+      `${fmt(r.medianProxyCpuUsPerMsg.stream, 1)} / ${fmt(r.medianProxyCpuUsPerMsg.subscribe, 1)} µs`, "", ""])
+  } else if (t?.error) summary.push(["throughput", `failed: ${t.error}`, "", "FAIL"])
+
+  const p = results["profile"] as PhaseOutcome<ProfilePhaseResult> | undefined
+  if (p?.result) {
+    const r = p.result
+    out.push("", `Profile (${fmtInt(r.messages)} messages through StreamSchemaMessages under --cpu-prof, ${fmtInt(r.msgPerSecProfiled)} msg/s; ` +
+      `${r.windowAligned ? "cut to the drain window" : "whole process lifetime"}): ${r.file}`)
+    out.push(`full report: ${r.reportFile}`)
+    const top = r.summary.selfByPackage.slice(0, 12).map((e) => `  ${e.percent.toFixed(1).padStart(5)}%  ${fmt(e.usPerMessage, 2).padStart(6)} µs/msg  ${e.key}`)
+    out.push(`busy ${r.summary.busyMs.toFixed(0)} ms, idle ${r.summary.idleMs.toFixed(0)} ms, GC ${r.summary.gcMs.toFixed(0)} ms; self time by package/file:`, ...top)
+  } else if (p?.error) out.push("", `Profile failed: ${p.error}`)
+
+  const l = results["latency"] as PhaseOutcome<Awaited<ReturnType<typeof runLatency>>> | undefined
+  if (l?.result) {
+    const r = l.result
+    out.push("", `2. Latency: ${r.ratePerSecond} msg/s for ${r.seconds} s (after ${r.warmupSeconds} s warm-up), achieved ${fmt(r.achievedRate, 0)} msg/s; ` +
+      `publisher lag p99 ${fmt(r.publisherLagMs.p99, 2)} ms, max ${fmt(r.publisherLagMs.max, 1)} ms; proxy CPU ${fmt(r.proxyCpuPercent, 0)}%`)
+    const pr = r.proxyResources
+    if (pr) {
+      out.push(`proxy during the window: event-loop delay max ${fmt(pr.loopDelayMaxMs, 1)} ms (worst 0.5 s interval p99 ${fmt(pr.loopDelayP99MaxMs, 1)} ms); ` +
+        `GC ${pr.gcCount ?? "n/a"} pauses, ${fmt(pr.gcTotalMs, 0)} ms in all, longest ${fmt(pr.gcMaxMs, 1)} ms; peak RSS ${mb(pr.rssMax)}`)
+    }
+    out.push(`runnable but waiting for a CPU during the window: proxy main thread ${fmt(r.proxyCpuWaitMs, 0)} ms, bench process ${fmt(r.benchCpuWaitMs, 0)} ms ` +
+      `(of ${r.seconds * 1000} ms; high values = a busy machine)`)
+    const row = (label: string, d: typeof r.direct) =>
+      [label, fmt(d.p50, 3), fmt(d.p90, 3), fmt(d.p99, 3), fmt(d.p999, 3), fmt(d.max, 2), fmtInt(d.count), String(d.missing), String(d.duplicates)]
+    out.push(table([
+      ["path (ms)", "p50", "p90", "p99", "p99.9", "max", "received", "missing", "dups"],
+      row("direct consumer", r.direct),
+      row("proxy stream", r.proxy)
+    ]))
+    summary.push(["latency p50 / p99 / max direct", `${fmt(r.direct.p50, 2)} / ${fmt(r.direct.p99, 2)} / ${fmt(r.direct.max, 1)} ms`, "", ""])
+    summary.push(["latency p50 / p99 / max proxy", `${fmt(r.proxy.p50, 2)} / ${fmt(r.proxy.p99, 2)} / ${fmt(r.proxy.max, 1)} ms`, "", ""])
+    summary.push(["added p99 at 1k msg/s (proxy − direct)", `${fmt(r.addedP99Ms, 3)} ms`, `≤ ${TARGETS.addedP99Ms} ms`,
+      verdict(r.proxy.missing > 0 ? false : r.addedP99Ms <= TARGETS.addedP99Ms)])
+  } else if (l?.error) summary.push(["latency", `failed: ${l.error}`, "", "FAIL"])
+
+  const st = results["streams"] as PhaseOutcome<Awaited<ReturnType<typeof runStreams>>> | undefined
+  if (st?.result) {
+    const r = st.result
+    const ch = (c: typeof r.channelsIdle) => (c === null ? "n/a" : `${c.channels} channels on ${c.connections} connection(s)`)
+    out.push("", `3. Many streams: ${r.streams} StreamSchemaMessages calls on one queue, ${r.messages} messages`)
+    out.push(table([
+      ["what", "value"],
+      ["all consumers registered after", `${fmt(r.openAllSeconds, 2)} s`],
+      ["all messages arrived after", r.deliverAllSeconds === null ? "not all arrived" : `${fmt(r.deliverAllSeconds, 2)} s`],
+      ["received / duplicates", `${r.received} / ${r.duplicates}`],
+      ["streams that got ≥ 1 message / max per stream", `${r.streamsWithMessages} / ${r.maxPerStream}`],
+      ["stream errors", r.streamErrors ? `${r.streamErrors} (first: ${r.firstStreamError})` : "0"],
+      ["proxy RSS idle → peak", `${mb(r.proxyRssIdle)} → ${mb(r.proxyRssPeak)}`],
+      ["proxy heap used peak", mb(r.proxyHeapUsedPeak)],
+      ["proxy log lines per stream", fmt(r.proxyLogLinesPerStream, 1)],
+      ["broker: proxy connection idle", ch(r.channelsIdle)],
+      ["broker: with all streams open", ch(r.channelsOpen)],
+      ["broker: after cancel", ch(r.channelsAfterCancel) + (r.channelsZeroAfterMs === null ? "" : ` (seen by check #${r.channelsChecks}, done ${fmt(r.channelsZeroAfterMs, 0)} ms after the cancel)`)],
+      ["cancel all → 0 consumers", r.cancelToZeroConsumersMs === null ? "timed out" : `${fmt(r.cancelToZeroConsumersMs, 0)} ms`],
+      ["ready messages left in the queue", r.leftInQueue === null ? "?" : String(r.leftInQueue)]
+    ]))
+    summary.push([`${r.streams} streams: all ${r.messages} messages arrived`, `${r.received}/${r.messages}`, "all", verdict(r.received === r.messages && r.duplicates === 0)])
+    summary.push([`${r.streams} streams: proxy peak RSS`, mb(r.proxyRssPeak), `< ${mb(TARGETS.rssBytes)}`,
+      verdict(r.proxyRssPeak === null ? null : r.proxyRssPeak < TARGETS.rssBytes)])
+    summary.push([`${r.streams} streams: cancel all → 0 consumers`, r.cancelToZeroConsumersMs === null ? "timed out" : `${fmt(r.cancelToZeroConsumersMs, 0)} ms`, "", ""])
+    summary.push([`${r.streams} streams: proxy channels after cancel`, r.channelsAfterCancel === null ? "n/a" : String(r.channelsAfterCancel.channels), "0",
+      verdict(r.channelsAfterCancel === null ? null : r.channelsAfterCancel.channels === 0)])
+  } else if (st?.error) summary.push(["many streams", `failed: ${st.error}`, "", "FAIL"])
+
+  const c = results["cancel"] as PhaseOutcome<Awaited<ReturnType<typeof runCancel>>> | undefined
+  if (c?.result) {
+    const r = c.result
+    out.push("", `4. Cancel latency: ${r.cycles} cycles; checkQueue round trip ${fmt(r.pollRoundTripMs, 3)} ms (the resolution)`)
+    out.push(table([
+      ["ms", "p50", "p90", "p99", "max"],
+      ["call → consumer on broker", fmt(r.openMs.p50, 2), fmt(r.openMs.p90, 2), fmt(r.openMs.p99, 2), fmt(r.openMs.max, 2)],
+      ["cancel → 0 consumers", fmt(r.cancelMs.p50, 2), fmt(r.cancelMs.p90, 2), fmt(r.cancelMs.p99, 2), fmt(r.cancelMs.max, 2)]
+    ]))
+    summary.push(["cancel → 0 consumers (median of " + r.cycles + ")", `${fmt(r.cancelMs.p50, 2)} ms (max ${fmt(r.cancelMs.max, 1)})`, `≤ ${TARGETS.cancelMs} ms`,
+      verdict(r.cancelMs.p50 <= TARGETS.cancelMs)])
+  } else if (c?.error) summary.push(["cancel latency", `failed: ${c.error}`, "", "FAIL"])
+
+  if (summary.length > 1) out.push("", "Summary", table(summary))
+  for (const [phase, outcome] of Object.entries(results)) {
+    const o = outcome as PhaseOutcome<unknown>
+    if (o.proxy && (o.proxy.warnings > 0 || (o.proxy.exitCode !== 0 && o.proxy.exitCode !== null))) {
+      out.push(`note: ${phase} proxy child exited ${String(o.proxy.exitCode)} with ${o.proxy.warnings} warning/error log lines` +
+        (o.proxy.problems.length ? `: ${o.proxy.problems.map((p) => JSON.stringify(p)).join(", ")}` : ""))
+    }
+    if (o.proxy?.tail?.length) out.push(`${phase} proxy output (last lines):`, ...o.proxy.tail.map((line) => `  ${line}`))
+  }
+  return out.join("\n")
+}
+
+main().catch((error: unknown) => {
+  process.stderr.write(`bench failed: ${error instanceof Error ? error.stack ?? error.message : String(error)}\n`)
+  process.exitCode = 1
+})

@@ -1,0 +1,246 @@
+/**
+ * Phase 1, throughput: N ~1 KiB schema messages are published (confirmed) to a freshly declared
+ * schemas queue, then drained (a) directly, (b) through StreamSchemaMessages, (c) through
+ * SubscribeSchemaMessages; repeated, alternating a,b,c,a,b,c,…; medians reported.
+ */
+import type * as amqp from "amqplib"
+import type { MessagingServiceClient } from "../gen/messaging.js"
+import { schemaBody } from "./bodies.js"
+import { type Admin, connect } from "./broker.js"
+import {
+  type Availability,
+  type DrainOutcome,
+  drainDirect,
+  drainStream,
+  drainSubscribe,
+  makeClient,
+  probeSubscribe,
+  Unimplemented
+} from "./drains.js"
+import { type ProxyChild, ResourceSampler } from "./proxyProcess.js"
+import { errorText, log, median, now } from "./util.js"
+
+export type Mode = "direct" | "stream" | "subscribe"
+export const MODES: ReadonlyArray<Mode> = ["direct", "stream", "subscribe"]
+export const MODE_LABEL: Record<Mode, string> = {
+  direct: "(a) direct amqplib consumer",
+  stream: "(b) StreamSchemaMessages",
+  subscribe: "(c) SubscribeSchemaMessages"
+}
+
+export interface RunRecord {
+  readonly mode: Mode
+  readonly repetition: number
+  readonly messages: number
+  readonly publishSeconds: number
+  readonly seconds: number | null
+  readonly msgPerSec: number | null
+  /** CPU the proxy child used during the drain, in µs per message (b, c). */
+  readonly proxyCpuUsPerMsg: number | null
+  /** CPU this (client) process used during the drain, in µs per message. */
+  readonly clientCpuUsPerMsg: number | null
+  readonly proxyRssMax: number | null
+  readonly proxyHeapUsedMax: number | null
+  /** Share of the drain the proxy spent in GC pauses, and its worst event-loop delay. */
+  readonly proxyGcPercent: number | null
+  readonly proxyLoopDelayMaxMs: number | null
+  /** Ready messages left in the queue after the drain (should be 0). */
+  readonly leftInQueue: number | null
+  readonly malformed: number
+  readonly redelivered?: number
+  readonly settleErrors?: number
+  readonly error?: string
+}
+
+export interface ThroughputResult {
+  readonly messages: number
+  readonly bodyBytes: number
+  readonly prefetch: number
+  readonly repetitions: number
+  readonly subscribe: Availability
+  readonly runs: ReadonlyArray<RunRecord>
+  readonly medianMsgPerSec: Record<Mode, number | null>
+  readonly ratioStreamToDirect: number | null
+  readonly ratioSubscribeToDirect: number | null
+  readonly medianProxyCpuUsPerMsg: Record<Mode, number | null>
+  readonly proxyRssMax: number | null
+}
+
+export interface ThroughputOptions {
+  readonly admin: Admin
+  readonly proxy: ProxyChild
+  readonly messages: number
+  readonly bodyBytes: number
+  readonly prefetch: number
+  readonly repetitions: number
+}
+
+/** Bodies of one size, differing only in the id: the template is rendered once. */
+export const bodyFactory = (bodyBytes: number) => {
+  const placeholder = "#".repeat(32)
+  const [head, tail] = schemaBody({ id: placeholder, targetBytes: bodyBytes }).toString("utf8").split(placeholder)
+  if (head === undefined || tail === undefined) throw new Error("body template without id placeholder")
+  let counter = 0
+  const run = Math.floor(Math.random() * 0xffff).toString(16).padStart(4, "0")
+  return () => {
+    const messageId = `${run}${(counter++).toString(16).padStart(28, "0")}`
+    return { content: Buffer.from(head + messageId + tail), messageId }
+  }
+}
+
+/** Empties the stage: fresh queue, N bodies published and confirmed. Returns the publish time. */
+export const prefill = async (admin: Admin, messages: number, body: () => { content: Buffer; messageId: string }) => {
+  const { names } = admin
+  await admin.freshQueue(names.schemas, names.schemasRoutingKey)
+  const started = now()
+  await admin.publishMany(messages, () => body())
+  const publishSeconds = (now() - started) / 1000
+  const { state } = await admin.waitQueue(names.schemas, (s) => s.messageCount >= messages, 30_000, 20)
+  if (state.messageCount !== messages) throw new Error(`queue holds ${state.messageCount}, expected ${messages}`)
+  return publishSeconds
+}
+
+const cpuSecondsOf = (usage: NodeJS.CpuUsage) => (usage.user + usage.system) / 1e6
+
+export const runThroughput = async (options: ThroughputOptions): Promise<ThroughputResult> => {
+  const { admin, proxy, messages, prefetch } = options
+  const { names } = admin
+  const body = bodyFactory(options.bodyBytes)
+  const direct: amqp.ChannelModel = await connect(`bench-direct ${names.prefix}`)
+  const client: MessagingServiceClient = await makeClient(proxy.port)
+  const runs: Array<RunRecord> = []
+  let subscribe: Availability = { available: true }
+  try {
+    subscribe = await probeSubscribe(client)
+    await admin.waitQueue(names.schemas, (s) => s.consumerCount === 0, 10_000, 5)
+    if (!subscribe.available) log(`SubscribeSchemaMessages not available (${subscribe.reason}): (c) is n/a`)
+
+    for (let repetition = 1; repetition <= options.repetitions; repetition++) {
+      for (const mode of MODES) {
+        if (mode === "subscribe" && !subscribe.available) continue
+        const record = await runOne(mode, repetition)
+        runs.push(record)
+        if (record.error?.startsWith("UNIMPLEMENTED") && mode === "subscribe") {
+          subscribe = { available: false, reason: record.error }
+        }
+        log(
+          `throughput ${MODE_LABEL[mode]} #${repetition}: ` +
+            (record.msgPerSec === null ? `failed: ${record.error}` : `${Math.round(record.msgPerSec)} msg/s`) +
+            ` (publish ${record.publishSeconds.toFixed(1)} s, left ${record.leftInQueue})`
+        )
+      }
+    }
+  } finally {
+    client.close()
+    await direct.close().catch(() => undefined)
+  }
+
+  const medianOf = (mode: Mode, pick: (r: RunRecord) => number | null) => {
+    const values = runs.filter((r) => r.mode === mode).map(pick).filter((v): v is number => v !== null)
+    return values.length ? median(values) : null
+  }
+  const medianMsgPerSec: Record<Mode, number | null> = {
+    direct: medianOf("direct", (r) => r.msgPerSec),
+    stream: medianOf("stream", (r) => r.msgPerSec),
+    subscribe: subscribe.available ? medianOf("subscribe", (r) => r.msgPerSec) : null
+  }
+  const ratio = (x: number | null) => (x !== null && medianMsgPerSec.direct ? x / medianMsgPerSec.direct : null)
+  const rssValues = runs.map((r) => r.proxyRssMax).filter((v): v is number => v !== null)
+  return {
+    messages,
+    bodyBytes: options.bodyBytes,
+    prefetch,
+    repetitions: options.repetitions,
+    subscribe,
+    runs,
+    medianMsgPerSec,
+    ratioStreamToDirect: ratio(medianMsgPerSec.stream),
+    ratioSubscribeToDirect: ratio(medianMsgPerSec.subscribe),
+    medianProxyCpuUsPerMsg: {
+      direct: null,
+      stream: medianOf("stream", (r) => r.proxyCpuUsPerMsg),
+      subscribe: medianOf("subscribe", (r) => r.proxyCpuUsPerMsg)
+    },
+    proxyRssMax: rssValues.length ? Math.max(...rssValues) : null
+  }
+
+  async function runOne(mode: Mode, repetition: number): Promise<RunRecord> {
+    if (!proxy.running) throw new Error("the proxy child has exited")
+    let publishSeconds = 0
+    try {
+      publishSeconds = await prefill(admin, messages, body)
+    } catch (error) {
+      return failed(mode, repetition, publishSeconds, `prefill: ${errorText(error)}`)
+    }
+    const viaProxy = mode !== "direct"
+    const sampler = viaProxy ? new ResourceSampler(proxy) : undefined
+    const proxyCpuBefore = await proxy.cpuSeconds()
+    const clientCpuBefore = process.cpuUsage()
+    let outcome: DrainOutcome
+    try {
+      outcome = mode === "direct"
+        ? await drainDirect(direct, names.schemas, messages, prefetch)
+        : mode === "stream"
+        ? await drainStream(client, messages)
+        : await drainSubscribe(client, messages, { maxInFlight: prefetch, ackBatch: 16 })
+    } catch (error) {
+      await sampler?.stop()
+      const text = error instanceof Unimplemented ? `UNIMPLEMENTED: ${error.message}` : errorText(error)
+      await settle()
+      return failed(mode, repetition, publishSeconds, text)
+    }
+    const clientCpu = cpuSecondsOf(process.cpuUsage(clientCpuBefore))
+    const proxyCpuAfter = await proxy.cpuSeconds()
+    const resources = await sampler?.stop()
+    const left = await settle()
+    const perMessage = (seconds: number) => (seconds * 1e6) / outcome.received
+    return {
+      mode,
+      repetition,
+      messages,
+      publishSeconds,
+      seconds: outcome.seconds,
+      msgPerSec: outcome.received / outcome.seconds,
+      proxyCpuUsPerMsg: viaProxy && proxyCpuBefore !== undefined && proxyCpuAfter !== undefined
+        ? perMessage(proxyCpuAfter - proxyCpuBefore)
+        : null,
+      clientCpuUsPerMsg: perMessage(clientCpu),
+      proxyRssMax: resources?.rssMax ?? null,
+      proxyHeapUsedMax: resources?.heapUsedMax ?? null,
+      proxyGcPercent: resources?.gcTotalMs != null ? (resources.gcTotalMs / 10) / outcome.seconds : null,
+      proxyLoopDelayMaxMs: resources?.loopDelayMaxMs ?? null,
+      leftInQueue: left,
+      malformed: outcome.malformed,
+      ...(outcome.redelivered !== undefined ? { redelivered: outcome.redelivered } : {}),
+      ...(outcome.settleErrors !== undefined ? { settleErrors: outcome.settleErrors } : {})
+    }
+  }
+
+  /** Waits for the consumer to be gone; returns the ready messages left in the queue. */
+  async function settle(): Promise<number | null> {
+    try {
+      const { state } = await admin.waitQueue(names.schemas, (s) => s.consumerCount === 0, 10_000, 5)
+      return state.messageCount
+    } catch {
+      return null
+    }
+  }
+}
+
+const failed = (mode: Mode, repetition: number, publishSeconds: number, error: string): RunRecord => ({
+  mode,
+  repetition,
+  messages: 0,
+  publishSeconds,
+  seconds: null,
+  msgPerSec: null,
+  proxyCpuUsPerMsg: null,
+  clientCpuUsPerMsg: null,
+  proxyRssMax: null,
+  proxyHeapUsedMax: null,
+  proxyGcPercent: null,
+  proxyLoopDelayMaxMs: null,
+  leftInQueue: null,
+  malformed: 0,
+  error
+})
