@@ -11,8 +11,12 @@ import { AmqpError, ConnectionLost, ConsumerClosedByBroker } from "./errors.js"
 /** One message from the queue, with the ways to settle it on the channel it came from. */
 export interface Delivery {
   readonly message: amqp.ConsumeMessage
+  /** The channel it came from: delivery tags are only comparable within one channel. */
+  readonly channel: amqp.Channel
   /** Ack now. Returns false when the channel is already gone (the broker then requeues it). */
   readonly ack: () => boolean
+  /** Ack this and every earlier unacked delivery of its channel, in one frame. */
+  readonly ackUpTo: () => boolean
   /** Nack; with requeue=false the broker drops it, so use `deadLetter` to keep it. */
   readonly nack: (requeue: boolean) => boolean
   /**
@@ -153,6 +157,8 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
             )
           return {
             message,
+            channel,
+            ackUpTo: () => settle(() => channel.ack(message, true)),
             stopConsuming,
             ack: () => settle(() => channel.ack(message)),
             nack: (requeue) => settle(() => channel.nack(message, false, requeue)),

@@ -6,12 +6,12 @@
 import * as grpc from "@grpc/grpc-js"
 import { Context, Deferred, Duration, Effect, Exit, FiberSet, Layer, Option, Stream } from "effect"
 import { HealthImplementation } from "grpc-health-check"
-import { MessagingServiceService } from "../gen/messaging.js"
 import { Broker } from "./broker.js"
 import { ProxyConfig } from "./config.js"
 import { AmqpError } from "./errors.js"
 import { makeHandlers } from "./handlers.js"
 import { makeReflectionService } from "./reflection.js"
+import { MessagingServiceDefinition } from "./serialization.js"
 import { makeAccess } from "./access.js"
 import { type CallObserver, guardHandlers } from "./guard.js"
 import { recordRpc } from "./metrics.js"
@@ -61,7 +61,7 @@ const make = Effect.gen(function*() {
     // with headroom for unary calls, since above it clients queue instead of getting an error.
     "grpc.max_concurrent_streams": limits.maxConcurrentStreamsPerConnection + 100
   })
-  server.addService(MessagingServiceService, guardHandlers(makeHandlers(settings, run), access, observer))
+  server.addService(MessagingServiceDefinition, guardHandlers(makeHandlers(settings, run), access, observer))
   const health = new HealthImplementation({ "": "NOT_SERVING", [serviceName]: "NOT_SERVING" })
   health.addToServer(server)
   makeReflectionService().addToServer(server)

@@ -97,8 +97,8 @@ export const rpcName = (call: { getPath(): string }): string => {
   return path.slice(path.lastIndexOf("/") + 1)
 }
 
-export const deliveredUnsafe = (queue: string, rpc: string): void =>
-  deliveredMetric(queue + sep + rpc).updateUnsafe(1, globalContext)
+export const deliveredUnsafe = (queue: string, rpc: string, count = 1): void =>
+  deliveredMetric(queue + sep + rpc).updateUnsafe(count, globalContext)
 
 export const ackedUnsafe = (queue: string): void => ackedMetric(queue).updateUnsafe(1, globalContext)
 

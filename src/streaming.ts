@@ -8,11 +8,49 @@ import { Effect, Stream } from "effect"
 import type { Broker } from "./broker.js"
 import { finishCall, writeWithBackpressure } from "./callLifecycle.js"
 import * as Metrics from "./metrics.js"
+import type { Delivery } from "./consumer.js"
 import { type AdmissionPolicy, admittedDeliveries } from "./redelivery.js"
 
 export interface QueueStreamSpec<A> extends AdmissionPolicy<A> {
   readonly deadLetterQueue: string
   readonly prefetch: number
+}
+
+/**
+ * Acks what grpc-js has taken, batched: one multiple-ack per event-loop turn (or per 64 messages)
+ * instead of a frame per message. Safe because grpc-js completes writes in order and every
+ * delivery before a written one was either written too or dead-lettered (acked) already; after a
+ * failed write nothing more is acked, so a multiple-ack can never cover an unwritten message.
+ */
+const makeAckBatcher = (onAcked: (count: number) => void) => {
+  let last: Delivery | undefined
+  let count = 0
+  let scheduled = false
+  let broken = false
+  const flush = () => {
+    scheduled = false
+    if (last === undefined) return
+    const upTo = last
+    const acked = count
+    last = undefined
+    count = 0
+    if (!broken && upTo.ackUpTo()) onAcked(acked)
+  }
+  return {
+    written: (delivery: Delivery, error: Error | null | undefined) => {
+      if (error != null) broken = true
+      if (broken) return
+      if (last !== undefined && last.channel !== delivery.channel) flush() // re-attached: new tags
+      last = delivery
+      count++
+      if (count >= 64) flush()
+      else if (!scheduled) {
+        scheduled = true
+        setImmediate(flush)
+      }
+    },
+    flush
+  }
 }
 
 export const serveQueueStream = <Req, A>(
@@ -22,6 +60,10 @@ export const serveQueueStream = <Req, A>(
   const counts = { delivered: 0, deadLettered: 0 }
   const rpc = Metrics.rpcName(call)
   const outgoing = call as grpc.ServerWritableStream<unknown, A>
+  const acks = makeAckBatcher((acked) => {
+    counts.delivered += acked
+    Metrics.deliveredUnsafe(spec.queue, rpc, acked)
+  })
   return Effect.logInfo("stream opened", { queue: spec.queue }).pipe(
     Effect.andThen(
       admittedDeliveries({ queue: spec.queue, prefetch: spec.prefetch, deadLetterQueue: spec.deadLetterQueue }, spec)
@@ -32,15 +74,11 @@ export const serveQueueStream = <Req, A>(
             const { delivery, message } = admission.admitted
             // Ack in the write callback: only then has grpc-js taken the message. A write that
             // never completes (cancel) leaves it unacked, and the channel's close requeues it.
-            return writeWithBackpressure(outgoing, message, (error) => {
-              if (error == null && delivery.ack()) {
-                counts.delivered++
-                Metrics.deliveredUnsafe(spec.queue, rpc)
-              }
-            })
+            return writeWithBackpressure(outgoing, message, (error) => acks.written(delivery, error))
           })
         )
     ),
+    Effect.onExit(() => Effect.sync(acks.flush)),
     Effect.onExit((exit) => Effect.logInfo("stream ended", { queue: spec.queue, reason: finishCall(outgoing, exit), ...counts })),
     Metrics.trackActiveStream(rpc),
     Effect.ignore
