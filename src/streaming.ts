@@ -17,18 +17,21 @@ export interface QueueStreamSpec<A> extends AdmissionPolicy<A> {
 }
 
 /**
- * Acks what grpc-js has taken, batched: one multiple-ack per event-loop turn (or per 64 messages)
- * instead of a frame per message. Safe because grpc-js completes writes in order and every
+ * Acks what grpc-js has taken, batched: one multiple-ack per quarter of the prefetch window, or
+ * after 1 ms, instead of a frame (and a socket write) per message. Safe because grpc-js completes writes in order and every
  * delivery before a written one was either written too or dead-lettered (acked) already; after a
  * failed write nothing more is acked, so a multiple-ack can never cover an unwritten message.
  */
-const makeAckBatcher = (onAcked: (count: number) => void) => {
+const makeAckBatcher = (prefetch: number, onAcked: (count: number) => void) => {
+  // Small enough that the broker always has most of the window to refill.
+  const batch = Math.max(1, Math.floor(prefetch / 4))
   let last: Delivery | undefined
   let count = 0
-  let scheduled = false
+  let timer: NodeJS.Timeout | undefined
   let broken = false
   const flush = () => {
-    scheduled = false
+    if (timer !== undefined) clearTimeout(timer)
+    timer = undefined
     if (last === undefined) return
     const upTo = last
     const acked = count
@@ -43,11 +46,8 @@ const makeAckBatcher = (onAcked: (count: number) => void) => {
       if (last !== undefined && last.channel !== delivery.channel) flush() // re-attached: new tags
       last = delivery
       count++
-      if (count >= 64) flush()
-      else if (!scheduled) {
-        scheduled = true
-        setImmediate(flush)
-      }
+      if (count >= batch) flush()
+      else timer ??= setTimeout(flush, 1)
     },
     flush
   }
@@ -60,7 +60,7 @@ export const serveQueueStream = <Req, A>(
   const counts = { delivered: 0, deadLettered: 0 }
   const rpc = Metrics.rpcName(call)
   const outgoing = call as grpc.ServerWritableStream<unknown, A>
-  const acks = makeAckBatcher((acked) => {
+  const acks = makeAckBatcher(spec.prefetch, (acked) => {
     counts.delivered += acked
     Metrics.deliveredUnsafe(spec.queue, rpc, acked)
   })
