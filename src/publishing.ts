@@ -184,12 +184,30 @@ const kindSpec = (rabbit: Rabbit, kind: MessageKind): Option.Option<KindSpec> =>
 // AMQP shortstr: a longer routing key would make amqplib throw while encoding the frame.
 const MAX_ROUTING_KEY_BYTES = 255
 
+/** AMQP topic matching: `*` is exactly one word, `#` zero or more. */
+export const topicMatches = (pattern: string, key: string): boolean => {
+  const match = (p: ReadonlyArray<string>, k: ReadonlyArray<string>): boolean => {
+    if (p.length === 0) return k.length === 0
+    const [head, ...rest] = p
+    if (head === "#") return match(rest, k) || (k.length > 0 && match(p, k.slice(1)))
+    return k.length > 0 && (head === "*" || head === k[0]) && match(rest, k.slice(1))
+  }
+  return match(pattern.split("."), key.split("."))
+}
+
 export const validatePublish = (rabbit: Rabbit, request: PublishRequest): Result.Result<ValidPublish, PublishInvalid> => {
   const spec = kindSpec(rabbit, request.kind)
   if (Option.isNone(spec)) return Result.fail(reject("kind is required"))
   const routingKey = request.routingKey === "" ? spec.value.binding.routingKey : request.routingKey
   if (Buffer.byteLength(routingKey, "utf8") > MAX_ROUTING_KEY_BYTES) {
     return Result.fail(reject(`routing key is longer than ${MAX_ROUTING_KEY_BYTES} bytes`))
+  }
+  // An override must still route to the kind's own queue: otherwise a lenient kind (results need
+  // only an id) could put an unvalidated body on the schemas or validations queue.
+  const pattern = spec.value.binding.routingKey
+  const matches = rabbit.exchangeType === "topic" ? topicMatches(pattern, routingKey) : pattern === routingKey
+  if (!matches) {
+    return Result.fail(reject(`routing key '${routingKey}' does not match this kind's binding '${pattern}'`))
   }
   return spec.value.idOf(request.body).pipe(
     Result.map((messageId): ValidPublish => ({ messageId, routingKey, body: request.body })),

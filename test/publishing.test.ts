@@ -135,19 +135,32 @@ describe("Publish", () => {
       }
     }))
 
+  it.live("a routing key outside the kind's binding is INVALID_ARGUMENT, nothing published", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      const status = yield* failure(publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA_RESULT, { id: "sneak" }, "schemas.x")))
+      assert.strictEqual(status.code, grpc.status.INVALID_ARGUMENT)
+      assert.strictEqual(status.details, "routing key 'schemas.x' does not match this kind's binding 'schemas.result.*'")
+      assert.strictEqual((yield* queueState(admin, names.schemas)).messageCount, 0)
+    }))
+
   it.live("a routing key bound to no queue is FAILED_PRECONDITION; the shared channel keeps working", () =>
     Effect.gen(function*() {
       const { names, client, admin } = yield* makeTestEnv()
-      const status = yield* failure(publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("u-1"), "nowhere.x")))
+      // An operator removed the schemas binding: schema messages now route nowhere.
+      yield* Effect.promise(() => admin.channel.unbindQueue(names.schemas, names.exchange, "schemas.*"))
+      const status = yield* failure(publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("u-1"), "schemas.x")))
       assert.strictEqual(status.code, grpc.status.FAILED_PRECONDITION)
-      assert.include(status.details, "message 'u-1' routed to no queue (routing key 'nowhere.x'")
+      assert.include(status.details, "message 'u-1' routed to no queue (routing key 'schemas.x'")
       // Concurrent publishes, routable and not, each get their own verdict.
       const results = yield* Effect.forEach(
         Array.from({ length: 20 }, (_, i) => i),
         (i) =>
           Effect.result(publish(
             client,
-            request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody(`c-${i}`), i % 2 === 0 ? "schemas.x" : "nowhere.y")
+            i % 2 === 0
+              ? request(MessageKind.MESSAGE_KIND_VALIDATION, validationBody(`c-${i}`))
+              : request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody(`c-${i}`))
           )),
         { concurrency: "unbounded" }
       )
@@ -158,7 +171,7 @@ describe("Publish", () => {
           if (result._tag === "Failure") assert.strictEqual(result.failure.code, grpc.status.FAILED_PRECONDITION)
         }
       })
-      const arrived = yield* drain(admin, names.schemas)
+      const arrived = yield* drain(admin, names.validations)
       assert.deepStrictEqual(idsIn(arrived).sort(), ["c-0", "c-10", "c-12", "c-14", "c-16", "c-18", "c-2", "c-4", "c-6", "c-8"])
     }))
 
@@ -258,15 +271,18 @@ describe("PublishBatch", () => {
   it.live("an unroutable request ends the batch with FAILED_PRECONDITION; the count covers what was in flight", () =>
     Effect.gen(function*() {
       const { names, client, admin } = yield* makeTestEnv()
+      yield* Effect.promise(() => admin.channel.unbindQueue(names.schemas, names.exchange, "schemas.*"))
       const requests = Array.from({ length: 20 }, (_, i) =>
-        request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody(`r-${i}`), i === 5 ? "nowhere.x" : ""))
+        i === 5
+          ? request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody(`r-${i}`))
+          : request(MessageKind.MESSAGE_KIND_VALIDATION, validationBody(`r-${i}`)))
       const status = yield* failure(publishBatch(client, requests))
       assert.strictEqual(status.code, grpc.status.FAILED_PRECONDITION)
-      const match = /routing key 'nowhere\.x'.*\(published 5 before this one(?:; (\d+) later ones were already in flight and were published too)?\)$/
+      const match = /routing key 'schemas\.\*'.*\(published 5 before this one(?:; (\d+) later ones were already in flight and were published too)?\)$/
         .exec(status.details)
       assert.isNotNull(match, status.details)
       const after = Number(match?.[1] ?? 0)
-      const arrived = idsIn(yield* drain(admin, names.schemas))
+      const arrived = idsIn(yield* drain(admin, names.validations))
       // Exactly what the details say: the 5 before, then the later ones that were already sent.
       assert.deepStrictEqual(arrived, [
         ...Array.from({ length: 5 }, (_, i) => `r-${i}`),
