@@ -81,7 +81,7 @@ const make = Effect.gen(function*() {
     Schedule.jittered,
     Schedule.setInputType<AmqpError>(),
     Schedule.tap(({ attempt, duration, input }) =>
-      Effect.logWarning("broker unreachable, retrying", {
+      Effect.logWarning(input.operation === "declare topology" ? "topology declaration failed, retrying" : "broker unreachable, retrying", {
         attempt,
         retryInMs: Math.round(Duration.toMillis(duration)),
         error: input.message

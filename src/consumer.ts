@@ -7,6 +7,7 @@ import type * as amqp from "amqplib"
 import { Cause, Duration, Effect, Queue, Schedule, Stream } from "effect"
 import { Broker } from "./broker.js"
 import { AmqpError, ConnectionLost, ConsumerClosedByBroker } from "./errors.js"
+import { ensureQueue } from "./topology.js"
 
 /** One message from the queue, with the ways to settle it on the channel it came from. */
 export interface Delivery {
@@ -165,11 +166,9 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
             moveTo,
             deadLetter: (reason, headers = {}) =>
               // The default exchange drops a message for a missing queue (after confirming it!),
-              // and an operator may have deleted the dead-letter queue: declare it first.
-              Effect.tryPromise({
-                try: () => channel.assertQueue(options.deadLetterQueue, { durable: true }),
-                catch: (cause) => new AmqpError({ operation: `declare '${options.deadLetterQueue}'`, cause })
-              }).pipe(Effect.andThen(moveTo(options.deadLetterQueue, {
+              // and an operator may have deleted the dead-letter queue: make sure it exists first.
+              Effect.flatMap(broker.connection, (connection) => ensureQueue(connection, options.deadLetterQueue)).pipe(
+                Effect.andThen(moveTo(options.deadLetterQueue, {
                 ...headers,
                 "x-dead-letter-reason": reason,
                 "x-original-queue": options.queue,

@@ -13,6 +13,34 @@ export const consumedQueues = (rabbit: ProxySettings["rabbit"]): ReadonlyArray<s
   rabbit.validations.queue
 ]
 
+/**
+ * Declares a durable queue only if it is missing. An existing queue is taken as it is (a passive
+ * check), so queues an operator declared with arguments (quorum type, delivery limit, …) are
+ * accepted, where re-declaring them without those arguments would fail with PRECONDITION_FAILED.
+ */
+const ensureQueueAsync = async (connection: amqp.ChannelModel, queue: string) => {
+  // A failed passive check (404) closes its channel, hence one channel per check.
+  const probe = await connection.createChannel()
+  probe.on("error", () => undefined)
+  const exists = await probe.checkQueue(queue).then(() => true, () => false)
+  if (exists) await probe.close().catch(() => undefined)
+  else {
+    const declarer = await connection.createChannel()
+    declarer.on("error", () => undefined)
+    try {
+      await declarer.assertQueue(queue, { durable: true })
+    } finally {
+      await declarer.close().catch(() => undefined)
+    }
+  }
+}
+
+export const ensureQueue = (connection: amqp.ChannelModel, queue: string) =>
+  Effect.tryPromise({
+    try: () => ensureQueueAsync(connection, queue),
+    catch: (cause) => new AmqpError({ operation: `declare '${queue}'`, cause })
+  })
+
 export const declareTopology = (connection: amqp.ChannelModel, rabbit: ProxySettings["rabbit"]) =>
   Effect.acquireUseRelease(
     Effect.tryPromise({
@@ -22,16 +50,14 @@ export const declareTopology = (connection: amqp.ChannelModel, rabbit: ProxySett
     (channel) =>
       Effect.tryPromise({
         try: async () => {
+          channel.on("error", () => undefined)
           await channel.assertExchange(rabbit.exchange, rabbit.exchangeType, { durable: true })
           for (const { queue, routingKey } of contractQueues(rabbit)) {
-            // No arguments: older deployments declared these queues without any, and a declaration
-            // with different arguments fails with PRECONDITION_FAILED.
-            await channel.assertQueue(queue, { durable: true })
+            // Never with arguments of our own: older deployments declared these queues without any.
+            await ensureQueueAsync(connection, queue)
             await channel.bindQueue(queue, rabbit.exchange, routingKey)
           }
-          for (const queue of consumedQueues(rabbit)) {
-            await channel.assertQueue(deadLetterQueue(rabbit, queue), { durable: true })
-          }
+          for (const queue of consumedQueues(rabbit)) await ensureQueueAsync(connection, deadLetterQueue(rabbit, queue))
         },
         catch: (cause) => new AmqpError({ operation: "declare topology", cause })
       }),

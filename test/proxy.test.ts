@@ -14,7 +14,19 @@ import {
   ValidationTasks
 } from "../gen/messaging.js"
 import { schemaBody, validationBody } from "./fixtures/bodies.js"
-import { makeTestEnv, quiet, publishJson, publishRaw, readMessages, unary, waitForQueue } from "./support/harness.js"
+import {
+  grpcClient,
+  makeAdmin,
+  makeNames,
+  makeTestEnv,
+  publishJson,
+  publishRaw,
+  quiet,
+  readMessages,
+  startProxy,
+  unary,
+  waitForQueue
+} from "./support/harness.js"
 
 describe("unary RPCs", () => {
   it.live("GetMessagingParams and the routing keys return the configured values", () =>
@@ -205,5 +217,34 @@ describe("streams", () => {
       assert.match(String(dead[1]?.properties.headers?.["x-dead-letter-reason"]), /Expected string.*\["id"\]/)
       assert.strictEqual(dead[1]?.properties.headers?.["x-original-queue"], names.schemas)
       yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 0)
+    }))
+})
+
+describe("topology owned by operators", () => {
+  it.live("a dead-letter queue deleted by an operator is declared again before a malformed body goes to it", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      yield* Effect.promise(() => admin.channel.deleteQueue(names.schemasDead))
+      yield* publishRaw(admin, names.exchange, "schemas.*", Buffer.from("not json"), { messageId: "bad-after-purge" })
+      yield* publishJson(admin, names.exchange, "schemas.*", schemaBody("good-after-purge"))
+      const [message] = yield* readMessages(client.streamSchemaMessages({}), 1)
+      assert.strictEqual(message?.id, "good-after-purge")
+      const dead = yield* waitForQueue(admin, names.schemasDead, (q) => q.messageCount === 1)
+      assert.strictEqual(dead.messageCount, 1, "kept, not dropped")
+    }))
+
+  it.live("queues that already exist as quorum queues are accepted as they are", () =>
+    Effect.gen(function*() {
+      const names = makeNames()
+      const admin = yield* makeAdmin(names)
+      yield* Effect.promise(() =>
+        admin.channel.assertQueue(names.schemas, { durable: true, arguments: { "x-queue-type": "quorum", "x-delivery-limit": 10 } })
+      )
+      const port = yield* startProxy(names)
+      const client = yield* grpcClient(port)
+      yield* waitForQueue(admin, names.schemasDead)
+      yield* publishJson(admin, names.exchange, "schemas.*", schemaBody("in-quorum"))
+      const [message] = yield* readMessages(client.streamSchemaMessages({}), 1)
+      assert.strictEqual(message?.id, "in-quorum")
     }))
 })
