@@ -4,7 +4,7 @@
  */
 import * as grpc from "@grpc/grpc-js"
 import { Cause, Effect, Exit } from "effect"
-import type { ConsumeError } from "./consumer.js"
+import { channelsExhausted, type ConsumeError } from "./consumer.js"
 import type { AmqpError } from "./errors.js"
 
 /** The part of a grpc-js server call (writable or duplex) the proxy writes to. */
@@ -31,7 +31,9 @@ export const statusOf = (error: CallError): { code: grpc.status; details: string
         details: error.message
       }
     case "AmqpError":
-      return { code: grpc.status.UNAVAILABLE, details: error.message }
+      return channelsExhausted(error)
+        ? { code: grpc.status.RESOURCE_EXHAUSTED, details: `broker channel limit reached: ${error.message}` }
+        : { code: grpc.status.UNAVAILABLE, details: error.message }
   }
 }
 

@@ -45,6 +45,9 @@ export interface ConsumeOptions {
 
 export type ConsumeError = AmqpError | ConnectionLost | ConsumerClosedByBroker
 
+/** amqplib's answer when the connection has used up the broker's channel_max. */
+export const channelsExhausted = (error: AmqpError): boolean => error.message.includes("No channels left")
+
 const settle = (operation: () => void): boolean => {
   try {
     operation()
@@ -110,7 +113,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
         const broker = yield* Broker
         // A channel that cannot be opened right after a drop means the connection is gone too.
         const channel = yield* broker.openChannel.pipe(
-          Effect.mapError((error) => new ConnectionLost({ reason: error.message }))
+          Effect.mapError((error) => channelsExhausted(error) ? error : new ConnectionLost({ reason: error.message }))
         )
         let closingOurselves = false
         let channelClosed = false

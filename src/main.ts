@@ -4,13 +4,32 @@
  * A start-up failure (bad config, port taken) prints one line to stderr and exits 1.
  */
 import { NodeRuntime } from "@effect/platform-node"
-import { Cause, Effect, Exit, Layer, type Runtime } from "effect"
+import { Cause, Context, Duration, Effect, Exit, Layer, type Runtime } from "effect"
 import { ProxyLive } from "./app.js"
+import { ProxyConfig } from "./config.js"
 
 const teardown: Runtime.Teardown = (exit, onExit) =>
   onExit(Exit.isSuccess(exit) || Cause.hasInterruptsOnly(exit.cause) ? 0 : 1)
 
-Layer.launch(ProxyLive).pipe(
+/**
+ * The last resort behind the bounded shutdown: if releasing the layers has not finished a few
+ * seconds after the shutdown timeout (a broker that went silent mid-close), exit anyway. The
+ * broker requeues whatever was unacked when the connection drops, so nothing is lost.
+ */
+const armHardExit = (timeout: Duration.Duration) =>
+  Effect.sync(() => {
+    setTimeout(() => {
+      process.stderr.write("messaging-proxy: shutdown did not finish in time; exiting\n")
+      process.exit(0)
+    }, Duration.toMillis(timeout) + 5_000).unref()
+  })
+
+Effect.gen(function*() {
+  const services = yield* Layer.build(ProxyLive)
+  const { grpc } = Context.get(services, ProxyConfig)
+  return yield* Effect.never.pipe(Effect.onInterrupt(() => armHardExit(grpc.shutdownTimeout)))
+}).pipe(
+  Effect.scoped,
   Effect.tapCause((cause) =>
     Cause.hasInterruptsOnly(cause) ? Effect.void : Effect.sync(() => {
       const error = Cause.squash(cause)
