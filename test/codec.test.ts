@@ -1,6 +1,11 @@
 import { describe, expect, it } from "@effect/vitest"
 import { Result } from "effect"
-import { type BodyRejected, decodeSchemaMessage, decodeValidationMessage } from "../src/codec.js"
+import {
+  __testing,
+  type BodyRejected,
+  decodeSchemaMessage as publicDecodeSchemaMessage,
+  decodeValidationMessage as publicDecodeValidationMessage
+} from "../src/codec.js"
 import {
   PropertyType,
   SchemaMessageResponse,
@@ -8,9 +13,78 @@ import {
   ValidationMessageResponse,
   ValidationTasks
 } from "../gen/messaging.js"
+import { schemaBody, validationBody } from "./fixtures/bodies.js"
 
 const bytes = (body: string | object): Uint8Array =>
   new TextEncoder().encode(typeof body === "string" ? body : JSON.stringify(body))
+
+// ---------------------------------------------------------------------------------------------
+// Fast path vs Schema path
+// ---------------------------------------------------------------------------------------------
+
+/** The two internal paths of one decoder, on a parsed JSON value. */
+interface Paths<A> {
+  readonly fast: (json: unknown) => A | undefined
+  readonly slow: (json: unknown) => Result.Result<A, BodyRejected>
+}
+
+/** Deep-equal, same classes, and the same key order (map entries are encoded in that order). */
+const expectSameMessage = (actual: unknown, expected: unknown, label?: string) => {
+  expect(actual, label).toStrictEqual(expected)
+  expect(JSON.stringify(actual), label).toBe(JSON.stringify(expected))
+}
+
+const NOT_JSON = Symbol("not JSON")
+const parseLikeTheDecoder = (body: Uint8Array): unknown => {
+  try {
+    return JSON.parse(new TextDecoder("utf-8", { fatal: true }).decode(body))
+  } catch {
+    return NOT_JSON
+  }
+}
+
+/**
+ * Checks the public decoder's result for `json` against both internal paths:
+ * - Schema accepts → the public result is deep-equal to the Schema path's, and so is the fast
+ *   path's whenever it answers; the guard answering on every accepted body is checked too when
+ *   `requireFast` (it does for every body the Schema accepts today — see src/codec.ts);
+ * - Schema rejects → the fast path does not answer, and the public decoder gives the same reason.
+ * Returns whether the Schema accepted and whether the fast path answered.
+ */
+const comparePaths = <A>(
+  paths: Paths<A>,
+  json: unknown,
+  result: Result.Result<A, BodyRejected>,
+  options: { readonly requireFast: boolean; readonly label?: string }
+): { readonly accepted: boolean; readonly fast: boolean } => {
+  const { label } = options
+  const slow = paths.slow(json)
+  const fast = paths.fast(json)
+  if (Result.isFailure(slow)) {
+    expect(fast, `fast path answered for a body the Schema rejects: ${label}`).toBeUndefined()
+    expect(Result.isFailure(result), label).toBe(true)
+    if (Result.isFailure(result)) expect(result.failure.reason, label).toBe(slow.failure.reason)
+    return { accepted: false, fast: false }
+  }
+  if (Result.isFailure(result)) throw new Error(`public decoder rejected what the Schema accepts: ${label}`)
+  expectSameMessage(result.success, slow.success, label)
+  if (fast !== undefined) expectSameMessage(fast, slow.success, label)
+  else if (options.requireFast) throw new Error(`fast path did not cover an accepted body: ${label}`)
+  return { accepted: true, fast: fast !== undefined }
+}
+
+/** The public decoder, with every call cross-checked against both internal paths. */
+const checked = <A>(decode: (body: Uint8Array) => Result.Result<A, BodyRejected>, paths: Paths<A>) =>
+(body: Uint8Array): Result.Result<A, BodyRejected> => {
+  const result = decode(body)
+  const json = parseLikeTheDecoder(body)
+  if (json !== NOT_JSON) comparePaths(paths, json, result, { requireFast: true, label: new TextDecoder().decode(body) })
+  return result
+}
+
+// Every decode in this file goes through these, so every fixture below also checks the fast path.
+const decodeSchemaMessage = checked(publicDecodeSchemaMessage, __testing.schemaMessage)
+const decodeValidationMessage = checked(publicDecodeValidationMessage, __testing.validationMessage)
 
 const ok = <A>(result: Result.Result<A, BodyRejected>): A => {
   if (Result.isFailure(result)) throw new Error(`unexpected rejection: ${result.failure.reason}`)
@@ -462,5 +536,263 @@ describe("rejections", () => {
     ])("rejects %j", (fields, expected) => {
       expect(validationReason(fields)).toBe(expected)
     })
+  })
+})
+
+describe("fast path", () => {
+  const { schemaMessage, validationMessage } = __testing
+
+  const covered = <A>(paths: Paths<A>, body: string | object) => {
+    const json: unknown = typeof body === "string" ? JSON.parse(body) : JSON.parse(JSON.stringify(body))
+    const fast = paths.fast(json)
+    expect(fast).toBeDefined()
+    const slow = paths.slow(json)
+    if (Result.isFailure(slow)) throw new Error(`Schema rejected: ${slow.failure.reason}`)
+    expectSameMessage(fast, slow.success)
+  }
+
+  it.each([
+    ["the contract example", CONTRACT_SCHEMA_BODY],
+    ["the fixture body", schemaBody("s1")],
+    ["only an id", { id: "s1" }],
+    ["remove_schema without schema", { id: "s1", tasks: "remove_schema" }],
+    ["`task` instead of `tasks`, all nulls", { id: "s1", task: "upload_schema", tasks: null, raw: null, extra: null }],
+    ["`$schema`, direct keywords, scalar extras", {
+      id: "s1",
+      schema: {
+        $schema: "https://json-schema.org/draft/2020-12/schema",
+        type: "object",
+        title: "ignored",
+        properties: {
+          age: { type: "integer", minimum: 0, enum: [1, 2], extra: { maximum: 150.5, exclusive: true, gone: null } },
+          name: { type: "string", format: "email", items: { type: "string" } }
+        }
+      },
+      raw: true,
+      date: "2025-06-25 10:31:02,5+02:00",
+      extra: { source: "api", priority: 3, retry: false, none: null },
+      unknown_top_level: { a: [1] }
+    }]
+  ])("covers the schema message: %s", (_, body) => covered(schemaMessage, body))
+
+  it.each([
+    ["the contract example", CONTRACT_VALIDATION_BODY],
+    ["the fixture body", validationBody("v1")],
+    ["only an id", { id: "v1" }],
+    ["`tasks`, string size, empty metadata fields", {
+      id: "v1",
+      tasks: "sample_validation",
+      file_data: "",
+      metadata: { size: "0012" },
+      extra: { retries: 3, urgent: true }
+    }],
+    ["nulls everywhere", { id: "v1", task: null, file_data: null, metadata: { filename: null, size: null }, date: null }]
+  ])("covers the validation message: %s", (_, body) => covered(validationMessage, body))
+
+  it("does not answer for a body the Schema rejects", () => {
+    expect(schemaMessage.fast({ id: "" })).toBeUndefined()
+    expect(schemaMessage.fast({ id: "s1", extra: { bad: [1] } })).toBeUndefined()
+    expect(schemaMessage.fast({ id: "s1", schema: { properties: { a: { type: "date" } } } })).toBeUndefined()
+    expect(validationMessage.fast({ id: "v1", file_data: "abc" })).toBeUndefined()
+    expect(validationMessage.fast({ id: "v1", metadata: { size: 2 ** 53 } })).toBeUndefined()
+    expect(validationMessage.fast([{ id: "v1" }])).toBeUndefined()
+  })
+})
+
+// ---------------------------------------------------------------------------------------------
+// Generated bodies: fast path ⊆ Schema path, same rejections
+// ---------------------------------------------------------------------------------------------
+
+describe("fast path on generated bodies", () => {
+  // mulberry32: small, seeded, deterministic
+  const prng = (seed: number) => () => {
+    seed = (seed + 0x6d2b79f5) | 0
+    let t = Math.imul(seed ^ (seed >>> 15), 1 | seed)
+    t = (t + Math.imul(t ^ (t >>> 7), 61 | t)) ^ t
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+
+  const MISSING = Symbol("missing")
+  // A JSON number token JSON.stringify cannot produce (-0, 1e400, 12.0, …), spliced in verbatim.
+  const raw = (token: string) => `@@RAW:${token}@@`
+  const toJsonText = (value: unknown) => JSON.stringify(value).replace(/"@@RAW:([^@"]*)@@"/g, "$1")
+
+  const makeGenerator = (seed: number) => {
+    const rng = prng(seed)
+    let pBad = 0
+    const chance = (p: number) => rng() < p
+    const bad = () => chance(pBad)
+    const pick = <T>(xs: ReadonlyArray<T>): T => xs[Math.floor(rng() * xs.length)]!
+    const times = <T>(max: number, f: () => T): Array<T> => Array.from({ length: Math.floor(rng() * (max + 1)) }, f)
+
+    /** An object with the given entries in random order; MISSING values are left out. */
+    const object = (entries: ReadonlyArray<readonly [string, unknown]>): Record<string, unknown> => {
+      const kept = entries.filter(([, v]) => v !== MISSING)
+      for (let i = kept.length - 1; i > 0; i--) {
+        const j = Math.floor(rng() * (i + 1))
+        ;[kept[i], kept[j]] = [kept[j]!, kept[i]!]
+      }
+      return Object.fromEntries(kept) // own keys, `__proto__` included
+    }
+
+    /** An optional field: usually missing, null or good; a wrong value with probability pBad. */
+    const optional = (good: () => unknown, wrong: ReadonlyArray<unknown>): unknown =>
+      bad() ? pick(wrong) : chance(0.3) ? MISSING : chance(0.15) ? null : good()
+
+    const WRONG_SCALARS = [5, 0, true, false, [], {}, ["x"], { a: 1 }, raw("-0"), raw("1e400")]
+    const STRINGS = ["customers", "", "é…", "upload_schema", "remove_schema", "UPLOAD_SCHEMA", "sample_validation",
+      "toString", "__proto__", "http://json-schema.org/draft-07/schema#"]
+    const optString = () => optional(() => pick(STRINGS), WRONG_SCALARS)
+
+    const DATES = ["2025-06-25T10:31:02.123456", "2025-06-25T10:31:02Z", "2025-06-25", "2025-06-25T10:31:02+02:00",
+      "2025-06-25T10:31:02.123456+0000", "2025-06-25 10:31:02.123456", "2025-06-25T10:31", "2025-06-25T10:31:02,5Z"]
+    const BAD_DATES = ["yesterday", "2025-13-01", "2025-06-25T25:00:00", "1", "", 20250625, "2025-02-30T00:00:00Z",
+      "2025-06-25T10:31:02.123456+02:0", true]
+    const date = () => optional(() => pick(DATES), BAD_DATES)
+
+    const KEYS = ["priority", "source", "minimum", "format", "1", "0", "__proto__", "toString", "a b", "é", "type",
+      "extra"]
+    const EXTRA_VALUES = ["high", "", "0", 0, 3, -7, 1.5, 1e21, true, false, null, raw("-0"), raw("1e400"), raw("1E2"),
+      raw("12.0")]
+    const NESTED_VALUES = [{ a: 1 }, [1], [], {}]
+    const extra = () =>
+      optional(
+        () => object(times(4, () => [pick(KEYS), bad() ? pick(NESTED_VALUES) : pick(EXTRA_VALUES)] as const)),
+        ["x", [], 5, true, ["a"]]
+      )
+
+    const KEYWORDS: ReadonlyArray<readonly [string, unknown]> = [
+      ["minimum", 0], ["maximum", raw("1e400")], ["format", "x"], ["enum", ["red", "green"]],
+      ["items", { type: "string" }], ["nullable", false], ["skipped", null], ["__proto__", { a: 1 }],
+      ["description", "d"], ["1", "one"], ["default", raw("-0")]
+    ]
+    const property = () =>
+      bad() && chance(0.3)
+        ? pick(["integer", null, [], 5])
+        : object([
+          ["type", bad() ? pick(["date", "INTEGER", "", 5, null, MISSING]) : pick(["string", "integer", "number", "boolean"])],
+          ["extra", extra()],
+          ...times(3, () => pick(KEYWORDS))
+        ])
+
+    const jsonSchema = () =>
+      optional(
+        () =>
+          object([
+            ["schema", optString()],
+            ["$schema", optString()],
+            ["type", optString()],
+            ["required", optional(() => times(3, () => pick(STRINGS)), ["name", ["name", 1], [null], {}])],
+            ["properties", optional(() => object(times(5, () => [pick(KEYS), property()] as const)), [[], "x", 5])],
+            ["title", chance(0.2) ? "T" : MISSING],
+            ["additionalProperties", chance(0.2) ? false : MISSING]
+          ]),
+        ["{}", [], 5]
+      )
+
+    const id = () => (bad() ? pick([MISSING, 5, null, "", [], true]) : pick(["s1", "6f1c…", "x", "__proto__"]))
+    const unknownKeys: ReadonlyArray<readonly [string, unknown]> = [["future_field", { a: [1] }], ["version", 2]]
+    const maybeNotAnObject = (message: () => unknown) =>
+      chance(pBad / 5) ? pick([null, [], 42, "id", true, [{ id: "x" }]]) : message()
+
+    const schemaMessage = () =>
+      maybeNotAnObject(() =>
+        object([
+          ["id", id()],
+          ["tasks", optString()],
+          ["task", optString()],
+          ["schema", jsonSchema()],
+          ["import_name", optString()],
+          ["raw", optional(() => pick([true, false]), ["false", 0, 1, []])],
+          ["date", date()],
+          ["extra", extra()],
+          ...(chance(0.2) ? unknownKeys : [])
+        ])
+      )
+
+    const HEX = ["", "00", "deadBEEF", "48656c6c6f20576f726c6421", "ab".repeat(100)]
+    const BAD_HEX = ["abc", "0x48", "Hello World!", 48, "zz", "a", " 00"]
+    const SIZES = [0, 12, Number.MAX_SAFE_INTEGER, "12", "0012", "0", "9223372036854775807", raw("12.0"), raw("1E2"),
+      raw("-0")]
+    const BAD_SIZES = [-1, 1.5, 2 ** 53, true, "-1", "1.5", "", "9223372036854775808", " 12", "1e3", raw("1e400"), []]
+    const validationMessage = () =>
+      maybeNotAnObject(() =>
+        object([
+          ["id", id()],
+          ["task", optString()],
+          ["tasks", optString()],
+          ["file_data", optional(() => pick(HEX), BAD_HEX)],
+          ["import_name", optString()],
+          ["date", date()],
+          ["extra", extra()],
+          ["metadata", optional(
+            () =>
+              object([
+                ["filename", optString()],
+                ["content_type", optString()],
+                ["size", optional(() => pick(SIZES), BAD_SIZES)],
+                ["unknown", chance(0.2) ? 1 : MISSING]
+              ]),
+            ["a.csv", [], 5, true]
+          )],
+          ...(chance(0.2) ? unknownKeys : [])
+        ])
+      )
+
+    return {
+      /** Each case draws its own corruption rate, so both valid and invalid bodies are common. */
+      next: <T>(message: () => T): T => {
+        pBad = pick([0, 0, 0.01, 0.03, 0.1, 0.3])
+        return message()
+      },
+      schemaMessage,
+      validationMessage,
+      bom: () => chance(0.05)
+    }
+  }
+
+  const CASES = 3000
+
+  const run = <A>(
+    seed: number,
+    decode: (body: Uint8Array) => Result.Result<A, BodyRejected>,
+    paths: Paths<A>,
+    message: (g: ReturnType<typeof makeGenerator>) => unknown
+  ) => {
+    const g = makeGenerator(seed)
+    let accepted = 0
+    let fastHits = 0
+    for (let i = 0; i < CASES; i++) {
+      const text = toJsonText(g.next(() => message(g)))
+      const json: unknown = JSON.parse(text)
+      const result = decode(bytes(g.bom() ? `\uFEFF${text}` : text))
+      // requireFast: false — the contract is only "fast ⇒ Schema accepts, same message"; coverage
+      // is asserted in aggregate below.
+      const outcome = comparePaths(paths, json, result, { requireFast: false, label: `case ${i}: ${text}` })
+      if (outcome.accepted) accepted++
+      if (outcome.fast) fastHits++
+    }
+    return { accepted, fastHits }
+  }
+
+  it("schema messages: the fast path agrees with the Schema path", () => {
+    const { accepted, fastHits } = run(0x5eed, publicDecodeSchemaMessage, __testing.schemaMessage, (g) => g.schemaMessage())
+    // enough of both outcomes to mean something
+    expect(accepted).toBeGreaterThan(CASES / 4)
+    expect(accepted).toBeLessThan((CASES * 3) / 4)
+    // today the guard answers for every body the Schema accepts
+    expect(fastHits).toBe(accepted)
+  })
+
+  it("validation messages: the fast path agrees with the Schema path", () => {
+    const { accepted, fastHits } = run(
+      0xc0dec,
+      publicDecodeValidationMessage,
+      __testing.validationMessage,
+      (g) => g.validationMessage()
+    )
+    expect(accepted).toBeGreaterThan(CASES / 4)
+    expect(accepted).toBeLessThan((CASES * 3) / 4)
+    expect(fastHits).toBe(accepted)
   })
 })
