@@ -172,17 +172,46 @@ export const serveSubscription = <A>(
         yield* settleError(lost, "the delivery's broker channel is gone; the message will be redelivered")
       })
 
+    /**
+     * Acks a batch. Where the batch covers every delivery of a channel up to its highest tag (the
+     * usual in-order case) one multiple-ack frame settles them all, instead of a frame each;
+     * deliveries still being admitted always have higher tags, so they are never covered.
+     */
+    const ackAll = (ids: ReadonlyArray<string>) =>
+      Effect.gen(function*() {
+        const lost: Array<string> = []
+        const byChannel = new Map<Delivery["channel"], Array<[string, Delivery]>>()
+        for (const entry of yield* claim(ids)) {
+          const group = byChannel.get(entry[1].channel)
+          if (group) group.push(entry)
+          else byChannel.set(entry[1].channel, [entry])
+        }
+        const tagOf = (delivery: Delivery) => delivery.message.fields.deliveryTag
+        for (const [channel, group] of byChannel) {
+          const highest = group.reduce((a, b) => tagOf(b[1]) > tagOf(a[1]) ? b : a)[1]
+          let lowerUnsettled = false
+          for (const delivery of pending.values()) {
+            if (delivery.channel === channel && tagOf(delivery) < tagOf(highest)) lowerUnsettled = true
+          }
+          const settled = lowerUnsettled
+            ? group.map(([id, delivery]) => [id, delivery.ack()] as const)
+            : ((ok) => group.map(([id]) => [id, ok] as const))(highest.ackUpTo())
+          for (const [id, ok] of settled) {
+            if (!ok) lost.push(id)
+            else {
+              counts.acked++
+              Metrics.ackedUnsafe(spec.queue)
+            }
+          }
+        }
+        yield* settleError(lost, "the delivery's broker channel is gone; the message will be redelivered")
+      })
+
     const handle = (request: SubscriptionRequest) => {
       const action = request.action
       switch (action?.$case) {
         case "ack":
-          return settleEach(action.value.deliveryIds, (delivery) =>
-            Effect.sync(() => {
-              const ok = delivery.ack()
-              if (ok) counts.acked++
-              if (ok) Metrics.ackedUnsafe(spec.queue)
-              return ok
-            }))
+          return ackAll(action.value.deliveryIds)
         case "nack":
           return settleEach(action.value.deliveryIds, (delivery) =>
             requeueCounted(delivery, spec, `nacked by ${consumerName || "a subscriber"}`).pipe(
