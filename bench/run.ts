@@ -23,7 +23,7 @@ import { join } from "node:path"
 import { analyzeProfile, formatSummary, type ProfileSummary } from "./analyzeProfile.js"
 import { Admin, type BenchNames, listBrokerConnections, makeNames, proxyEnv } from "./broker.js"
 import { runCancel } from "./cancel.js"
-import { drainStream, makeClient } from "./drains.js"
+import { drainStream, drainSubscribe, makeClient } from "./drains.js"
 import { runLatency } from "./latency.js"
 import { defaultProxyMain, ProxyChild, stopAllChildren } from "./proxyProcess.js"
 import { runStreams } from "./streams.js"
@@ -314,7 +314,10 @@ const runProfilePhase = async (bench: Bench, admin: Admin, s: Settings): Promise
     try {
       await prefill(admin, s.messages, bodyFactory(s.bodyBytes))
       const offsetUs = hrtimeUs() - now() * 1000
-      const drained = await drainStream(client, s.messages)
+      // BENCH_PROFILE_RPC=subscribe profiles the acknowledged subscription instead.
+      const drained = process.env["BENCH_PROFILE_RPC"] === "subscribe"
+        ? await drainSubscribe(client, s.messages, { maxInFlight: s.prefetch, ackBatch: 16 })
+        : await drainStream(client, s.messages)
       window = { fromUs: drained.startedAt * 1000 + offsetUs, toUs: drained.finishedAt * 1000 + offsetUs, seconds: drained.seconds }
       await admin.waitQueue(admin.names.schemas, (q) => q.consumerCount === 0, 10_000, 5)
     } finally {
