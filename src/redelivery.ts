@@ -35,7 +35,6 @@ export interface Admitted<A> {
 export type Admission<A> =
   | { readonly _tag: "Deliver"; readonly admitted: Admitted<A> }
   | { readonly _tag: "DeadLettered"; readonly reason: string }
-  | { readonly _tag: "Requeued" }
 
 const countHeader = "x-delivery-count"
 const historyHeader = "x-requeue-history"
@@ -52,6 +51,25 @@ const historyOf = (delivery: Delivery): Array<string> => {
   return Array.isArray(raw) ? raw.map(String) : []
 }
 
+/** Dead-letters with the reason, counts it, and says so in one WARN line. */
+const deadLetterLogged = (
+  delivery: Delivery,
+  queue: string,
+  kind: "malformed" | "requeue_limit",
+  reason: string,
+  headers?: Record<string, unknown>
+) =>
+  delivery.deadLetter(reason, headers).pipe(
+    Effect.tap(() => Metrics.deadLettered(queue, kind)),
+    Effect.tap(() =>
+      Effect.logWarning(kind === "malformed" ? "malformed body dead-lettered" : "poison message dead-lettered", {
+        queue,
+        messageId: delivery.message.properties.messageId,
+        reason
+      })
+    )
+  )
+
 /**
  * Gives the delivery back to the queue with its count raised, or dead-letters it once it has been
  * requeued more than `maxRequeues` times. `note` says why, for the history.
@@ -65,18 +83,8 @@ export const requeueCounted = (
   const history = [...historyOf(delivery), `${new Date().toISOString()} ${note}`].slice(-historyLimit)
   const headers = { [countHeader]: requeues, [historyHeader]: history }
   if (requeues > policy.maxRequeues) {
-    const reason = `requeued more than ${policy.maxRequeues} times`
-    return delivery.deadLetter(reason, headers).pipe(
-      Effect.tap(() => Metrics.deadLettered(policy.queue, "requeue_limit")),
-      Effect.tap(() =>
-        Effect.logWarning("poison message dead-lettered", {
-          queue: policy.queue,
-          messageId: delivery.message.properties.messageId,
-          reason
-        })
-      ),
-      Effect.as("DeadLettered" as const)
-    )
+    return deadLetterLogged(delivery, policy.queue, "requeue_limit", `requeued more than ${policy.maxRequeues} times`, headers)
+      .pipe(Effect.as("DeadLettered" as const))
   }
   return delivery.moveTo(policy.queue, headers).pipe(Effect.as("Requeued" as const))
 }
@@ -88,15 +96,7 @@ export const admit = <A>(
   const decoded = policy.decode(delivery.message.content)
   if (Result.isFailure(decoded)) {
     const reason = decoded.failure.reason
-    return delivery.deadLetter(reason).pipe(
-      Effect.tap(() => Metrics.deadLettered(policy.queue, "malformed")),
-      Effect.tap(() =>
-        Effect.logWarning("malformed body dead-lettered", {
-          queue: policy.queue,
-          messageId: delivery.message.properties.messageId,
-          reason
-        })
-      ),
+    return deadLetterLogged(delivery, policy.queue, "malformed", reason).pipe(
       Effect.as({ _tag: "DeadLettered", reason } as const)
     )
   }
