@@ -41,6 +41,8 @@ export interface ConsumeOptions {
   readonly deadLetterQueue: string
   /** Shown in the broker's management UI next to the consumer. */
   readonly consumerTag?: string | undefined
+  /** Runs when the stream ends, after the consumer is cancelled but while the channel is open. */
+  readonly beforeChannelClose?: (() => void) | undefined
 }
 
 export type ConsumeError = AmqpError | ConnectionLost | ConsumerClosedByBroker
@@ -119,6 +121,8 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
         let channelClosed = false
         // Runs before the channel's own finalizer (reverse order), so our close is not a failure.
         yield* Effect.addFinalizer(() => Effect.sync(() => { closingOurselves = true }))
+        const beforeChannelClose = options.beforeChannelClose
+        if (beforeChannelClose) yield* Effect.addFinalizer(() => Effect.sync(beforeChannelClose))
         channel.on("error", (error: Error) => {
           Queue.failCauseUnsafe(
             queue,
@@ -176,7 +180,12 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
                 "x-dead-letter-reason": reason,
                 "x-original-queue": options.queue,
                 "x-dead-lettered-at": new Date().toISOString()
-              })))
+              }))).pipe(
+                // A cut during the declaration is a lost connection too: re-attach, don't fail.
+                Effect.mapError((error) =>
+                  channelClosed && error._tag === "AmqpError" ? new ConnectionLost({ reason: error.message }) : error
+                )
+              )
           }
         }
 

@@ -13,14 +13,15 @@ const teardown: Runtime.Teardown = (exit, onExit) =>
 
 /**
  * The last resort behind the bounded shutdown: if releasing the layers has not finished a few
- * seconds after the shutdown timeout (a broker that went silent mid-close), exit anyway. The
- * broker requeues whatever was unacked when the connection drops, so nothing is lost.
+ * seconds after the shutdown timeout (a broker that went silent mid-close), exit anyway (code 1).
+ * The broker requeues whatever was unacked when the connection drops, so nothing is lost.
  */
 const armHardExit = (timeout: Duration.Duration) =>
   Effect.sync(() => {
     setTimeout(() => {
+      // Exit 1: the bounded shutdown did not hold, which a supervisor should notice.
       process.stderr.write("messaging-proxy: shutdown did not finish in time; exiting\n")
-      process.exit(0)
+      process.exit(1)
     }, Duration.toMillis(timeout) + 5_000).unref()
   })
 

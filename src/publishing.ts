@@ -26,7 +26,7 @@ import {
 } from "../gen/messaging.js"
 import { Broker } from "./broker.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
-import type { ProxySettings, QueueBinding } from "./config.js"
+import { contractQueues, type ProxySettings, type QueueBinding } from "./config.js"
 import { AmqpError, describe } from "./errors.js"
 
 /** Runs an Effect needing the broker as a handler fiber (the `run` the handlers get). */
@@ -205,9 +205,19 @@ export const validatePublish = (rabbit: Rabbit, request: PublishRequest): Result
   // An override must still route to the kind's own queue: otherwise a lenient kind (results need
   // only an id) could put an unvalidated body on the schemas or validations queue.
   const pattern = spec.value.binding.routingKey
-  const matches = rabbit.exchangeType === "topic" ? topicMatches(pattern, routingKey) : pattern === routingKey
-  if (!matches) {
-    return Result.fail(reject(`routing key '${routingKey}' does not match this kind's binding '${pattern}'`))
+  const routesTo = (bindingKey: string) =>
+    rabbit.exchangeType === "topic" ? topicMatches(bindingKey, routingKey) : bindingKey === routingKey
+  if (request.routingKey !== "") {
+    if (rabbit.exchangeType === "fanout" || rabbit.exchangeType === "headers") {
+      return Result.fail(reject(`a routing key override means nothing on a ${rabbit.exchangeType} exchange`))
+    }
+    if (!routesTo(pattern)) {
+      return Result.fail(reject(`routing key '${routingKey}' does not match this kind's binding '${pattern}'`))
+    }
+    const other = contractQueues(rabbit).find((b) => b.routingKey !== pattern && routesTo(b.routingKey))
+    if (other !== undefined) {
+      return Result.fail(reject(`routing key '${routingKey}' would also reach '${other.queue}' (binding '${other.routingKey}')`))
+    }
   }
   return spec.value.idOf(request.body).pipe(
     Result.map((messageId): ValidPublish => ({ messageId, routingKey, body: request.body })),

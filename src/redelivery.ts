@@ -1,8 +1,8 @@
 /**
  * What happens to a delivery before a client sees it, and when a client gives it back.
  *
- * Classic queues keep no delivery count, so the proxy keeps one in the `x-delivery-count` header
- * (the header quorum queues use, with the same meaning: earlier deliveries that were not acked).
+ * Classic queues keep no delivery count, so the proxy keeps its own in the `x-requeue-count`
+ * header (not quorum queues' `x-delivery-count`, which the broker sets and would overwrite).
  * A requeue is a confirmed republish of the message with the count raised, then an ack of the
  * original. What counts as a requeue is what a client did with a message it had: a nack, or
  * leaving it unsettled when its subscription ended (cancel, crash, half-close), so a message that
@@ -36,7 +36,7 @@ export type Admission<A> =
   | { readonly _tag: "Deliver"; readonly admitted: Admitted<A> }
   | { readonly _tag: "DeadLettered"; readonly reason: string }
 
-const countHeader = "x-delivery-count"
+const countHeader = "x-requeue-count"
 const historyHeader = "x-requeue-history"
 const historyLimit = 20
 

@@ -66,7 +66,14 @@ export const serveQueueStream = <Req, A>(
   })
   return Effect.logInfo("stream opened", { queue: spec.queue }).pipe(
     Effect.andThen(
-      admittedDeliveries({ queue: spec.queue, prefetch: spec.prefetch, deadLetterQueue: spec.deadLetterQueue }, spec)
+      admittedDeliveries({
+        queue: spec.queue,
+        prefetch: spec.prefetch,
+        deadLetterQueue: spec.deadLetterQueue,
+        // The last batch of acks must go out on the channel before it closes, or those written
+        // messages come back as duplicates.
+        beforeChannelClose: () => acks.flush()
+      }, spec)
         .pipe(
           Stream.runForEach((admission) => {
             if (admission._tag === "DeadLettered") counts.deadLettered++
@@ -78,7 +85,6 @@ export const serveQueueStream = <Req, A>(
           })
         )
     ),
-    Effect.onExit(() => Effect.sync(acks.flush)),
     Effect.onExit((exit) => Effect.logInfo("stream ended", { queue: spec.queue, reason: finishCall(outgoing, exit), ...counts })),
     Metrics.trackActiveStream(rpc),
     Effect.ignore

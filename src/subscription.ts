@@ -167,9 +167,14 @@ export const serveSubscription = <A>(
         const lost: Array<string> = []
         for (const [id, delivery] of yield* claim(ids)) {
           const ok = yield* settle(delivery).pipe(Effect.catch(() => Effect.succeed(false)))
-          if (!ok) lost.push(id)
+          if (!ok) {
+            lost.push(id)
+            // The move failed but the original may still be unacked on a live channel: hand it
+            // back now, so a later multiple-ack can never settle it (no-op if the channel is gone).
+            delivery.nack(true)
+          }
         }
-        yield* settleError(lost, "the delivery's broker channel is gone; the message will be redelivered")
+        yield* settleError(lost, "could not settle (broker channel gone or the broker refused); the message will be redelivered")
       })
 
     /**
@@ -250,12 +255,15 @@ export const serveSubscription = <A>(
       const unsettled = [...pending.values()]
       pending.clear()
       const note = `unsettled when ${consumerName || "a subscriber"} left`
-      // Stop the broker pushing first, or it could hand a requeued copy straight back to us.
-      return Effect.andThen(unsettled[0]!.stopConsuming, Effect.forEach(unsettled, (delivery) =>
+      // Stop the broker pushing first (on every channel involved), or it could hand a requeued
+      // copy straight back to us.
+      const channels = new Map(unsettled.map((delivery) => [delivery.channel, delivery.stopConsuming] as const))
+      const stop = Effect.forEach(channels.values(), (stopConsuming) => stopConsuming, { discard: true })
+      return Effect.andThen(stop, Effect.forEach(unsettled, (delivery) =>
         requeueCounted(delivery, spec, note).pipe(
           Effect.tap((outcome) => Effect.sync(() => outcome === "Requeued" ? counts.requeued++ : counts.deadLettered++)),
           Effect.ignore
-        ), { discard: true })).pipe(Effect.timeoutOption("5 seconds"))
+        ), { discard: true, concurrency: 16 })).pipe(Effect.timeoutOption("5 seconds"))
     })
     // Settle requests until the client half-closes; the pump runs beside it and its failure
     // (e.g. the queue was deleted) ends the call.

@@ -18,19 +18,26 @@ export const consumedQueues = (rabbit: ProxySettings["rabbit"]): ReadonlyArray<s
  * check), so queues an operator declared with arguments (quorum type, delivery limit, …) are
  * accepted, where re-declaring them without those arguments would fail with PRECONDITION_FAILED.
  */
+/** Close, waiting at most 2 s: amqplib never settles a close that races a dying connection. */
+const closeWithin = (channel: amqp.Channel) =>
+  Promise.race([
+    channel.close().catch(() => undefined),
+    new Promise<void>((resolve) => setTimeout(resolve, 2_000).unref())
+  ])
+
 const ensureQueueAsync = async (connection: amqp.ChannelModel, queue: string) => {
   // A failed passive check (404) closes its channel, hence one channel per check.
   const probe = await connection.createChannel()
   probe.on("error", () => undefined)
   const exists = await probe.checkQueue(queue).then(() => true, () => false)
-  if (exists) await probe.close().catch(() => undefined)
+  if (exists) await closeWithin(probe)
   else {
     const declarer = await connection.createChannel()
     declarer.on("error", () => undefined)
     try {
       await declarer.assertQueue(queue, { durable: true })
     } finally {
-      await declarer.close().catch(() => undefined)
+      await closeWithin(declarer)
     }
   }
 }
@@ -39,7 +46,12 @@ export const ensureQueue = (connection: amqp.ChannelModel, queue: string) =>
   Effect.tryPromise({
     try: () => ensureQueueAsync(connection, queue),
     catch: (cause) => new AmqpError({ operation: `declare '${queue}'`, cause })
-  })
+  }).pipe(
+    Effect.timeoutOrElse({
+      duration: "10 seconds",
+      orElse: () => Effect.fail(new AmqpError({ operation: `declare '${queue}'`, cause: "no answer within 10 s" }))
+    })
+  )
 
 export const declareTopology = (connection: amqp.ChannelModel, rabbit: ProxySettings["rabbit"]) =>
   Effect.acquireUseRelease(
@@ -62,5 +74,5 @@ export const declareTopology = (connection: amqp.ChannelModel, rabbit: ProxySett
         catch: (cause) => new AmqpError({ operation: "declare topology", cause })
       }),
     // Bounded: a close racing a dying connection can hang in amqplib.
-    (channel) => Effect.promise(() => channel.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
+    (channel) => Effect.promise(() => closeWithin(channel))
   ).pipe(Effect.tap(() => Effect.logDebug("topology declared", { exchange: rabbit.exchange })))

@@ -144,6 +144,21 @@ describe("Publish", () => {
       assert.strictEqual((yield* queueState(admin, names.schemas)).messageCount, 0)
     }))
 
+  it.live("an override that would also reach another contract queue is INVALID_ARGUMENT", () =>
+    Effect.gen(function*() {
+      // An operator widened the schemas binding so it overlaps the schema-results one.
+      const { names, client, admin } = yield* makeTestEnv({ RABBITMQ_ROUTING_KEY_SCHEMAS: "schemas.#" })
+      const status = yield* failure(
+        publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA_RESULT, { id: "overlap" }, "schemas.result.x"))
+      )
+      assert.strictEqual(status.code, grpc.status.INVALID_ARGUMENT)
+      assert.strictEqual(
+        status.details,
+        `routing key 'schemas.result.x' would also reach '${names.schemas}' (binding 'schemas.#')`
+      )
+      assert.strictEqual((yield* queueState(admin, names.schemas)).messageCount, 0)
+    }))
+
   it.live("a routing key bound to no queue is FAILED_PRECONDITION; the shared channel keeps working", () =>
     Effect.gen(function*() {
       const { names, client, admin } = yield* makeTestEnv()

@@ -117,7 +117,7 @@ describe("acknowledged subscriptions", () => {
       if (dead === false) return assert.fail("nothing dead-lettered")
       const headers = dead.properties.headers ?? {}
       assert.strictEqual(headers["x-dead-letter-reason"], "requeued more than 2 times")
-      assert.strictEqual(headers["x-delivery-count"], 3)
+      assert.strictEqual(headers["x-requeue-count"], 3)
       const history = headers["x-requeue-history"] as Array<unknown>
       assert.strictEqual(history.length, 3)
       for (const entry of history) assert.match(String(entry), /nacked by crashy$/)
