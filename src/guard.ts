@@ -5,13 +5,13 @@
  * open.
  */
 import * as grpc from "@grpc/grpc-js"
-import type { MessagingServiceServer } from "../gen/messaging.js"
+import type { MessagingServiceServer, MessagingServiceService } from "../gen/messaging.js"
 import type { Access, Decision } from "./access.js"
 import type { Scope } from "./config.js"
 
 type Kind = "unary" | "clientStream" | "serverStream" | "bidi"
 
-/** Every RPC with the scope it needs. */
+/** Every RPC with the scope it needs; an RPC added to the proto without an entry is a type error. */
 export const rpcTable = {
   getMessagingParams: { method: "GetMessagingParams", scope: "params", kind: "unary" },
   getRoutingKeySchemas: { method: "GetRoutingKeySchemas", scope: "params", kind: "unary" },
@@ -23,7 +23,7 @@ export const rpcTable = {
   publish: { method: "Publish", scope: "publish", kind: "unary" },
   publishBatch: { method: "PublishBatch", scope: "publish", kind: "clientStream" },
   getQueueInfo: { method: "GetQueueInfo", scope: "admin", kind: "unary" }
-} as const satisfies Record<string, { method: string; scope: Scope; kind: Kind }>
+} as const satisfies Record<keyof typeof MessagingServiceService, { method: string; scope: Scope; kind: Kind }>
 
 export interface CallObserver {
   /** Once per call, when it ends: the status code it ended with and how long it took. */
