@@ -7,8 +7,8 @@ import * as grpc from "@grpc/grpc-js"
 import { Effect, Stream } from "effect"
 import type { Broker } from "./broker.js"
 import { finishCall, writeWithBackpressure } from "./callLifecycle.js"
-import * as Metrics from "./metrics.js"
 import type { Delivery } from "./consumer.js"
+import * as Metrics from "./metrics.js"
 import { type AdmissionPolicy, admittedDeliveries } from "./redelivery.js"
 
 export interface QueueStreamSpec<A> extends AdmissionPolicy<A> {
@@ -18,9 +18,10 @@ export interface QueueStreamSpec<A> extends AdmissionPolicy<A> {
 
 /**
  * Acks what grpc-js has taken, batched: one multiple-ack per quarter of the prefetch window, or
- * after 1 ms, instead of a frame (and a socket write) per message. Safe because grpc-js completes writes in order and every
- * delivery before a written one was either written too or dead-lettered (acked) already; after a
- * failed write nothing more is acked, so a multiple-ack can never cover an unwritten message.
+ * after 1 ms, instead of a frame (and a socket write) per message. Safe because grpc-js completes
+ * writes in order and every delivery before a written one was either written too or dead-lettered
+ * (acked) already; after a failed write nothing more is acked, so a multiple-ack can never cover
+ * an unwritten message.
  */
 const makeAckBatcher = (prefetch: number, onAcked: (count: number) => void) => {
   // Small enough that the broker always has most of the window to refill.
