@@ -62,7 +62,8 @@ export const writeWithBackpressure = <A>(
   onAccepted?: (error: Error | null | undefined) => void
 ): Effect.Effect<void> => call.write(message, onAccepted) ? Effect.void : drainOrCancel(call)
 
-const deadlinePassed = (deadline: grpc.Deadline): boolean =>
+/** Whether a call ended because its deadline passed (grpc-js reports both as a cancel). */
+export const deadlinePassed = (deadline: grpc.Deadline): boolean =>
   deadline instanceof Date ? deadline.getTime() <= Date.now() : Number.isFinite(deadline) && deadline <= Date.now()
 
 /**

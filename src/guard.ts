@@ -7,6 +7,7 @@
 import * as grpc from "@grpc/grpc-js"
 import type { MessagingServiceServer, MessagingServiceService } from "../gen/messaging.js"
 import type { Access, Decision } from "./access.js"
+import { deadlinePassed } from "./callLifecycle.js"
 import type { Scope } from "./config.js"
 
 type Kind = "unary" | "clientStream" | "serverStream" | "bidi"
@@ -77,8 +78,7 @@ const guardStream = (method: string, scope: Scope, handler: StreamLike, access: 
   })
   call.once("cancelled", () => {
     slot.release()
-    const deadline = call.getDeadline()
-    const expired = deadline instanceof Date ? deadline.getTime() <= Date.now() : deadline <= Date.now()
+    const expired = deadlinePassed(call.getDeadline())
     observer.ended(method, code ?? (expired ? grpc.status.DEADLINE_EXCEEDED : grpc.status.CANCELLED), secondsSince(started))
   })
   handler(call)

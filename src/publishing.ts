@@ -17,7 +17,7 @@
  */
 import * as grpc from "@grpc/grpc-js"
 import type * as amqp from "amqplib"
-import { Cause, Data, Deferred, Effect, Exit, type Fiber, Option, Result, Schema } from "effect"
+import { Cause, Data, Deferred, Effect, Exit, Option, Result, Schema } from "effect"
 import {
   MessageKind,
   type PublishBatchResponse,
@@ -28,9 +28,9 @@ import { Broker } from "./broker.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
 import { contractQueues, type ProxySettings, type QueueBinding } from "./config.js"
 import { AmqpError, describe } from "./errors.js"
+import type { RunHandler } from "./handlers.js"
 
 /** Runs an Effect needing the broker as a handler fiber (the `run` the handlers get). */
-export type Run = <A, E>(effect: Effect.Effect<A, E, Broker>) => Fiber.Fiber<A, E>
 
 type Rabbit = ProxySettings["rabbit"]
 
@@ -538,7 +538,7 @@ export const replyWith = <A, E>(callback: grpc.sendUnaryData<A>, statusOf: (erro
 
 /** Runs a call's work as a handler fiber that the call's cancel (or deadline) interrupts. */
 export const runCall = <A, E>(
-  run: Run,
+  run: RunHandler,
   call: grpc.ServerUnaryCall<unknown, A> | grpc.ServerReadableStream<unknown, A>,
   rpc: string,
   work: Effect.Effect<A, E, Broker>,
@@ -556,12 +556,12 @@ export const runCall = <A, E>(
   call.once("cancelled", () => fiber.interruptUnsafe())
 }
 
-export const publishHandler = (settings: ProxySettings, run: Run): grpc.handleUnaryCall<PublishRequest, PublishResponse> =>
+export const publishHandler = (settings: ProxySettings, run: RunHandler): grpc.handleUnaryCall<PublishRequest, PublishResponse> =>
 (call, callback) => runCall(run, call, "Publish", publishOne(settings.rabbit, call.request), callback, publishStatus)
 
 export const publishBatchHandler = (
   settings: ProxySettings,
-  run: Run
+  run: RunHandler
 ): grpc.handleClientStreamingCall<PublishRequest, PublishBatchResponse> =>
 (call, callback) => {
   // Pulling one request at a time keeps grpc-js's flow control in charge of the client. The

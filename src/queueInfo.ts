@@ -10,7 +10,8 @@ import type { GetQueueInfoRequest, GetQueueInfoResponse, QueueStatus } from "../
 import type { Broker } from "./broker.js"
 import { deadLetterQueue, type ProxySettings } from "./config.js"
 import { AmqpError } from "./errors.js"
-import { type BrokerNotConnected, liveConnection, replyCode, type Run, runCall, type Status } from "./publishing.js"
+import type { RunHandler } from "./handlers.js"
+import { type BrokerNotConnected, liveConnection, replyCode, runCall, type Status } from "./publishing.js"
 
 type Rabbit = ProxySettings["rabbit"]
 
@@ -100,6 +101,6 @@ export const queueInfo = (rabbit: Rabbit): Effect.Effect<GetQueueInfoResponse, Q
 
 export const queueInfoHandler = (
   settings: ProxySettings,
-  run: Run
+  run: RunHandler
 ): grpc.handleUnaryCall<GetQueueInfoRequest, GetQueueInfoResponse> =>
 (call, callback) => runCall(run, call, "GetQueueInfo", queueInfo(settings.rabbit), callback, queueInfoStatus)
