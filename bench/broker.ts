@@ -5,39 +5,21 @@
  */
 import * as amqp from "amqplib"
 import { execFile } from "node:child_process"
-import { randomBytes } from "node:crypto"
 import { once } from "node:events"
+import { makeNames as makeTestNames, type TestNames } from "../test/support/harness.js"
 import { errorText, now, sleep } from "./util.js"
 
-export interface BenchNames {
-  readonly prefix: string
-  readonly exchange: string
-  readonly schemas: string
-  readonly validations: string
-  readonly schemaResults: string
-  readonly validationResults: string
-  readonly schemasDead: string
-  readonly validationsDead: string
+export interface BenchNames extends TestNames {
   /** A second queue bound like the schemas queue, for the direct consumer of the latency phase. */
   readonly directCopy: string
   /** The routing key the API publishes schema messages with (the binding pattern itself). */
   readonly schemasRoutingKey: string
 }
 
+/** The tests' names under a `bench.<hex>` prefix, plus the benchmark's own copy queue. */
 export const makeNames = (): BenchNames => {
-  const prefix = `bench.${randomBytes(4).toString("hex")}`
-  return {
-    prefix,
-    exchange: `${prefix}.exchange`,
-    schemas: `${prefix}.schemas.queue`,
-    validations: `${prefix}.validations.queue`,
-    schemaResults: `${prefix}.schemas.results.queue`,
-    validationResults: `${prefix}.validation.results.queue`,
-    schemasDead: `${prefix}.schemas.queue.dead`,
-    validationsDead: `${prefix}.validations.queue.dead`,
-    directCopy: `${prefix}.direct-copy.queue`,
-    schemasRoutingKey: "schemas.*"
-  }
+  const names = makeTestNames("bench")
+  return { ...names, directCopy: `${names.prefix}.direct-copy.queue`, schemasRoutingKey: "schemas.*" }
 }
 
 /** Broker address for both the proxy and the benchmark; the RABBITMQ_* variables, else 127.0.0.1 guest/guest. */

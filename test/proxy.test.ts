@@ -6,14 +6,8 @@ import { assert, describe, it } from "@effect/vitest"
 import * as grpc from "@grpc/grpc-js"
 import { Effect, Fiber } from "effect"
 import { HealthClient } from "./support/health.js"
-import {
-  PropertyType,
-  type SchemaMessageResponse,
-  SchemasTasks,
-  type ValidationMessageResponse,
-  ValidationTasks
-} from "../gen/messaging.js"
-import { schemaBody, validationBody } from "./fixtures/bodies.js"
+import type { SchemaMessageResponse } from "../gen/messaging.js"
+import { schemaBody, schemaMessage, validationBody, validationMessage } from "./fixtures/bodies.js"
 import {
   grpcClient,
   makeAdmin,
@@ -88,32 +82,8 @@ describe("streams", () => {
       yield* publishJson(admin, names.exchange, "validation.*", validationBody("9a2e-validation"))
       const [schema] = yield* readMessages(client.streamSchemaMessages({}), 1)
       const [validation] = yield* readMessages(client.streamValidationMessages({}), 1)
-      assert.deepStrictEqual<SchemaMessageResponse | undefined>(schema, {
-        id: "6f1c-schema",
-        schema: {
-          schema: "http://json-schema.org/draft-07/schema#",
-          type: "object",
-          required: ["name"],
-          properties: {
-            name: { type: PropertyType.STRING, extra: {} },
-            age: { type: PropertyType.INTEGER, extra: { minimum: "0" } }
-          }
-        },
-        importName: "customers",
-        raw: false,
-        task: SchemasTasks.UPLOAD_SCHEMA,
-        date: "2025-06-25T10:31:02.123456",
-        extra: {}
-      })
-      assert.deepStrictEqual<ValidationMessageResponse | undefined>(validation, {
-        id: "9a2e-validation",
-        task: ValidationTasks.SAMPLE_VALIDATION,
-        fileData: "48656c6c6f20576f726c6421",
-        importName: "customers",
-        date: "2025-06-25T10:31:02.123456",
-        extra: { priority: "high" },
-        metadata: { filename: "a.csv", contentType: "text/csv", size: "12" }
-      })
+      assert.deepStrictEqual(schema, schemaMessage("6f1c-schema"))
+      assert.deepStrictEqual(validation, validationMessage("9a2e-validation"))
       // Both were acked: nothing left behind.
       yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 0 && q.consumerCount === 0)
       yield* waitForQueue(admin, names.validations, (q) => q.messageCount === 0 && q.consumerCount === 0)

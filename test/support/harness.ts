@@ -25,8 +25,9 @@ export interface TestNames {
   readonly validationsDead: string
 }
 
-export const makeNames = (): TestNames => {
-  const prefix = `test.${randomBytes(4).toString("hex")}`
+/** Names under a random prefix (`test.<hex>` unless another kind of run is named). */
+export const makeNames = (kind = "test"): TestNames => {
+  const prefix = `${kind}.${randomBytes(4).toString("hex")}`
   return {
     prefix,
     exchange: `${prefix}.exchange`,
