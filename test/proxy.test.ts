@@ -3,9 +3,8 @@
  * built from the generated stubs, and bodies published with amqplib exactly as the API does.
  */
 import { assert, describe, it } from "@effect/vitest"
-import * as grpc from "@grpc/grpc-js"
 import { Effect, Fiber } from "effect"
-import { HealthClient } from "./support/health.js"
+import { healthClient, SERVING, waitForHealth } from "./support/health.js"
 import type { SchemaMessageResponse } from "../gen/messaging.js"
 import { schemaBody, schemaMessage, validationBody, validationMessage } from "./fixtures/bodies.js"
 import {
@@ -63,13 +62,12 @@ describe("unary RPCs", () => {
   it.live("health reports SERVING once the broker is connected", () =>
     Effect.gen(function*() {
       const { port } = yield* makeTestEnv()
-      const health = yield* Effect.acquireRelease(
-        Effect.sync(() => new HealthClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure())),
-        (c) => Effect.sync(() => c.close())
-      )
+      const health = yield* healthClient(port)
+      // Health follows the broker connection in its own fiber; wait for the flip, then Check agrees.
+      yield* waitForHealth(health, SERVING)
       for (const service of ["", "messaging.MessagingService"]) {
         const response = yield* unary(health.check.bind(health), { service })
-        assert.strictEqual(response.status, 1, `status of '${service}'`) // 1 = SERVING
+        assert.strictEqual(response.status, SERVING, `status of '${service}'`)
       }
     }))
 })

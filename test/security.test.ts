@@ -21,7 +21,7 @@ import {
   waitForQueue
 } from "./support/harness.js"
 import { startTlsRelay } from "./support/relay.js"
-import { HealthClient } from "./support/health.js"
+import { healthClient, NOT_SERVING, SERVING, waitForHealth } from "./support/health.js"
 
 const sha256 = (value: string) => createHash("sha256").update(value).digest("hex")
 const newKey = () => `test-key-${randomBytes(12).toString("hex")}`
@@ -180,11 +180,9 @@ describe("caller authentication and authorization", () => {
   it.live("health and reflection stay open when keys are required", () =>
     Effect.gen(function*() {
       const env = yield* makeTestEnv({ MESSAGING_API_KEYS: apiKeys })
-      const health = yield* Effect.acquireRelease(
-        Effect.sync(() => new HealthClient(`127.0.0.1:${env.port}`, grpc.credentials.createInsecure())),
-        (c) => Effect.sync(() => c.close())
-      )
-      assert.strictEqual((yield* unary(health.check.bind(health), { service: "" })).status, 1)
+      const health = yield* healthClient(env.port)
+      yield* waitForHealth(health, SERVING)
+      assert.strictEqual((yield* unary(health.check.bind(health), { service: "" })).status, SERVING)
       // A reflection request (ServerReflectionInfo, list_services = field 7, "*") answers without a key.
       const listed = yield* Effect.callback<string, Error>((resume) => {
         const channel = new grpc.Client(`127.0.0.1:${env.port}`, grpc.credentials.createInsecure())
@@ -232,13 +230,10 @@ describe("AMQPS to the broker", () => {
         RABBITMQ_TLS_ENABLED: "true",
         RABBITMQ_TLS_CA_PATH: pki.path("rogue-ca.crt")
       })
-      const health = yield* Effect.acquireRelease(
-        Effect.sync(() => new HealthClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure())),
-        (c) => Effect.sync(() => c.close())
-      )
-      while (relay.attempts() < 2) yield* Effect.sleep("20 millis") // it keeps retrying
+      const health = yield* healthClient(port)
+      yield* relay.attemptsReached(2) // it keeps retrying
       assert.strictEqual(relay.handshakes(), 0, "no TLS session was accepted by the proxy")
-      assert.strictEqual((yield* unary(health.check.bind(health), { service: "" })).status, 2) // NOT_SERVING
+      assert.strictEqual((yield* unary(health.check.bind(health), { service: "" })).status, NOT_SERVING)
     }))
 })
 

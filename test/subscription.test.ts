@@ -7,8 +7,8 @@ import { assert, describe, it } from "@effect/vitest"
 import * as grpc from "@grpc/grpc-js"
 import { Effect } from "effect"
 import { schemaBody } from "./fixtures/bodies.js"
-import { makeTestEnv, publishJson, queueState, quiet, readMessages, unary, waitForQueue } from "./support/harness.js"
-import { HealthClient } from "./support/health.js"
+import { makeTestEnv, publishJson, queueState, quiet, readMessages, waitForQueue } from "./support/harness.js"
+import { healthClient, NOT_SERVING, SERVING, waitForHealth } from "./support/health.js"
 import { startRelay } from "./support/relay.js"
 import { idsOf, subscribeSchemas } from "./support/subscriber.js"
 
@@ -184,11 +184,7 @@ describe("broker failures", () => {
     Effect.gen(function*() {
       const relay = yield* startRelay()
       const env = yield* makeTestEnv({ RABBITMQ_PORT: String(relay.port) })
-      const health = yield* Effect.acquireRelease(
-        Effect.sync(() => new HealthClient(`127.0.0.1:${env.port}`, grpc.credentials.createInsecure())),
-        (c) => Effect.sync(() => c.close())
-      )
-      const healthStatus = unary(health.check.bind(health), { service: "" }).pipe(Effect.map((r) => r.status))
+      const health = yield* healthClient(env.port)
       const sub = yield* subscribeSchemas(env.client)
       const stream = quiet(env.client.streamValidationMessages({}))
       yield* publishSchemas(env, ["before-1", "before-2"])
@@ -199,9 +195,9 @@ describe("broker failures", () => {
 
       yield* relay.setRefusing(true)
       yield* relay.sever
-      while ((yield* healthStatus) !== 2) yield* Effect.sleep("10 millis") // 2 = NOT_SERVING
+      yield* waitForHealth(health, NOT_SERVING)
       yield* relay.setRefusing(false)
-      while ((yield* healthStatus) !== 1) yield* Effect.sleep("10 millis") // 1 = SERVING
+      yield* waitForHealth(health, SERVING)
 
       // The unacked one is redelivered, flagged, on the same call; new messages follow.
       yield* publishSchemas(env, ["after-1"])

@@ -1,6 +1,7 @@
 /** A minimal grpc.health.v1 client for the tests (two one-field messages, encoded by hand). */
 import * as grpc from "@grpc/grpc-js"
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire"
+import { Effect } from "effect"
 
 export interface HealthCheckRequest {
   readonly service: string
@@ -10,28 +11,28 @@ export interface HealthCheckResponse {
   readonly status: number
 }
 
-const definition = {
-  check: {
-    path: "/grpc.health.v1.Health/Check",
-    requestStream: false,
-    responseStream: false,
-    requestSerialize: (r: HealthCheckRequest) => Buffer.from(new BinaryWriter().uint32(10).string(r.service).finish()),
-    requestDeserialize: (b: Buffer): HealthCheckRequest => {
-      const reader = new BinaryReader(b)
-      return { service: reader.pos < reader.len && reader.uint32() === 10 ? reader.string() : "" }
-    },
-    responseSerialize: (r: HealthCheckResponse) => Buffer.from(new BinaryWriter().uint32(8).int32(r.status).finish()),
-    responseDeserialize: (b: Buffer): HealthCheckResponse => {
-      const reader = new BinaryReader(b)
-      let status = 0
-      while (reader.pos < reader.len) {
-        const tag = reader.uint32()
-        if (tag >>> 3 === 1) status = reader.int32()
-        else reader.skip(tag & 7)
-      }
-      return { status }
+const codec = {
+  requestSerialize: (r: HealthCheckRequest) => Buffer.from(new BinaryWriter().uint32(10).string(r.service).finish()),
+  requestDeserialize: (b: Buffer): HealthCheckRequest => {
+    const reader = new BinaryReader(b)
+    return { service: reader.pos < reader.len && reader.uint32() === 10 ? reader.string() : "" }
+  },
+  responseSerialize: (r: HealthCheckResponse) => Buffer.from(new BinaryWriter().uint32(8).int32(r.status).finish()),
+  responseDeserialize: (b: Buffer): HealthCheckResponse => {
+    const reader = new BinaryReader(b)
+    let status = 0
+    while (reader.pos < reader.len) {
+      const tag = reader.uint32()
+      if (tag >>> 3 === 1) status = reader.int32()
+      else reader.skip(tag & 7)
     }
+    return { status }
   }
+}
+
+const definition = {
+  check: { path: "/grpc.health.v1.Health/Check", requestStream: false, responseStream: false, ...codec },
+  watch: { path: "/grpc.health.v1.Health/Watch", requestStream: false, responseStream: true, ...codec }
 } satisfies grpc.ServiceDefinition
 
 export interface HealthClient extends grpc.Client {
@@ -39,8 +40,48 @@ export interface HealthClient extends grpc.Client {
     request: HealthCheckRequest,
     callback: (error: grpc.ServiceError | null, response: HealthCheckResponse) => void
   ): grpc.ClientUnaryCall
+  watch(request: HealthCheckRequest): grpc.ClientReadableStream<HealthCheckResponse>
 }
 
 export const HealthClient = grpc.makeGenericClientConstructor(definition, "grpc.health.v1.Health") as unknown as {
   new(address: string, credentials: grpc.ChannelCredentials): HealthClient
 }
+
+export const SERVING = 1
+export const NOT_SERVING = 2
+
+/** A health client for the proxy on `port`, closed with the scope. */
+export const healthClient = (port: number) =>
+  Effect.acquireRelease(
+    Effect.sync(() => new HealthClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure())),
+    (client) => Effect.sync(() => client.close())
+  )
+
+/**
+ * Waits, through Watch (which sends the current status, then every change), until `service`
+ * reports `status`. Fails after `timeoutMs` naming the last status seen.
+ */
+export const waitForHealth = (health: HealthClient, status: number, service = "", timeoutMs = 15_000) =>
+  Effect.suspend(() => {
+    let last: number | undefined
+    return Effect.callback<void, Error>((resume) => {
+      const call = health.watch({ service })
+      call.on("data", (response: HealthCheckResponse) => {
+        last = response.status
+        if (response.status === status) {
+          call.cancel()
+          resume(Effect.void)
+        }
+      })
+      call.on("error", (error: grpc.ServiceError) => {
+        if (error.code !== grpc.status.CANCELLED) resume(Effect.fail(new Error(`health watch failed: ${error.message}`)))
+      })
+      return Effect.sync(() => call.cancel())
+    }).pipe(
+      Effect.timeoutOrElse({
+        duration: timeoutMs,
+        orElse: () =>
+          Effect.fail(new Error(`health of '${service}' still ${last ?? "unreported"}, not ${status}, after ${timeoutMs} ms`))
+      })
+    )
+  })

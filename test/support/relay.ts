@@ -58,11 +58,8 @@ export const startRelay = (targetPort = 5672, targetHost = "127.0.0.1") =>
 /** A TLS-terminating relay: amqps:// on the outside, the broker's plain AMQP behind it. */
 export const startTlsRelay = (cert: Buffer, key: Buffer, targetPort = 5672, targetHost = "127.0.0.1") =>
   Effect.acquireRelease(
-    Effect.callback<{ port: number; server: tls.Server; handshakes: () => number; attempts: () => number }>((resume) => {
-      let handshakes = 0
-      let attempts = 0
+    Effect.callback<tls.Server>((resume) => {
       const server = tls.createServer({ cert, key }, (client) => {
-        handshakes++
         const upstream = net.connect(targetPort, targetHost)
         client.on("error", () => upstream.destroy())
         upstream.on("error", () => client.destroy())
@@ -71,13 +68,32 @@ export const startTlsRelay = (cert: Buffer, key: Buffer, targetPort = 5672, targ
         client.pipe(upstream).pipe(client)
       })
       server.on("tlsClientError", () => undefined)
-      server.on("connection", () => attempts++)
-      server.listen(0, "127.0.0.1", () => {
-        const { port } = server.address() as net.AddressInfo
-        resume(Effect.succeed({ port, server, handshakes: () => handshakes, attempts: () => attempts }))
-      })
+      server.listen(0, "127.0.0.1", () => resume(Effect.succeed(server)))
     }),
-    ({ server }) => Effect.callback<void>((resume) => {
+    (server) => Effect.callback<void>((resume) => {
       server.close(() => resume(Effect.void))
     })
-  ).pipe(Effect.map(({ port, handshakes, attempts }) => ({ port, handshakes, attempts })))
+  ).pipe(Effect.map((server) => {
+    let handshakes = 0
+    let attempts = 0
+    server.on("secureConnection", () => handshakes++)
+    server.on("connection", () => attempts++)
+    return {
+      port: (server.address() as net.AddressInfo).port,
+      /** TLS sessions the relay completed. */
+      handshakes: () => handshakes,
+      /** Resolves once `n` TCP connections have reached the relay (counted from its start). */
+      attemptsReached: (n: number) =>
+        Effect.callback<void>((resume) => {
+          if (attempts >= n) return resume(Effect.void)
+          const onConnection = () => {
+            if (attempts < n) return
+            server.off("connection", onConnection)
+            resume(Effect.void)
+          }
+          // Registered after the counter, so `attempts` already includes this connection.
+          server.on("connection", onConnection)
+          return Effect.sync(() => server.off("connection", onConnection))
+        })
+    }
+  }))
