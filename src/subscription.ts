@@ -56,7 +56,9 @@ const incomingRequests = (call: SubscriptionCall<unknown>) =>
     })
     return {
       first: Queue.take(requests).pipe(Effect.option, Effect.tap(() => resumeWhenDrained)),
-      rest: Stream.fromQueue(requests).pipe(Stream.tap(() => resumeWhenDrained))
+      /** What has arrived since the last take, as one array: requests are handled in batches. */
+      rest: Stream.fromQueue(requests),
+      resumeWhenDrained
     }
   })
 
@@ -245,6 +247,26 @@ export const serveSubscription = <A>(
       }
     }
 
+    /**
+     * Handles what arrived together, in order, but with consecutive acks merged into one `ackAll`:
+     * a client that acks each message on its own then still costs one AMQP frame per batch,
+     * not one per message.
+     */
+    const handleBatch = (batch: ReadonlyArray<SubscriptionRequest>) =>
+      Effect.gen(function*() {
+        let acks: Array<string> = []
+        for (const request of batch) {
+          if (request.action?.$case === "ack") {
+            for (const id of request.action.value.deliveryIds) acks.push(id)
+            continue
+          }
+          if (acks.length > 0) yield* ackAll(acks)
+          acks = []
+          yield* handle(request)
+        }
+        if (acks.length > 0) yield* ackAll(acks)
+      })
+
     const pumpFiber = yield* Effect.forkScoped(pump)
     // A client that leaves (cancel, crash, half-close) holding deliveries gave them back: count
     // that, so a message that kills its consumers reaches the requeue limit. This finalizer runs
@@ -268,7 +290,7 @@ export const serveSubscription = <A>(
     // Settle requests until the client half-closes; the pump runs beside it and its failure
     // (e.g. the queue was deleted) ends the call.
     yield* requests.rest.pipe(
-      Stream.runForEach(handle),
+      Stream.runForEachArray((batch) => Effect.andThen(handleBatch(batch), requests.resumeWhenDrained)),
       Effect.raceFirst(Fiber.join(pumpFiber))
     )
   }).pipe(Effect.scoped)
