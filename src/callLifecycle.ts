@@ -62,6 +62,29 @@ export const writeWithBackpressure = <A>(
   onAccepted?: (error: Error | null | undefined) => void
 ): Effect.Effect<void> => call.write(message, onAccepted) ? Effect.void : drainOrCancel(call)
 
+/**
+ * Writes `items` in order through `write` (which returns grpc-js's answer: false = wait), waiting
+ * for a drain only when grpc-js asks; a chunk that fits costs no Effect step per item.
+ */
+export const writeAllWithBackpressure = <A, I>(
+  call: OutgoingCall<A>,
+  items: ReadonlyArray<I>,
+  write: (item: I) => boolean
+): Effect.Effect<void> => {
+  const from = (start: number): Effect.Effect<void> => {
+    for (let i = start; i < items.length; i++) {
+      // Once the client is gone nothing is written (or handed out): the rest stays unacked on
+      // the channel, which requeues it when the call's scope closes.
+      if (call.cancelled) return Effect.void
+      if (!write(items[i]!)) {
+        return Effect.flatMap(drainOrCancel(call), () => from(i + 1))
+      }
+    }
+    return Effect.void
+  }
+  return from(0)
+}
+
 /** Whether a call ended because its deadline passed (grpc-js reports both as a cancel). */
 export const deadlinePassed = (deadline: grpc.Deadline): boolean =>
   deadline instanceof Date ? deadline.getTime() <= Date.now() : Number.isFinite(deadline) && deadline <= Date.now()

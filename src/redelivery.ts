@@ -11,6 +11,7 @@
  * counted. Past `maxRequeues` the message goes to the dead-letter queue with its history.
  */
 import { Effect, Result, Stream } from "effect"
+import type { NonEmptyReadonlyArray } from "effect/Array"
 import type { BodyRejected } from "./codec.js"
 import type { Broker } from "./broker.js"
 import { consume, type ConsumeError, type ConsumeOptions, type Delivery, reattachOnConnectionLoss } from "./consumer.js"
@@ -89,30 +90,68 @@ export const requeueCounted = (
   return delivery.moveTo(policy.queue, headers).pipe(Effect.as("Requeued" as const))
 }
 
-export const admit = <A>(
-  delivery: Delivery,
-  policy: AdmissionPolicy<A>
-): Effect.Effect<Admission<A>, AmqpError | ConnectionLost> => {
-  const decoded = policy.decode(delivery.message.content)
-  if (Result.isFailure(decoded)) {
-    const reason = decoded.failure.reason
-    return deadLetterLogged(delivery, policy.queue, "malformed", reason).pipe(
-      Effect.as({ _tag: "DeadLettered", reason } as const)
-    )
-  }
+/** A delivery whose body decoded: what the client sees of its history. */
+const deliverable = <A>(delivery: Delivery, message: A, queue: string): Admission<A> => {
   const requeues = requeueCountOf(delivery)
   // The broker's flag means at least one earlier delivery that the header does not count.
   const brokerRedelivered = delivery.message.fields.redelivered
-  if (brokerRedelivered) Metrics.redeliveredUnsafe(policy.queue)
-  return Effect.succeed({
+  if (brokerRedelivered) Metrics.redeliveredUnsafe(queue)
+  return {
     _tag: "Deliver",
     admitted: {
       delivery,
-      message: decoded.success,
+      message,
       deliveryCount: requeues + 1 + (brokerRedelivered ? 1 : 0),
       redelivered: brokerRedelivered || requeues > 0
     }
-  })
+  }
+}
+
+const decided = <A>(
+  delivery: Delivery,
+  decoded: Result.Result<A, BodyRejected>,
+  queue: string
+): Effect.Effect<Admission<A>, AmqpError | ConnectionLost> => {
+  if (Result.isSuccess(decoded)) return Effect.succeed(deliverable(delivery, decoded.success, queue))
+  const reason = decoded.failure.reason
+  return deadLetterLogged(delivery, queue, "malformed", reason).pipe(Effect.as({ _tag: "DeadLettered", reason } as const))
+}
+
+const admit = <A>(
+  delivery: Delivery,
+  policy: AdmissionPolicy<A>
+): Effect.Effect<Admission<A>, AmqpError | ConnectionLost> =>
+  decided(delivery, policy.decode(delivery.message.content), policy.queue)
+
+/**
+ * Admits a chunk of deliveries in order. Good bodies are decided synchronously; only a chunk with
+ * a bad body pays for effects (the dead-letter publish), from that body on.
+ */
+export const admitAll = <A>(
+  deliveries: NonEmptyReadonlyArray<Delivery>,
+  policy: AdmissionPolicy<A>
+): Effect.Effect<NonEmptyReadonlyArray<Admission<A>>, AmqpError | ConnectionLost> => {
+  // Same length as `deliveries`, hence non-empty.
+  const admissions = [] as unknown as [Admission<A>, ...Array<Admission<A>>]
+  for (let i = 0; i < deliveries.length; i++) {
+    const delivery = deliveries[i]!
+    const decoded = policy.decode(delivery.message.content)
+    if (Result.isFailure(decoded)) {
+      return Effect.gen(function*() {
+        admissions.push(yield* decided(delivery, decoded, policy.queue))
+        for (let j = i + 1; j < deliveries.length; j++) admissions.push(yield* admit(deliveries[j]!, policy))
+        return admissions
+      })
+    }
+    admissions.push(deliverable(delivery, decoded.success, policy.queue))
+  }
+  return Effect.succeed(admissions)
+}
+
+export const deadLetteredIn = (admissions: ReadonlyArray<Admission<unknown>>): number => {
+  let count = 0
+  for (const admission of admissions) if (admission._tag === "DeadLettered") count++
+  return count
 }
 
 /**
@@ -124,4 +163,4 @@ export const admittedDeliveries = <A>(
   options: ConsumeOptions,
   policy: AdmissionPolicy<A>
 ): Stream.Stream<Admission<A>, ConsumeError, Broker> =>
-  reattachOnConnectionLoss(options.queue, consume(options).pipe(Stream.mapEffect((delivery) => admit(delivery, policy))))
+  reattachOnConnectionLoss(options.queue, consume(options).pipe(Stream.mapArrayEffect((chunk) => admitAll(chunk, policy))))

@@ -6,10 +6,10 @@
 import * as grpc from "@grpc/grpc-js"
 import { Effect, Stream } from "effect"
 import type { Broker } from "./broker.js"
-import { finishCall, writeWithBackpressure } from "./callLifecycle.js"
+import { finishCall, writeAllWithBackpressure } from "./callLifecycle.js"
 import type { Delivery } from "./consumer.js"
 import * as Metrics from "./metrics.js"
-import { type AdmissionPolicy, admittedDeliveries } from "./redelivery.js"
+import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn } from "./redelivery.js"
 
 export interface QueueStreamSpec<A> extends AdmissionPolicy<A> {
   readonly deadLetterQueue: string
@@ -76,13 +76,15 @@ export const serveQueueStream = <Req, A>(
         beforeChannelClose: () => acks.flush()
       }, spec)
         .pipe(
-          Stream.runForEach((admission) => {
-            if (admission._tag === "DeadLettered") counts.deadLettered++
-            if (admission._tag !== "Deliver") return Effect.void
-            const { delivery, message } = admission.admitted
-            // Ack in the write callback: only then has grpc-js taken the message. A write that
-            // never completes (cancel) leaves it unacked, and the channel's close requeues it.
-            return writeWithBackpressure(outgoing, message, (error) => acks.written(delivery, error))
+          Stream.runForEachArray((admissions) => {
+            counts.deadLettered += deadLetteredIn(admissions)
+            return writeAllWithBackpressure(outgoing, admissions, (admission) => {
+              if (admission._tag === "DeadLettered") return true
+              const { delivery, message } = admission.admitted
+              // Ack in the write callback: only then has grpc-js taken the message. A write that
+              // never completes (cancel) leaves it unacked, and the channel's close requeues it.
+              return outgoing.write(message, (error: Error | null | undefined) => acks.written(delivery, error))
+            })
           })
         )
     ),

@@ -10,10 +10,10 @@ import * as grpc from "@grpc/grpc-js"
 import { Cause, Effect, Exit, Fiber, Queue, Stream } from "effect"
 import type { DeliveryInfo, SettleError, SubscriptionOpened, SubscriptionRequest } from "../gen/messaging.js"
 import type { Broker } from "./broker.js"
-import { CallRejected, finishCall, writeWithBackpressure } from "./callLifecycle.js"
+import { CallRejected, finishCall, writeAllWithBackpressure, writeWithBackpressure } from "./callLifecycle.js"
 import type { Delivery } from "./consumer.js"
 import * as Metrics from "./metrics.js"
-import { type AdmissionPolicy, admittedDeliveries, requeueCounted } from "./redelivery.js"
+import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn, requeueCounted } from "./redelivery.js"
 
 /** The event shape both subscription RPCs share (SchemaSubscriptionEvent, ValidationSubscriptionEvent). */
 export interface SubscriptionEvent<A> {
@@ -123,19 +123,18 @@ export const serveSubscription = <A>(
       deadLetterQueue: spec.deadLetterQueue,
       consumerTag: consumerName ? `${consumerName}.${crypto.randomUUID().slice(0, 8)}` : undefined
     }, spec).pipe(
-      Stream.runForEach((admission) => {
-        if (admission._tag === "DeadLettered") counts.deadLettered++
-        if (admission._tag !== "Deliver") return Effect.void
-        const { delivery, deliveryCount, redelivered, message } = admission.admitted
-        const deliveryId = String(nextId++)
-        pending.set(deliveryId, delivery)
-        counts.delivered++
-        Metrics.deliveredUnsafe(spec.queue, rpc)
-        return write({
-          event: {
-            $case: "delivery",
-            value: { info: { deliveryId, redelivered, deliveryCount }, message }
-          }
+      Stream.runForEachArray((admissions) => {
+        counts.deadLettered += deadLetteredIn(admissions)
+        return writeAllWithBackpressure(outgoing, admissions, (admission) => {
+          if (admission._tag === "DeadLettered") return true
+          const { delivery, deliveryCount, redelivered, message } = admission.admitted
+          const deliveryId = String(nextId++)
+          pending.set(deliveryId, delivery)
+          counts.delivered++
+          Metrics.deliveredUnsafe(spec.queue, rpc)
+          return outgoing.write({
+            event: { $case: "delivery", value: { info: { deliveryId, redelivered, deliveryCount }, message } }
+          })
         })
       })
     )
