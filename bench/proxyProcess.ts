@@ -6,7 +6,7 @@
  */
 import { type ChildProcess, execFile, spawn } from "node:child_process"
 import { createWriteStream, mkdirSync } from "node:fs"
-import { readFile } from "node:fs/promises"
+import { readdir, readFile } from "node:fs/promises"
 import { join } from "node:path"
 import { createInterface } from "node:readline"
 import { fileURLToPath, pathToFileURL } from "node:url"
@@ -97,6 +97,43 @@ const clockTicksPerSecond = async (): Promise<number> => {
     })
   })
   return clockTicks
+}
+
+/** User + system CPU seconds a process has used so far, from /proc/<pid>/stat. */
+export const processCpuSeconds = async (pid: number): Promise<number | undefined> => {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, "utf8")
+    // The command name (field 2) may contain spaces: count fields after its closing parenthesis.
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ")
+    const ticks = Number(fields[11]) + Number(fields[12]) // utime, stime (fields 14, 15 of the line)
+    return ticks / (await clockTicksPerSecond())
+  } catch {
+    return undefined
+  }
+}
+
+/** The local RabbitMQ's Erlang VM (beam.smp), if this machine runs one we can see. */
+export const findBrokerPid = async (): Promise<number | undefined> => {
+  for (const entry of await readdir("/proc").catch(() => [] as Array<string>)) {
+    if (!/^\d+$/.test(entry)) continue
+    const comm = await readFile(`/proc/${entry}/comm`, "utf8").catch(() => "")
+    if (comm.trim() === "beam.smp") return Number(entry)
+  }
+  return undefined
+}
+
+/** CPU time of the whole machine so far (all cores), busy and total, from /proc/stat. */
+export const machineCpuSeconds = async (): Promise<{ busy: number; total: number } | undefined> => {
+  try {
+    const line = (await readFile("/proc/stat", "utf8")).split("\n")[0] ?? ""
+    const ticks = line.trim().split(/\s+/).slice(1).map(Number)
+    const total = ticks.reduce((a, b) => a + b, 0)
+    const idle = (ticks[3] ?? 0) + (ticks[4] ?? 0) // idle, iowait
+    const hz = await clockTicksPerSecond()
+    return { busy: (total - idle) / hz, total: total / hz }
+  } catch {
+    return undefined
+  }
 }
 
 export interface SchedStat {
@@ -274,16 +311,8 @@ export class ProxyChild {
   }
 
   /** User + system CPU seconds used so far, from /proc/<pid>/stat. */
-  async cpuSeconds(): Promise<number | undefined> {
-    try {
-      const stat = await readFile(`/proc/${this.pid}/stat`, "utf8")
-      // The command name (field 2) may contain spaces: count fields after its closing parenthesis.
-      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ")
-      const ticks = Number(fields[11]) + Number(fields[12]) // utime, stime (fields 14, 15 of the line)
-      return ticks / (await clockTicksPerSecond())
-    } catch {
-      return undefined
-    }
+  cpuSeconds(): Promise<number | undefined> {
+    return processCpuSeconds(this.pid)
   }
 
   /** Scheduler statistics of the child's main thread (see schedStat). */

@@ -44,6 +44,7 @@ const settings = () => {
   return {
     messages: envInt("BENCH_N", 100_000),
     repetitions: envInt("BENCH_REPEATS", 3),
+    warmupMessages: envInt("BENCH_WARMUP_N", 10_000, 0),
     bodyBytes: envInt("BENCH_BODY_BYTES", 1024),
     // The proxy's default RABBITMQ_PREFETCH; the child, the direct consumer and (c)'s max_in_flight all get it.
     prefetch: envInt("BENCH_PREFETCH", 32),
@@ -232,7 +233,8 @@ const main = async () => {
               messages: s.messages,
               bodyBytes: s.bodyBytes,
               prefetch: s.prefetch,
-              repetitions: s.repetitions
+              repetitions: s.repetitions,
+              warmupMessages: s.warmupMessages
             }))
           break
         case "profile":
@@ -368,8 +370,8 @@ const render = (report: { environment: Record<string, unknown>; durationSeconds:
   const t = results["throughput"] as PhaseOutcome<Awaited<ReturnType<typeof runThroughput>>> | undefined
   if (t?.result) {
     const r = t.result
-    out.push("", `1. Throughput: ${fmtInt(r.messages)} × ${r.bodyBytes} B messages, prefetch ${r.prefetch}, ${r.repetitions} repetitions (a,b,c alternating)`)
-    const rows: Array<Array<string>> = [["run", "drain msg/s", "drain s", "publish s", "proxy CPU µs/msg", "client CPU µs/msg", "proxy peak RSS", "proxy GC", "left", "note"]]
+    out.push("", `1. Throughput: ${fmtInt(r.messages)} × ${r.bodyBytes} B messages, prefetch ${r.prefetch}, ${r.repetitions} repetitions (a,b,c alternating) after an untimed warm-up drain of ${fmtInt(r.warmupMessages)} through each`)
+    const rows: Array<Array<string>> = [["run", "drain msg/s", "drain s", "publish s", "proxy CPU µs/msg", "client CPU µs/msg", "broker CPU µs/msg", "all CPU µs/msg", "cores busy", "proxy peak RSS", "proxy GC", "left", "note"]]
     for (const run of r.runs) {
       rows.push([
         `${MODE_LABEL[run.mode]} #${run.repetition}`,
@@ -378,6 +380,9 @@ const render = (report: { environment: Record<string, unknown>; durationSeconds:
         fmt(run.publishSeconds, 1),
         fmt(run.proxyCpuUsPerMsg, 1),
         fmt(run.clientCpuUsPerMsg, 1),
+        fmt(run.brokerCpuUsPerMsg, 1),
+        fmt(run.machineCpuUsPerMsg, 1),
+        fmt(run.machineCoresBusy, 2),
         run.proxyRssMax === null ? "" : mb(run.proxyRssMax),
         run.proxyGcPercent === null ? "" : `${fmt(run.proxyGcPercent, 1)}%`,
         run.leftInQueue === null ? "?" : String(run.leftInQueue),
@@ -396,6 +401,12 @@ const render = (report: { environment: Record<string, unknown>; durationSeconds:
       verdict(r.ratioSubscribeToDirect === null ? null : r.ratioSubscribeToDirect >= TARGETS.ratio)])
     summary.push(["proxy CPU per message (b / c, median)",
       `${fmt(r.medianProxyCpuUsPerMsg.stream, 1)} / ${fmt(r.medianProxyCpuUsPerMsg.subscribe, 1)} µs`, "", ""])
+    const m = r.medianMachineCpuUsPerMsg
+    const c = r.medianMachineCoresBusy
+    summary.push(["machine CPU per message, all processes (a / b / c)",
+      `${fmt(m.direct, 1)} / ${fmt(m.stream, 1)} / ${fmt(m.subscribe, 1)} µs`, "", ""])
+    summary.push([`cores busy during the drains (a / b / c, of ${String(report.environment["cpus"])})`,
+      `${fmt(c.direct, 2)} / ${fmt(c.stream, 2)} / ${fmt(c.subscribe, 2)}`, "", ""])
   } else if (t?.error) summary.push(["throughput", `failed: ${t.error}`, "", "FAIL"])
 
   const p = results["profile"] as PhaseOutcome<ProfilePhaseResult> | undefined

@@ -17,7 +17,7 @@ import {
   probeSubscribe,
   Unimplemented
 } from "./drains.js"
-import { type ProxyChild, ResourceSampler } from "./proxyProcess.js"
+import { findBrokerPid, machineCpuSeconds, processCpuSeconds, type ProxyChild, ResourceSampler } from "./proxyProcess.js"
 import { errorText, log, median, now } from "./util.js"
 
 export type Mode = "direct" | "stream" | "subscribe"
@@ -39,6 +39,12 @@ export interface RunRecord {
   readonly proxyCpuUsPerMsg: number | null
   /** CPU this (client) process used during the drain, in µs per message. */
   readonly clientCpuUsPerMsg: number | null
+  /** CPU the broker (beam.smp) used during the drain, in µs per message. */
+  readonly brokerCpuUsPerMsg: number | null
+  /** CPU the whole machine used during the drain (all processes), in µs per message. */
+  readonly machineCpuUsPerMsg: number | null
+  /** Cores busy on average during the drain (the machine has `os.availableParallelism()`). */
+  readonly machineCoresBusy: number | null
   readonly proxyRssMax: number | null
   readonly proxyHeapUsedMax: number | null
   /** Share of the drain the proxy spent in GC pauses, and its worst event-loop delay. */
@@ -57,12 +63,15 @@ export interface ThroughputResult {
   readonly bodyBytes: number
   readonly prefetch: number
   readonly repetitions: number
+  readonly warmupMessages: number
   readonly subscribe: Availability
   readonly runs: ReadonlyArray<RunRecord>
   readonly medianMsgPerSec: Record<Mode, number | null>
   readonly ratioStreamToDirect: number | null
   readonly ratioSubscribeToDirect: number | null
   readonly medianProxyCpuUsPerMsg: Record<Mode, number | null>
+  readonly medianMachineCpuUsPerMsg: Record<Mode, number | null>
+  readonly medianMachineCoresBusy: Record<Mode, number | null>
   readonly proxyRssMax: number | null
 }
 
@@ -73,6 +82,8 @@ export interface ThroughputOptions {
   readonly bodyBytes: number
   readonly prefetch: number
   readonly repetitions: number
+  /** Drained once through each path before the timed runs, so every path runs JIT-compiled code. */
+  readonly warmupMessages: number
 }
 
 /** Bodies of one size, differing only in the id: the template is rendered once. */
@@ -109,11 +120,20 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
   const direct: amqp.ChannelModel = await connect(`bench-direct ${names.prefix}`)
   const client: MessagingServiceClient = await makeClient(proxy.port)
   const runs: Array<RunRecord> = []
+  // The broker's own CPU shows what the machine's two cores are shared with.
+  const brokerPid = await findBrokerPid()
   let subscribe: Availability = { available: true }
   try {
     subscribe = await probeSubscribe(client)
     await admin.waitQueue(names.schemas, (s) => s.consumerCount === 0, 10_000, 5)
     if (!subscribe.available) log(`SubscribeSchemaMessages not available (${subscribe.reason}): (c) is n/a`)
+    if (options.warmupMessages > 0) {
+      for (const mode of MODES) {
+        if (mode === "subscribe" && !subscribe.available) continue
+        const warm = await runOne(mode, 0, options.warmupMessages)
+        log(`throughput warm-up ${MODE_LABEL[mode]}: ${warm.error ?? `${Math.round(warm.msgPerSec ?? 0)} msg/s (not counted)`}`)
+      }
+    }
 
     for (let repetition = 1; repetition <= options.repetitions; repetition++) {
       for (const mode of MODES) {
@@ -151,6 +171,7 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
     bodyBytes: options.bodyBytes,
     prefetch,
     repetitions: options.repetitions,
+    warmupMessages: options.warmupMessages,
     subscribe,
     runs,
     medianMsgPerSec,
@@ -161,10 +182,20 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
       stream: medianOf("stream", (r) => r.proxyCpuUsPerMsg),
       subscribe: medianOf("subscribe", (r) => r.proxyCpuUsPerMsg)
     },
+    medianMachineCpuUsPerMsg: {
+      direct: medianOf("direct", (r) => r.machineCpuUsPerMsg),
+      stream: medianOf("stream", (r) => r.machineCpuUsPerMsg),
+      subscribe: medianOf("subscribe", (r) => r.machineCpuUsPerMsg)
+    },
+    medianMachineCoresBusy: {
+      direct: medianOf("direct", (r) => r.machineCoresBusy),
+      stream: medianOf("stream", (r) => r.machineCoresBusy),
+      subscribe: medianOf("subscribe", (r) => r.machineCoresBusy)
+    },
     proxyRssMax: rssValues.length ? Math.max(...rssValues) : null
   }
 
-  async function runOne(mode: Mode, repetition: number): Promise<RunRecord> {
+  async function runOne(mode: Mode, repetition: number, messages = options.messages): Promise<RunRecord> {
     if (!proxy.running) throw new Error("the proxy child has exited")
     let publishSeconds = 0
     try {
@@ -175,6 +206,8 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
     const viaProxy = mode !== "direct"
     const sampler = viaProxy ? new ResourceSampler(proxy) : undefined
     const proxyCpuBefore = await proxy.cpuSeconds()
+    const brokerCpuBefore = brokerPid === undefined ? undefined : await processCpuSeconds(brokerPid)
+    const machineBefore = await machineCpuSeconds()
     const clientCpuBefore = process.cpuUsage()
     let outcome: DrainOutcome
     try {
@@ -190,6 +223,8 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
       return failed(mode, repetition, publishSeconds, text)
     }
     const clientCpu = cpuSecondsOf(process.cpuUsage(clientCpuBefore))
+    const machineAfter = await machineCpuSeconds()
+    const brokerCpuAfter = brokerPid === undefined ? undefined : await processCpuSeconds(brokerPid)
     const proxyCpuAfter = await proxy.cpuSeconds()
     const resources = await sampler?.stop()
     const left = await settle()
@@ -205,6 +240,13 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
         ? perMessage(proxyCpuAfter - proxyCpuBefore)
         : null,
       clientCpuUsPerMsg: perMessage(clientCpu),
+      brokerCpuUsPerMsg: brokerCpuBefore !== undefined && brokerCpuAfter !== undefined
+        ? perMessage(brokerCpuAfter - brokerCpuBefore)
+        : null,
+      machineCpuUsPerMsg: machineBefore && machineAfter ? perMessage(machineAfter.busy - machineBefore.busy) : null,
+      machineCoresBusy: machineBefore && machineAfter
+        ? (machineAfter.busy - machineBefore.busy) / outcome.seconds
+        : null,
       proxyRssMax: resources?.rssMax ?? null,
       proxyHeapUsedMax: resources?.heapUsedMax ?? null,
       proxyGcPercent: resources?.gcTotalMs != null ? (resources.gcTotalMs / 10) / outcome.seconds : null,
@@ -236,6 +278,9 @@ const failed = (mode: Mode, repetition: number, publishSeconds: number, error: s
   msgPerSec: null,
   proxyCpuUsPerMsg: null,
   clientCpuUsPerMsg: null,
+  brokerCpuUsPerMsg: null,
+  machineCpuUsPerMsg: null,
+  machineCoresBusy: null,
   proxyRssMax: null,
   proxyHeapUsedMax: null,
   proxyGcPercent: null,

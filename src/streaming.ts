@@ -6,7 +6,7 @@
 import * as grpc from "@grpc/grpc-js"
 import { Effect, Stream } from "effect"
 import type { Broker } from "./broker.js"
-import { finishCall, writeAllWithBackpressure } from "./callLifecycle.js"
+import { batchWrites, finishCall, writeAllWithBackpressure } from "./callLifecycle.js"
 import type { Delivery } from "./consumer.js"
 import * as Metrics from "./metrics.js"
 import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn } from "./redelivery.js"
@@ -65,6 +65,7 @@ export const serveQueueStream = <Req, A>(
     counts.delivered += acked
     Metrics.deliveredUnsafe(spec.queue, rpc, acked)
   })
+  batchWrites(outgoing)
   return Effect.logInfo("stream opened", { queue: spec.queue }).pipe(
     Effect.andThen(
       admittedDeliveries({

@@ -10,7 +10,7 @@ import * as grpc from "@grpc/grpc-js"
 import { Cause, Effect, Exit, Fiber, Queue, Stream } from "effect"
 import type { DeliveryInfo, SettleError, SubscriptionOpened, SubscriptionRequest } from "../gen/messaging.js"
 import type { Broker } from "./broker.js"
-import { CallRejected, finishCall, writeAllWithBackpressure, writeWithBackpressure } from "./callLifecycle.js"
+import { batchWrites, CallRejected, finishCall, writeAllWithBackpressure, writeWithBackpressure } from "./callLifecycle.js"
 import type { Delivery } from "./consumer.js"
 import * as Metrics from "./metrics.js"
 import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn, requeueCounted } from "./redelivery.js"
@@ -100,6 +100,7 @@ export const serveSubscription = <A>(
   const rpc = Metrics.rpcName(call)
   const outgoing = call as grpc.ServerDuplexStream<unknown, SubscriptionEvent<A>>
   const write = (event: SubscriptionEvent<A>) => writeWithBackpressure(outgoing, event)
+  batchWrites(outgoing)
 
   const program = Effect.gen(function*() {
     const requests = yield* incomingRequests(call as SubscriptionCall<unknown>)
