@@ -8,7 +8,7 @@
  * on the real broker under random names (bench.<hex>.*) that are deleted at the end. Results go to
  * stdout (a table) and to bench/results/latest.json (BENCH_RESULTS_DIR). Progress goes to stderr.
  *
- * Knobs: BENCH_N (100000), BENCH_REPEATS (3), BENCH_BODY_BYTES (1024), BENCH_LATENCY_SECONDS (30),
+ * Knobs: BENCH_N (100000), BENCH_REPEATS (3), BENCH_WARMUP_N (10000), BENCH_BODY_BYTES (1024), BENCH_LATENCY_SECONDS (30),
  * BENCH_PREFETCH (32: the proxy's RABBITMQ_PREFETCH, the direct consumer's prefetch, (c)'s max_in_flight),
  * BENCH_LATENCY_RATE (1000), BENCH_LATENCY_WARMUP_SECONDS (2), BENCH_STREAMS (1000),
  * BENCH_STREAMS_MESSAGES (5000), BENCH_CANCEL_CYCLES (100), BENCH_PHASES
