@@ -1,8 +1,10 @@
 /**
- * The broker connection as a scoped service. A supervisor fiber keeps one amqplib connection open:
- * it connects with capped exponential backoff (logging every attempt), declares the topology, and
- * when the connection drops it starts over. Consumers wait for the current connection and open
- * their own channels on it; the connection is closed when the layer's scope closes.
+ * The broker connections as a scoped service. A supervisor fiber keeps each amqplib connection
+ * open: it connects with capped exponential backoff (logging every attempt), and when the
+ * connection drops it starts over. There are two: consumers (and the topology) use one, the
+ * Publish RPCs the other. RabbitMQ blocks a connection that publishes during a memory or disk
+ * alarm, reads included, so sharing one would let publishers stall every stream's acks.
+ * Both are closed when the layer's scope closes.
  */
 import * as amqp from "amqplib"
 import { Context, Deferred, Duration, Effect, Exit, Layer, Option, Redacted, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
@@ -13,11 +15,13 @@ import { amqpTlsOptions } from "./tls.js"
 import { declareTopology } from "./topology.js"
 
 export class Broker extends Context.Service<Broker, {
-  /** The live connection; waits while the broker is away. */
+  /** The consumers' live connection (topology declared on it); waits while the broker is away. */
   readonly connection: Effect.Effect<amqp.ChannelModel>
-  /** `true` while a connection with declared topology is up; emits the current value first. */
+  /** The publishers' live connection; waits while the broker is away. */
+  readonly publishingConnection: Effect.Effect<amqp.ChannelModel>
+  /** `true` while both connections are up (and the topology declared); emits the current value first. */
   readonly connectedChanges: Stream.Stream<boolean>
-  /** A confirm channel on the live connection, closed with the caller's scope. */
+  /** A confirm channel on the consumers' connection, closed with the caller's scope. */
   readonly openChannel: Effect.Effect<amqp.ConfirmChannel, AmqpError, Scope.Scope>
 }>()("messaging-proxy/Broker") {
   static readonly layer = Layer.effect(Broker, Effect.suspend(() => make))
@@ -29,7 +33,7 @@ interface Session {
   readonly closed: Deferred.Deferred<string>
 }
 
-const connectOnce = (rabbit: ProxySettings["rabbit"], tls: amqp.SocketOptions | undefined) =>
+const connectOnce = (rabbit: ProxySettings["rabbit"], tls: amqp.SocketOptions | undefined, connectionName: string) =>
   Effect.tryPromise({
     try: async (): Promise<Session> => {
       const connection = await amqp.connect(
@@ -42,7 +46,7 @@ const connectOnce = (rabbit: ProxySettings["rabbit"], tls: amqp.SocketOptions | 
           vhost: rabbit.vhost,
           heartbeat: rabbit.heartbeatSeconds
         },
-        { ...tls, clientProperties: { connection_name: rabbit.connectionName }, timeout: 10_000, noDelay: true }
+        { ...tls, clientProperties: { connection_name: connectionName }, timeout: 10_000, noDelay: true }
       )
       // Listeners go on in the same tick as the connection: amqplib crashes the process on an
       // unheard 'error', and a broker restart emits only 'close', which must not be missed.
@@ -67,58 +71,90 @@ const connectOnce = (rabbit: ProxySettings["rabbit"], tls: amqp.SocketOptions | 
 const closeQuietly = (connection: amqp.ChannelModel) =>
   Effect.promise(() => connection.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
 
-const make = Effect.gen(function*() {
-  const { rabbit } = yield* ProxyConfig
-  // Read (and check) the TLS files once, at start: a bad path stops start-up.
-  const tls = yield* amqpTlsOptions(rabbit)
-  const current = yield* SubscriptionRef.make<Option.Option<amqp.ChannelModel>>(Option.none())
-  const connectionMetrics = yield* Metrics.trackBrokerConnection
+type Role = "consumers" | "publishers"
 
-  const backoff = Schedule.min([
-    Schedule.exponential("200 millis", 2),
-    Schedule.spaced(rabbit.reconnectMaxDelay)
-  ]).pipe(
-    Schedule.jittered,
-    Schedule.setInputType<AmqpError>(),
-    Schedule.tap(({ attempt, duration, input }) =>
-      Effect.logWarning(input.operation === "declare topology" ? "topology declaration failed, retrying" : "broker unreachable, retrying", {
-        attempt,
-        retryInMs: Math.round(Duration.toMillis(duration)),
-        error: input.message
+/**
+ * One supervised connection: its current value (None while away). The consumers' connection also
+ * declares the topology, as one step with connecting, so a failed declaration is retried.
+ */
+const supervise = (
+  rabbit: ProxySettings["rabbit"],
+  tls: amqp.SocketOptions | undefined,
+  role: Role
+) =>
+  Effect.gen(function*() {
+    const current = yield* SubscriptionRef.make<Option.Option<amqp.ChannelModel>>(Option.none())
+    const connectionMetrics = yield* Metrics.trackBrokerConnection(role)
+    const connectionName = role === "consumers" ? rabbit.connectionName : `${rabbit.connectionName} (publishing)`
+
+    const backoff = Schedule.min([
+      Schedule.exponential("200 millis", 2),
+      Schedule.spaced(rabbit.reconnectMaxDelay)
+    ]).pipe(
+      Schedule.jittered,
+      Schedule.setInputType<AmqpError>(),
+      Schedule.tap(({ attempt, duration, input }) =>
+        Effect.logWarning(input.operation === "declare topology" ? "topology declaration failed, retrying" : "broker unreachable, retrying", {
+          connection: role,
+          attempt,
+          retryInMs: Math.round(Duration.toMillis(duration)),
+          error: input.message
+        })
+      )
+    )
+
+    const open = connectOnce(rabbit, tls, connectionName).pipe(
+      Effect.tap(({ connection }) =>
+        role === "consumers"
+          ? declareTopology(connection, rabbit).pipe(Effect.onError(() => closeQuietly(connection)))
+          : Effect.void
+      )
+    )
+
+    const session = Effect.gen(function*() {
+      // The retry runs outside acquireRelease: an acquire cannot be interrupted, and shutdown must
+      // be able to stop the retry loop while the broker is unreachable.
+      const { connection, closed } = yield* open.pipe(Effect.retry(backoff))
+      yield* Effect.addFinalizer(() => closeQuietly(connection))
+      yield* SubscriptionRef.set(current, Option.some(connection))
+      yield* connectionMetrics.connected
+      // "connected to broker" means the consumers' connection with the topology declared:
+      // operators and scripts wait for that line.
+      yield* Effect.logInfo(role === "consumers" ? "connected to broker" : "publishing connection to broker open", {
+        host: rabbit.host,
+        port: rabbit.port,
+        vhost: rabbit.vhost
       })
-    )
-  )
+      const reason = yield* Deferred.await(closed)
+      yield* SubscriptionRef.set(current, Option.none())
+      yield* connectionMetrics.lost
+      yield* Effect.logWarning(
+        role === "consumers" ? "broker connection lost, reconnecting" : "publishing connection to broker lost, reconnecting",
+        { reason }
+      )
+    }).pipe(Effect.scoped)
 
-  // Connect and declare as one step, so a failed declaration closes its connection and is retried.
-  const open = connectOnce(rabbit, tls).pipe(
-    Effect.tap(({ connection }) =>
-      declareTopology(connection, rabbit).pipe(Effect.onError(() => closeQuietly(connection)))
-    )
-  )
+    yield* session.pipe(Effect.forever, Effect.forkScoped)
+    // On shutdown, say so before the connection goes (finalizers run in reverse order).
+    yield* Effect.addFinalizer(() => SubscriptionRef.set(current, Option.none()))
+    return current
+  })
 
-  const session = Effect.gen(function*() {
-    // The retry runs outside acquireRelease: an acquire cannot be interrupted, and shutdown must
-    // be able to stop the retry loop while the broker is unreachable.
-    const { connection, closed } = yield* open.pipe(Effect.retry(backoff))
-    yield* Effect.addFinalizer(() => closeQuietly(connection))
-    yield* SubscriptionRef.set(current, Option.some(connection))
-    yield* connectionMetrics.connected
-    yield* Effect.logInfo("connected to broker", { host: rabbit.host, port: rabbit.port, vhost: rabbit.vhost })
-    const reason = yield* Deferred.await(closed)
-    yield* SubscriptionRef.set(current, Option.none())
-    yield* connectionMetrics.lost
-    yield* Effect.logWarning("broker connection lost, reconnecting", { reason })
-  }).pipe(Effect.scoped)
-
-  yield* session.pipe(Effect.forever, Effect.forkScoped)
-  // On shutdown, say so before the connection goes (finalizers run in reverse order).
-  yield* Effect.addFinalizer(() => SubscriptionRef.set(current, Option.none()))
-
-  const connection: Effect.Effect<amqp.ChannelModel> = SubscriptionRef.changes(current).pipe(
+/** The current connection, waiting while there is none. */
+const live = (current: SubscriptionRef.SubscriptionRef<Option.Option<amqp.ChannelModel>>): Effect.Effect<amqp.ChannelModel> =>
+  SubscriptionRef.changes(current).pipe(
     Stream.filter(Option.isSome),
     Stream.runHead,
     Effect.flatMap((found) => Option.isSome(found) ? Effect.succeed(found.value.value) : Effect.never)
   )
+
+const make = Effect.gen(function*() {
+  const { rabbit } = yield* ProxyConfig
+  // Read (and check) the TLS files once, at start: a bad path stops start-up.
+  const tls = yield* amqpTlsOptions(rabbit)
+  const consumers = yield* supervise(rabbit, tls, "consumers")
+  const publishers = yield* supervise(rabbit, tls, "publishers")
+  const connection = live(consumers)
 
   // Waiting for the connection stays interruptible; only the channel creation is the acquire.
   const openChannel = Effect.flatMap(connection, (conn) =>
@@ -134,9 +170,15 @@ const make = Effect.gen(function*() {
     Effect.tap((channel) => Effect.sync(() => channel.on("error", () => undefined)))
   )
 
+  const isUp = (current: SubscriptionRef.SubscriptionRef<Option.Option<amqp.ChannelModel>>) =>
+    SubscriptionRef.changes(current).pipe(Stream.map(Option.isSome))
   return Broker.of({
     connection,
-    connectedChanges: SubscriptionRef.changes(current).pipe(Stream.map(Option.isSome), Stream.changes),
+    publishingConnection: live(publishers),
+    connectedChanges: Stream.zipLatest(isUp(consumers), isUp(publishers)).pipe(
+      Stream.map(([a, b]) => a && b),
+      Stream.changes
+    ),
     openChannel
   })
 })

@@ -64,8 +64,12 @@ const redeliveredMetric = perKey((queue) =>
 const activeStreamsMetric = perKey((rpc) =>
   Metric.gauge(prefix + "active_streams", { description: "open streaming calls (streams and subscriptions)", attributes: { rpc } })
 )
-const brokerConnectedMetric = Metric.gauge(prefix + "broker_connected", { description: "1 while the broker connection is up" })
-const brokerReconnectsMetric = counter("broker_reconnects_total", "broker connections re-established after a loss")
+const brokerConnectedMetric = perKey((connection) =>
+  Metric.gauge(prefix + "broker_connected", { description: "1 while the broker connection is up", attributes: { connection } })
+)
+const brokerReconnectsMetric = perKey((connection) =>
+  counter("broker_reconnects_total", "broker connections re-established after a loss", { connection })
+)
 const rpcRequestsMetric = perKey((key) => {
   const [method, code] = split2(key)
   return counter("rpc_requests_total", "gRPC calls by method and final status code", { method, code })
@@ -124,29 +128,30 @@ export const recordRpc = (method: string, code: string, durationSeconds: number)
 }
 
 /**
- * The broker connection's gauge and reconnect counter, for one Broker instance: `connected` after
+ * One broker connection's gauge and reconnect counter (label `connection`): `connected` after
  * each (re)connect (every one after the first counts as a reconnect), `lost` when it drops. The
  * gauge reads 0 from here on and again when the scope closes.
  */
-export const trackBrokerConnection: Effect.Effect<
+export const trackBrokerConnection = (connection: "consumers" | "publishers"): Effect.Effect<
   { readonly connected: Effect.Effect<void>; readonly lost: Effect.Effect<void> },
   never,
   Scope.Scope
-> = Effect.gen(function*() {
-  let connectedBefore = false
-  const lost = Metric.update(brokerConnectedMetric, 0)
-  yield* lost
-  yield* Metric.update(brokerReconnectsMetric, 0) // present from the start, at 0
-  yield* Effect.addFinalizer(() => lost)
-  const connected = Effect.suspend(() => {
-    const reconnect = connectedBefore
-    connectedBefore = true
-    return Metric.update(brokerConnectedMetric, 1).pipe(
-      Effect.andThen(reconnect ? Metric.update(brokerReconnectsMetric, 1) : Effect.void)
-    )
+> =>
+  Effect.gen(function*() {
+    let connectedBefore = false
+    const gauge = brokerConnectedMetric(connection)
+    const reconnects = brokerReconnectsMetric(connection)
+    const lost = Metric.update(gauge, 0)
+    yield* lost
+    yield* Metric.update(reconnects, 0) // present from the start, at 0
+    yield* Effect.addFinalizer(() => lost)
+    const connected = Effect.suspend(() => {
+      const reconnect = connectedBefore
+      connectedBefore = true
+      return Metric.update(gauge, 1).pipe(Effect.andThen(reconnect ? Metric.update(reconnects, 1) : Effect.void))
+    })
+    return { connected, lost }
   })
-  return { connected, lost }
-})
 
 // --- exporter -------------------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
  * Publish and PublishBatch: validate a body in the contract's format, publish it unchanged to the
  * exchange (persistent, mandatory, message_id = its id) and answer only after the broker's confirm.
  *
- * All publishes of one broker connection share ONE long-lived confirm channel, opened on first use
- * and reopened after it closes (opening a channel per message would cost a round trip each).
+ * They go out on the publishers' own broker connection (see broker.ts), where all publishes share
+ * ONE long-lived confirm channel, opened on first use and reopened after it closes (opening a
+ * channel per message would cost a round trip each).
  *
  * Unroutable messages: with `mandatory` the broker sends basic.return for a message bound to no
  * queue, and always before that message's ack on the same channel. basic.return carries no
@@ -334,15 +335,23 @@ const channelFor = (connection: amqp.ChannelModel): Promise<PublishChannel> => {
 /** How long a call waits for a reconnect in progress before answering UNAVAILABLE. */
 const CONNECT_GRACE = "2 seconds"
 
-/** The live connection, or BrokerNotConnected once the grace period passes without one. */
-export const liveConnection: Effect.Effect<amqp.ChannelModel, BrokerNotConnected, Broker> = Effect.gen(function*() {
-  const broker = yield* Broker
-  const connection = yield* broker.connection.pipe(Effect.timeoutOption(CONNECT_GRACE))
-  return Option.isSome(connection) ? connection.value : yield* new BrokerNotConnected()
-})
+/**
+ * The live connection (the publishers' own, or the consumers'), or BrokerNotConnected once the
+ * grace period passes without one.
+ */
+export const liveConnection = (
+  role: "consumers" | "publishers"
+): Effect.Effect<amqp.ChannelModel, BrokerNotConnected, Broker> =>
+  Effect.gen(function*() {
+    const broker = yield* Broker
+    const connection = yield* (role === "publishers" ? broker.publishingConnection : broker.connection).pipe(
+      Effect.timeoutOption(CONNECT_GRACE)
+    )
+    return Option.isSome(connection) ? connection.value : yield* new BrokerNotConnected()
+  })
 
 const publishChannel: Effect.Effect<PublishChannel, BrokerNotConnected | AmqpError, Broker> = Effect.gen(function*() {
-  const connection = yield* liveConnection
+  const connection = yield* liveConnection("publishers")
   return yield* Effect.tryPromise({
     try: () => channelFor(connection),
     catch: (cause) => new AmqpError({ operation: "open publishing channel", cause })

@@ -89,7 +89,8 @@ const probe = (connection: amqp.ChannelModel, role: QueueRole, queue: string) =>
 
 export const queueInfo = (rabbit: Rabbit): Effect.Effect<GetQueueInfoResponse, QueueInfoError, Broker> =>
   Effect.gen(function*() {
-    const connection = yield* liveConnection
+    // Passive declarations only: the consumers' connection, which publishers can never block.
+    const connection = yield* liveConnection("consumers")
     // All six at once; the first failure interrupts the others, whose channels are then closed.
     const queues = yield* Effect.forEach(
       reportedQueues(rabbit),

@@ -48,11 +48,14 @@ describe("metrics endpoint", () => {
       yield* Metrics.recordRpc(method, "OK", 0.02)
       yield* Metrics.recordRpc(method, "UNAVAILABLE", 3)
 
-      const body = yield* scrapeUntil(port, (b) => sample(b, m("broker_connected")) === 1)
+      const up = (b: string) =>
+        sample(b, m("broker_connected"), { connection: "consumers" }) === 1 &&
+        sample(b, m("broker_connected"), { connection: "publishers" }) === 1
+      const body = yield* scrapeUntil(port, up)
       const response = yield* scrape(port)
       assert.strictEqual(response.status, 200)
       assert.match(response.contentType ?? "", /^text\/plain; version=0\.0\.4/)
-      assert.strictEqual(sample(body, m("broker_connected")), 1)
+      assert.isTrue(up(body), "both broker connections are up")
       assert.include(body, `# TYPE ${m("broker_connected")} gauge`)
       assert.include(body, `# TYPE ${m("broker_reconnects_total")} counter`)
       assert.isAbove(sample(body, m("process_resident_memory_bytes")) ?? 0, 1024 * 1024)
@@ -178,8 +181,9 @@ describe("metrics endpoint", () => {
       const relay = yield* startRelay()
       const env = yield* makeMetricsTestEnv({ RABBITMQ_PORT: String(relay.port) })
       const port = metricsPortOf(env)
-      const connected = (body: string) => sample(body, m("broker_connected"))
-      const reconnects = (body: string) => sample(body, m("broker_reconnects_total")) ?? -1
+      // The relay carries both connections; follow the consumers' one.
+      const connected = (body: string) => sample(body, m("broker_connected"), { connection: "consumers" })
+      const reconnects = (body: string) => sample(body, m("broker_reconnects_total"), { connection: "consumers" }) ?? -1
       const before = yield* scrapeUntil(port, (b) => connected(b) === 1)
       assert.strictEqual(connected(before), 1)
 

@@ -27,6 +27,7 @@ import {
 } from "./support/harness.js"
 import { startRelay } from "./support/relay.js"
 import { healthClient, SERVING, waitForHealth } from "./support/health.js"
+import { subscribeSchemas } from "./support/subscriber.js"
 
 const json = (body: unknown) => Buffer.from(JSON.stringify(body))
 
@@ -248,6 +249,35 @@ describe("Publish", () => {
       yield* waitForHealth(yield* healthClient(port), SERVING)
       yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("d-3")))
       assert.deepStrictEqual(idsIn(yield* drain(admin, names.schemas)), ["d-1", "d-3"])
+    }))
+})
+
+describe("the publishers' own connection", () => {
+  it.live("cutting only the Publish connection leaves streams and unsettled deliveries untouched", () =>
+    Effect.gen(function*() {
+      const relay = yield* startRelay()
+      const { names, client, admin } = yield* makeTestEnv({ RABBITMQ_PORT: String(relay.port) })
+      yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("own-1")))
+      assert.strictEqual(relay.connections(), 2, "one connection for consumers, one for publishers")
+      const sub = yield* subscribeSchemas(client)
+      const [held] = yield* sub.deliveries(1)
+      assert.strictEqual(held?.message?.id, "own-1")
+
+      assert.strictEqual(yield* relay.severWhereClientSent("(publishing)"), 1)
+      // The delivery's channel lives on the consumers' connection: acking it still works (a lost
+      // channel would answer with a settle_error).
+      yield* sub.ack(held!.info!.deliveryId)
+      yield* sub.send({ action: { $case: "ack", value: { deliveryIds: ["0"] } } }) // a marker
+      const answer = yield* sub.next()
+      assert.deepStrictEqual(answer.event, {
+        $case: "settleError",
+        value: { deliveryIds: ["0"], reason: "unknown or already settled delivery id" }
+      })
+      yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 0 && q.consumerCount === 1)
+      // Publish reconnects on its own and the same subscription receives what it publishes.
+      yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("own-2")))
+      const [next] = yield* sub.deliveries(1)
+      assert.deepStrictEqual([next?.message?.id, next?.info?.redelivered], ["own-2", false])
     }))
 })
 

@@ -13,12 +13,19 @@ export interface Relay {
   /** While refusing, new connections are reset at once (the broker looks down). */
   readonly setRefusing: (refusing: boolean) => Effect.Effect<void>
   readonly connections: () => number
+  /**
+   * Resets only the connections whose client sent `text` in its first bytes (the AMQP handshake
+   * carries the connection name in the clear). Resolves with how many it reset.
+   */
+  readonly severWhereClientSent: (text: string) => Effect.Effect<number>
 }
 
 export const startRelay = (targetPort = 5672, targetHost = "127.0.0.1") =>
   Effect.acquireRelease(
     Effect.callback<{ relay: Relay; server: net.Server }>((resume) => {
       const sockets = new Set<net.Socket>()
+      // The first bytes each client sent, kept up to 4 KiB (enough for the AMQP handshake).
+      const preamble = new Map<net.Socket, string>()
       let refusing = false
       const server = net.createServer((client) => {
         if (refusing) {
@@ -26,6 +33,14 @@ export const startRelay = (targetPort = 5672, targetHost = "127.0.0.1") =>
           return
         }
         const upstream = net.connect(targetPort, targetHost)
+        preamble.set(client, "")
+        const record = (chunk: Buffer) => {
+          const seen = (preamble.get(client) ?? "") + chunk.toString("latin1")
+          preamble.set(client, seen.slice(0, 4096))
+          if (seen.length >= 4096) client.off("data", record)
+        }
+        client.on("data", record)
+        client.on("close", () => preamble.delete(client))
         for (const [a, b] of [[client, upstream], [upstream, client]] as const) {
           sockets.add(a)
           a.on("error", () => b.destroy())
@@ -44,7 +59,13 @@ export const startRelay = (targetPort = 5672, targetHost = "127.0.0.1") =>
             port: address.port,
             sever: Effect.sync(() => sockets.forEach((s) => s.resetAndDestroy())),
             setRefusing: (value) => Effect.sync(() => { refusing = value }),
-            connections: () => sockets.size / 2
+            connections: () => sockets.size / 2,
+            severWhereClientSent: (text) =>
+              Effect.sync(() => {
+                const matching = [...preamble].filter(([, seen]) => seen.includes(text)).map(([client]) => client)
+                matching.forEach((client) => client.resetAndDestroy())
+                return matching.length
+              })
           }
         }))
       })
