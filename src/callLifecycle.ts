@@ -42,8 +42,13 @@ export const statusOf = (error: CallError): { code: grpc.status; details: string
  * Lets grpc-js hand several queued messages to HTTP/2 at once. Its call is a Writable with only
  * `_write`, so Node waits for each message's socket write before starting the next: one syscall
  * (and one TCP segment to the client) per message. With `_writev`, what queued up during that
- * write goes down together, in order, and each message's own callback still fires only once its
- * bytes are written.
+ * write goes down together, in order. Node calls the batch's write callbacks together, once the
+ * whole batch is written.
+ *
+ * This relies on grpc-js's `sendMessage` never refusing a message here: a refusal (too large,
+ * or a serializer that throws) ends the HTTP/2 stream, and the next write of the same batch would
+ * then fail without a status. So sizes are checked at admission, before anything is written
+ * (redelivery.ts), and no server interceptor (which could hold a message back) is installed.
  */
 export const batchWrites = <A>(call: OutgoingCall<A>): void => {
   const writable: Writable = call

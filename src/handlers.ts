@@ -9,10 +9,10 @@ import {
   type GetMessagingParamsResponse,
   type MessagingServiceServer,
   type RoutingKey,
-  type SchemaMessageResponse,
+  SchemaMessageResponse,
   type SchemaSubscriptionEvent,
   type SubscriptionRequest,
-  type ValidationMessageResponse,
+  ValidationMessageResponse,
   type ValidationSubscriptionEvent
 } from "../gen/messaging.js"
 import type { Broker } from "./broker.js"
@@ -21,6 +21,7 @@ import { contractQueues, deadLetterQueue, type ProxySettings, type QueueBinding 
 import { publishBatchHandler, publishHandler } from "./publishing.js"
 import { queueInfoHandler } from "./queueInfo.js"
 import type { AdmissionPolicy } from "./redelivery.js"
+import { deliveryEnvelopeBytes, encodeWith } from "./serialization.js"
 import { type QueueStreamSpec, serveQueueStream } from "./streaming.js"
 import { serveSubscription, type SubscriptionEvent, type SubscriptionSpec } from "./subscription.js"
 
@@ -46,7 +47,8 @@ const routingKey = (binding: QueueBinding): RoutingKey => ({ routingKey: binding
 const queueSpec = <A>(
   settings: ProxySettings,
   binding: QueueBinding,
-  decode: AdmissionPolicy<A>["decode"]
+  decode: AdmissionPolicy<A>["decode"],
+  encode: AdmissionPolicy<A>["encode"]
 ): QueueStreamSpec<A> & SubscriptionSpec<A> => ({
   queue: binding.queue,
   deadLetterQueue: deadLetterQueue(settings.rabbit, binding.queue),
@@ -54,7 +56,10 @@ const queueSpec = <A>(
   defaultMaxInFlight: Math.min(settings.rabbit.prefetch, settings.limits.maxInFlight),
   maxInFlightLimit: settings.limits.maxInFlight,
   maxRequeues: settings.maxRequeues,
-  decode
+  decode,
+  encode,
+  // One limit for both RPC kinds: room for the subscription's delivery envelope.
+  maxEncodedBytes: settings.grpc.maxMessageBytes - deliveryEnvelopeBytes
 })
 
 /** Runs one call's work as a fiber that the call's cancel (or deadline) interrupts. */
@@ -86,8 +91,8 @@ export const makeHandlers = (settings: ProxySettings, run: RunHandler): Messagin
     )
   const params = messagingParams(settings)
   const { rabbit } = settings
-  const schemas = queueSpec(settings, rabbit.schemas, decodeSchemaMessage)
-  const validations = queueSpec(settings, rabbit.validations, decodeValidationMessage)
+  const schemas = queueSpec(settings, rabbit.schemas, decodeSchemaMessage, encodeWith(SchemaMessageResponse))
+  const validations = queueSpec(settings, rabbit.validations, decodeValidationMessage, encodeWith(ValidationMessageResponse))
   return {
     getMessagingParams: (_call, callback) => callback(null, params),
     getRoutingKeySchemas: (call, callback) =>

@@ -21,7 +21,7 @@ import { describe } from "./errors.js"
 const prefix = "messaging_proxy_"
 
 /** Why a message went to the dead-letter queue. */
-export type DeadLetterKind = "malformed" | "rejected" | "requeue_limit"
+export type DeadLetterKind = "malformed" | "rejected" | "requeue_limit" | "too_large"
 
 /** One metric instance per attribute set, built on first use. */
 const perKey = <M>(make: (key: string) => M): (key: string) => M => {

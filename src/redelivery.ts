@@ -22,19 +22,27 @@ export interface AdmissionPolicy<A> {
   readonly queue: string
   readonly maxRequeues: number
   readonly decode: (body: Buffer) => Result.Result<A, BodyRejected>
+  /** The message as it goes on the wire (protobuf). */
+  readonly encode: (message: A) => Uint8Array
+  /**
+   * The most encoded bytes a client can be sent. A bigger message would end every call it reached
+   * (grpc-js refuses it), so it is dead-lettered instead.
+   */
+  readonly maxEncodedBytes: number
 }
 
 /** A delivery that passed the checks, ready to hand to a client. */
-export interface Admitted<A> {
+export interface Admitted {
   readonly delivery: Delivery
-  readonly message: A
+  /** The decoded message, encoded once here: what is written to the client. */
+  readonly encoded: Uint8Array
   /** 1 on the first delivery. */
   readonly deliveryCount: number
   readonly redelivered: boolean
 }
 
-export type Admission<A> =
-  | { readonly _tag: "Deliver"; readonly admitted: Admitted<A> }
+export type Admission =
+  | { readonly _tag: "Deliver"; readonly admitted: Admitted }
   | { readonly _tag: "DeadLettered"; readonly reason: string }
 
 const countHeader = "x-requeue-count"
@@ -52,18 +60,24 @@ const historyOf = (delivery: Delivery): Array<string> => {
   return Array.isArray(raw) ? raw.map(String) : []
 }
 
+const deadLetterLines = {
+  malformed: "malformed body dead-lettered",
+  too_large: "message too large for gRPC dead-lettered",
+  requeue_limit: "poison message dead-lettered"
+} as const
+
 /** Dead-letters with the reason, counts it, and says so in one WARN line. */
 const deadLetterLogged = (
   delivery: Delivery,
   queue: string,
-  kind: "malformed" | "requeue_limit",
+  kind: "malformed" | "too_large" | "requeue_limit",
   reason: string,
   headers?: Record<string, unknown>
 ) =>
   delivery.deadLetter(reason, headers).pipe(
     Effect.tap(() => Metrics.deadLettered(queue, kind)),
     Effect.tap(() =>
-      Effect.logWarning(kind === "malformed" ? "malformed body dead-lettered" : "poison message dead-lettered", {
+      Effect.logWarning(deadLetterLines[kind], {
         queue,
         messageId: delivery.message.properties.messageId,
         reason
@@ -91,7 +105,7 @@ export const requeueCounted = (
 }
 
 /** A delivery whose body decoded: what the client sees of its history. */
-const deliverable = <A>(delivery: Delivery, message: A, queue: string): Admission<A> => {
+const deliverable = (delivery: Delivery, encoded: Uint8Array, queue: string): Admission => {
   const requeues = requeueCountOf(delivery)
   // The broker's flag means at least one earlier delivery that the header does not count.
   const brokerRedelivered = delivery.message.fields.redelivered
@@ -100,28 +114,43 @@ const deliverable = <A>(delivery: Delivery, message: A, queue: string): Admissio
     _tag: "Deliver",
     admitted: {
       delivery,
-      message,
+      encoded,
       deliveryCount: requeues + 1 + (brokerRedelivered ? 1 : 0),
       redelivered: brokerRedelivered || requeues > 0
     }
   }
 }
 
-const decided = <A>(
-  delivery: Delivery,
-  decoded: Result.Result<A, BodyRejected>,
-  queue: string
-): Effect.Effect<Admission<A>, AmqpError | ConnectionLost> => {
-  if (Result.isSuccess(decoded)) return Effect.succeed(deliverable(delivery, decoded.success, queue))
-  const reason = decoded.failure.reason
-  return deadLetterLogged(delivery, queue, "malformed", reason).pipe(Effect.as({ _tag: "DeadLettered", reason } as const))
+/** A body ready to send (decoded, encoded, within the size limit), or why it cannot be sent. */
+type Checked = Result.Result<
+  { readonly encoded: Uint8Array },
+  { readonly kind: "malformed" | "too_large"; readonly reason: string }
+>
+
+const check = <A>(delivery: Delivery, policy: AdmissionPolicy<A>): Checked => {
+  const decoded = policy.decode(delivery.message.content)
+  if (Result.isFailure(decoded)) return Result.fail({ kind: "malformed", reason: decoded.failure.reason })
+  const encoded = policy.encode(decoded.success)
+  if (encoded.byteLength > policy.maxEncodedBytes) {
+    return Result.fail({
+      kind: "too_large",
+      reason: `too large for gRPC: ${encoded.byteLength} bytes encoded, at most ${policy.maxEncodedBytes} can be sent (GRPC_MAX_MESSAGE_BYTES)`
+    })
+  }
+  return Result.succeed({ encoded })
 }
 
-const admit = <A>(
+const decided = (
   delivery: Delivery,
-  policy: AdmissionPolicy<A>
-): Effect.Effect<Admission<A>, AmqpError | ConnectionLost> =>
-  decided(delivery, policy.decode(delivery.message.content), policy.queue)
+  checked: Checked,
+  queue: string
+): Effect.Effect<Admission, AmqpError | ConnectionLost> => {
+  if (Result.isSuccess(checked)) {
+    return Effect.succeed(deliverable(delivery, checked.success.encoded, queue))
+  }
+  const { kind, reason } = checked.failure
+  return deadLetterLogged(delivery, queue, kind, reason).pipe(Effect.as({ _tag: "DeadLettered", reason } as const))
+}
 
 /**
  * Admits a chunk of deliveries in order. Good bodies are decided synchronously; only a chunk with
@@ -130,25 +159,27 @@ const admit = <A>(
 export const admitAll = <A>(
   deliveries: NonEmptyReadonlyArray<Delivery>,
   policy: AdmissionPolicy<A>
-): Effect.Effect<NonEmptyReadonlyArray<Admission<A>>, AmqpError | ConnectionLost> => {
+): Effect.Effect<NonEmptyReadonlyArray<Admission>, AmqpError | ConnectionLost> => {
   // Same length as `deliveries`, hence non-empty.
-  const admissions = [] as unknown as [Admission<A>, ...Array<Admission<A>>]
+  const admissions = [] as unknown as [Admission, ...Array<Admission>]
   for (let i = 0; i < deliveries.length; i++) {
     const delivery = deliveries[i]!
-    const decoded = policy.decode(delivery.message.content)
-    if (Result.isFailure(decoded)) {
+    const checked = check(delivery, policy)
+    if (Result.isFailure(checked)) {
       return Effect.gen(function*() {
-        admissions.push(yield* decided(delivery, decoded, policy.queue))
-        for (let j = i + 1; j < deliveries.length; j++) admissions.push(yield* admit(deliveries[j]!, policy))
+        admissions.push(yield* decided(delivery, checked, policy.queue))
+        for (let j = i + 1; j < deliveries.length; j++) {
+          admissions.push(yield* decided(deliveries[j]!, check(deliveries[j]!, policy), policy.queue))
+        }
         return admissions
       })
     }
-    admissions.push(deliverable(delivery, decoded.success, policy.queue))
+    admissions.push(deliverable(delivery, checked.success.encoded, policy.queue))
   }
   return Effect.succeed(admissions)
 }
 
-export const deadLetteredIn = (admissions: ReadonlyArray<Admission<unknown>>): number => {
+export const deadLetteredIn = (admissions: ReadonlyArray<Admission>): number => {
   let count = 0
   for (const admission of admissions) if (admission._tag === "DeadLettered") count++
   return count
@@ -162,5 +193,5 @@ export const deadLetteredIn = (admissions: ReadonlyArray<Admission<unknown>>): n
 export const admittedDeliveries = <A>(
   options: ConsumeOptions,
   policy: AdmissionPolicy<A>
-): Stream.Stream<Admission<A>, ConsumeError, Broker> =>
+): Stream.Stream<Admission, ConsumeError, Broker> =>
   reattachOnConnectionLoss(options.queue, consume(options).pipe(Stream.mapArrayEffect((chunk) => admitAll(chunk, policy))))

@@ -3,9 +3,14 @@
  * responses encoded through one reused writer (its buffer stays grown, so no regrowth per message)
  * and wrapped without the generated code's extra copy. Encoding is synchronous and `finish()`
  * returns a copy, so sharing the writer between calls is safe.
+ *
+ * Messages are encoded once, when they are admitted (so their size can be checked against the
+ * gRPC limit before anything is sent): the streams write those bytes as they are, and a
+ * subscription's delivery event embeds them next to its delivery info.
  */
-import { BinaryWriter } from "@bufbuild/protobuf/wire"
+import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire"
 import {
+  DeliveryInfo,
   MessagingServiceService,
   SchemaMessageResponse,
   SchemaSubscriptionEvent,
@@ -15,9 +20,36 @@ import {
 
 const writer = new BinaryWriter()
 
-const encoder = <A>(codec: { encode(message: A, writer?: BinaryWriter): BinaryWriter }) => (value: A): Buffer => {
-  const bytes = codec.encode(value, writer).finish()
-  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
+const asBuffer = (bytes: Uint8Array): Buffer => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
+
+interface Codec<A> {
+  encode(message: A, writer?: BinaryWriter): BinaryWriter
+}
+
+/** Encodes a message with the shared writer; the result is a fresh copy. */
+export const encodeWith = <A>(codec: Codec<A>) => (value: A): Uint8Array => codec.encode(value, writer).finish()
+
+const encoder = <A>(codec: Codec<A>) => (value: A): Buffer => asBuffer(codec.encode(value, writer).finish())
+
+/** A stream response already encoded at admission: written as it is. */
+const responseEncoder = <A>(codec: Codec<A>) => (value: A | Uint8Array): Buffer =>
+  value instanceof Uint8Array ? asBuffer(value) : encoder(codec)(value)
+
+/** A subscription's delivery event around a message encoded at admission. */
+export class EncodedDelivery {
+  constructor(readonly info: DeliveryInfo, readonly message: Uint8Array) {}
+}
+
+/** The most bytes the delivery event adds around its message (tags, lengths, DeliveryInfo). */
+export const deliveryEnvelopeBytes = 64
+
+const eventEncoder = <A>(codec: Codec<A>) => (value: A | EncodedDelivery): Buffer => {
+  if (!(value instanceof EncodedDelivery)) return encoder(codec)(value)
+  // event.delivery (field 2) { info (field 1), message (field 2) }, as the generated code would.
+  writer.uint32((2 << 3) | WireType.LengthDelimited).fork()
+  DeliveryInfo.encode(value.info, writer.uint32((1 << 3) | WireType.LengthDelimited).fork()).join()
+  writer.uint32((2 << 3) | WireType.LengthDelimited).bytes(value.message)
+  return asBuffer(writer.join().finish())
 }
 
 const { streamSchemaMessages, streamValidationMessages, subscribeSchemaMessages, subscribeValidationMessages } =
@@ -25,11 +57,11 @@ const { streamSchemaMessages, streamValidationMessages, subscribeSchemaMessages,
 
 export const MessagingServiceDefinition: typeof MessagingServiceService = {
   ...MessagingServiceService,
-  streamSchemaMessages: { ...streamSchemaMessages, responseSerialize: encoder(SchemaMessageResponse) },
-  streamValidationMessages: { ...streamValidationMessages, responseSerialize: encoder(ValidationMessageResponse) },
-  subscribeSchemaMessages: { ...subscribeSchemaMessages, responseSerialize: encoder(SchemaSubscriptionEvent) },
+  streamSchemaMessages: { ...streamSchemaMessages, responseSerialize: responseEncoder(SchemaMessageResponse) },
+  streamValidationMessages: { ...streamValidationMessages, responseSerialize: responseEncoder(ValidationMessageResponse) },
+  subscribeSchemaMessages: { ...subscribeSchemaMessages, responseSerialize: eventEncoder(SchemaSubscriptionEvent) },
   subscribeValidationMessages: {
     ...subscribeValidationMessages,
-    responseSerialize: encoder(ValidationSubscriptionEvent)
+    responseSerialize: eventEncoder(ValidationSubscriptionEvent)
   }
 }

@@ -60,7 +60,8 @@ export const serveQueueStream = <Req, A>(
 ): Effect.Effect<void, never, Broker> => {
   const counts = { delivered: 0, deadLettered: 0 }
   const rpc = Metrics.rpcName(call)
-  const outgoing = call as grpc.ServerWritableStream<unknown, A>
+  // Messages go out as the bytes encoded at admission (see serialization.ts).
+  const outgoing = call as unknown as grpc.ServerWritableStream<unknown, A | Uint8Array>
   const acks = makeAckBatcher(spec.prefetch, (acked) => {
     counts.delivered += acked
     Metrics.deliveredUnsafe(spec.queue, rpc, acked)
@@ -81,10 +82,10 @@ export const serveQueueStream = <Req, A>(
             counts.deadLettered += deadLetteredIn(admissions)
             return writeAllWithBackpressure(outgoing, admissions, (admission) => {
               if (admission._tag === "DeadLettered") return true
-              const { delivery, message } = admission.admitted
+              const { delivery, encoded } = admission.admitted
               // Ack in the write callback: only then has grpc-js taken the message. A write that
               // never completes (cancel) leaves it unacked, and the channel's close requeues it.
-              return outgoing.write(message, (error: Error | null | undefined) => acks.written(delivery, error))
+              return outgoing.write(encoded, (error: Error | null | undefined) => acks.written(delivery, error))
             })
           })
         )

@@ -13,6 +13,7 @@ import type { Broker } from "./broker.js"
 import { batchWrites, CallRejected, finishCall, writeAllWithBackpressure, writeWithBackpressure } from "./callLifecycle.js"
 import type { Delivery } from "./consumer.js"
 import * as Metrics from "./metrics.js"
+import { EncodedDelivery } from "./serialization.js"
 import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn, requeueCounted } from "./redelivery.js"
 
 /** The event shape both subscription RPCs share (SchemaSubscriptionEvent, ValidationSubscriptionEvent). */
@@ -34,6 +35,9 @@ export interface SubscriptionSpec<A> extends AdmissionPolicy<A> {
 const consumerNameLimit = 128
 
 type SubscriptionCall<A> = grpc.ServerDuplexStream<SubscriptionRequest, SubscriptionEvent<A>>
+
+/** Ids per settle_error event: 10,000 ids are at most ~110 kB. */
+const settleErrorIds = 10_000
 
 /** Requests buffered before the call stops reading (HTTP/2 flow control then holds the client). */
 const requestBuffer = 64
@@ -98,7 +102,8 @@ export const serveSubscription = <A>(
   // Known once `open` arrives; kept out here so the final log line carries it too.
   const opened = { consumerName: "" }
   const rpc = Metrics.rpcName(call)
-  const outgoing = call as grpc.ServerDuplexStream<unknown, SubscriptionEvent<A>>
+  // Deliveries go out around the bytes encoded at admission (see serialization.ts).
+  const outgoing = call as unknown as grpc.ServerDuplexStream<unknown, SubscriptionEvent<A> | EncodedDelivery>
   const write = (event: SubscriptionEvent<A>) => writeWithBackpressure(outgoing, event)
   batchWrites(outgoing)
 
@@ -128,20 +133,27 @@ export const serveSubscription = <A>(
         counts.deadLettered += deadLetteredIn(admissions)
         return writeAllWithBackpressure(outgoing, admissions, (admission) => {
           if (admission._tag === "DeadLettered") return true
-          const { delivery, deliveryCount, redelivered, message } = admission.admitted
+          const { delivery, deliveryCount, redelivered, encoded } = admission.admitted
           const deliveryId = String(nextId++)
           pending.set(deliveryId, delivery)
           counts.delivered++
           Metrics.deliveredUnsafe(spec.queue, rpc)
-          return outgoing.write({
-            event: { $case: "delivery", value: { info: { deliveryId, redelivered, deliveryCount }, message } }
-          })
+          return outgoing.write(new EncodedDelivery({ deliveryId, redelivered, deliveryCount }, encoded))
         })
       })
     )
 
+    /**
+     * Reports ids that could not be settled, at most `settleErrorIds` per event: acks merged from
+     * many requests must not add up to an event over the message size limit.
+     */
     const settleError = (deliveryIds: Array<string>, reason: string) =>
-      deliveryIds.length === 0 ? Effect.void : write({ event: { $case: "settleError", value: { deliveryIds, reason } } })
+      Effect.forEach(
+        Array.from({ length: Math.ceil(deliveryIds.length / settleErrorIds) }, (_, i) =>
+          deliveryIds.slice(i * settleErrorIds, (i + 1) * settleErrorIds)),
+        (ids) => write({ event: { $case: "settleError", value: { deliveryIds: ids, reason } } }),
+        { discard: true }
+      )
 
     /** Takes the ids out of `pending`; reports the unknown ones. */
     const claim = (ids: ReadonlyArray<string>) =>

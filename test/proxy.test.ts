@@ -5,6 +5,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Fiber } from "effect"
 import { healthClient, SERVING, waitForHealth } from "./support/health.js"
+import { subscribeSchemas } from "./support/subscriber.js"
 import type { SchemaMessageResponse } from "../gen/messaging.js"
 import { schemaBody, schemaMessage, validationBody, validationMessage } from "./fixtures/bodies.js"
 import {
@@ -185,6 +186,37 @@ describe("streams", () => {
       assert.match(String(dead[1]?.properties.headers?.["x-dead-letter-reason"]), /Expected string.*\["id"\]/)
       assert.strictEqual(dead[1]?.properties.headers?.["x-original-queue"], names.schemas)
       yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 0)
+    }))
+})
+
+describe("messages over the gRPC size limit", () => {
+  it.live("are dead-lettered with the reason instead of ending the call; the stream and the subscription go on", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv({ GRPC_MAX_MESSAGE_BYTES: "4096" })
+      const big = (id: string) => ({ ...schemaBody(id), import_name: "x".repeat(5000) })
+      yield* publishJson(admin, names.exchange, "schemas.*", big("big-1"))
+      yield* publishJson(admin, names.exchange, "schemas.*", schemaBody("fits-1"))
+      const [streamed] = yield* readMessages(client.streamSchemaMessages({}), 1)
+      assert.strictEqual(streamed?.id, "fits-1")
+
+      yield* publishJson(admin, names.exchange, "schemas.*", big("big-2"))
+      yield* publishJson(admin, names.exchange, "schemas.*", schemaBody("fits-2"))
+      const sub = yield* subscribeSchemas(client)
+      const [delivered] = yield* sub.deliveries(1)
+      assert.strictEqual(delivered?.message?.id, "fits-2")
+      yield* sub.ack(delivered!.info!.deliveryId)
+
+      yield* waitForQueue(admin, names.schemasDead, (q) => q.messageCount === 2)
+      for (const id of ["big-1", "big-2"]) {
+        const dead = yield* Effect.promise(() => admin.channel.get(names.schemasDead, { noAck: true }))
+        assert.notStrictEqual(dead, false)
+        if (dead === false) return
+        assert.strictEqual(JSON.parse(dead.content.toString()).id, id)
+        assert.match(
+          String(dead.properties.headers?.["x-dead-letter-reason"]),
+          /^too large for gRPC: \d+ bytes encoded, at most 4032 can be sent \(GRPC_MAX_MESSAGE_BYTES\)$/
+        )
+      }
     }))
 })
 
