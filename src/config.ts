@@ -212,7 +212,13 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
       }
       return Option.some<TlsFiles>({ certPath, keyPath, caPath })
     }),
-    maxMessageBytes: setting("GRPC_MAX_MESSAGE_BYTES", PositiveInt(1024 * 1024 * 1024), "a number of bytes between 1 and 1 GiB", 16 * 1024 * 1024),
+    // At least 256: a delivery's envelope and a settle_error need room besides the message.
+    maxMessageBytes: setting(
+      "GRPC_MAX_MESSAGE_BYTES",
+      Schema.NumberFromString.check(Schema.isInt(), Schema.isBetween({ minimum: 256, maximum: 1024 * 1024 * 1024 })),
+      "a number of bytes between 256 and 1 GiB",
+      16 * 1024 * 1024
+    ),
     keepaliveTimeSeconds: setting("GRPC_KEEPALIVE_TIME_SECONDS", PositiveInt(86_400), "a whole number of seconds", 30),
     keepaliveTimeoutSeconds: setting("GRPC_KEEPALIVE_TIMEOUT_SECONDS", PositiveInt(3600), "a whole number of seconds", 10),
     maxConcurrentStreamsPerConnection: setting(

@@ -22,13 +22,14 @@ export interface Delivery {
   readonly nack: (requeue: boolean) => boolean
   /**
    * Publish a copy (same body and properties, plus `headers`) to `queue` through the default
-   * exchange, wait for the broker's confirm, then ack this delivery: the message is never in
-   * neither place. Used to dead-letter and to requeue with a delivery count.
+   * exchange, on the publishers' connection, wait for the broker's confirm, then ack this
+   * delivery: the message is never in neither place. Used to dead-letter and to requeue with a
+   * delivery count.
    */
   readonly moveTo: (queue: string, headers: Record<string, unknown>) => Effect.Effect<void, AmqpError | ConnectionLost>
-  /** `moveTo` the dead-letter queue with the reason and where the message came from. */
   /** Stops the broker pushing more on this delivery's channel (the consumer is cancelled). */
   readonly stopConsuming: Effect.Effect<void>
+  /** `moveTo` the dead-letter queue with the reason and where the message came from. */
   readonly deadLetter: (
     reason: string,
     headers?: Record<string, unknown>
@@ -82,32 +83,6 @@ const cancelQuietly = (channel: amqp.Channel, consumerTag: string) =>
     Effect.asVoid
   )
 
-const confirmTimeout = "30 seconds"
-
-const publishConfirmed = (
-  channel: amqp.ConfirmChannel,
-  queue: string,
-  content: Buffer,
-  options: amqp.Options.Publish
-) =>
-  Effect.callback<void, AmqpError>((resume) => {
-    try {
-      channel.publish("", queue, content, options, (error: unknown) => {
-        resume(
-          error == null ? Effect.void : Effect.fail(new AmqpError({ operation: `publish to '${queue}'`, cause: error }))
-        )
-      })
-    } catch (cause) {
-      resume(Effect.fail(new AmqpError({ operation: `publish to '${queue}'`, cause })))
-    }
-  }).pipe(
-    // A blocked broker (memory or disk alarm) may hold confirms back: give up, the original stays unacked.
-    Effect.timeoutOrElse({
-      duration: confirmTimeout,
-      orElse: () => Effect.fail(new AmqpError({ operation: `publish to '${queue}'`, cause: `no confirm within ${confirmTimeout}` }))
-    })
-  )
-
 export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, ConsumeError, Broker> =>
   Stream.callback<Delivery, ConsumeError, Broker>(
     (queue) =>
@@ -146,8 +121,10 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
           consumer.tag === undefined ? Effect.void : cancelQuietly(channel, consumer.tag)
         )
         const toDelivery = (message: amqp.ConsumeMessage): Delivery => {
+          // The copy goes out on the publishers' connection: a publish on this one would let a
+          // memory alarm block every stream that shares it, acks and deliveries included.
           const moveTo = (target: string, headers: Record<string, unknown>) =>
-            publishConfirmed(channel, target, message.content, {
+            broker.republish(target, message.content, {
               ...keptProperties(message),
               headers: {
                 // Copies travel through the default exchange: keep where the message first came from.

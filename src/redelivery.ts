@@ -115,7 +115,8 @@ const deliverable = (delivery: Delivery, encoded: Uint8Array, queue: string): Ad
     admitted: {
       delivery,
       encoded,
-      deliveryCount: requeues + 1 + (brokerRedelivered ? 1 : 0),
+      // A uint32 on the wire; the header comes from whoever published, so clamp it.
+      deliveryCount: Math.min(requeues + 1 + (brokerRedelivered ? 1 : 0), 0xffff_ffff),
       redelivered: brokerRedelivered || requeues > 0
     }
   }
@@ -130,7 +131,12 @@ type Checked = Result.Result<
 const check = <A>(delivery: Delivery, policy: AdmissionPolicy<A>): Checked => {
   const decoded = policy.decode(delivery.message.content)
   if (Result.isFailure(decoded)) return Result.fail({ kind: "malformed", reason: decoded.failure.reason })
-  const encoded = policy.encode(decoded.success)
+  let encoded: Uint8Array
+  try {
+    encoded = policy.encode(decoded.success)
+  } catch (error) {
+    return Result.fail({ kind: "malformed", reason: `cannot be encoded as protobuf: ${error instanceof Error ? error.message : String(error)}` })
+  }
   if (encoded.byteLength > policy.maxEncodedBytes) {
     return Result.fail({
       kind: "too_large",

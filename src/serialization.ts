@@ -26,10 +26,24 @@ interface Codec<A> {
   encode(message: A, writer?: BinaryWriter): BinaryWriter
 }
 
-/** Encodes a message with the shared writer; the result is a fresh copy. */
-export const encodeWith = <A>(codec: Codec<A>) => (value: A): Uint8Array => codec.encode(value, writer).finish()
+/**
+ * Runs one encode on the shared writer. If it throws part-way (e.g. a number out of range), the
+ * half-written bytes are discarded, or they would prefix the next message encoded anywhere.
+ */
+const withWriter = (encode: (writer: BinaryWriter) => Uint8Array): Uint8Array => {
+  try {
+    return encode(writer)
+  } catch (error) {
+    writer.finish()
+    throw error
+  }
+}
 
-const encoder = <A>(codec: Codec<A>) => (value: A): Buffer => asBuffer(codec.encode(value, writer).finish())
+/** Encodes a message with the shared writer; the result is a fresh copy. */
+export const encodeWith = <A>(codec: Codec<A>) => (value: A): Uint8Array =>
+  withWriter((w) => codec.encode(value, w).finish())
+
+const encoder = <A>(codec: Codec<A>) => (value: A): Buffer => asBuffer(encodeWith(codec)(value))
 
 /** A stream response already encoded at admission: written as it is. */
 const responseEncoder = <A>(codec: Codec<A>) => (value: A | Uint8Array): Buffer =>
@@ -46,10 +60,12 @@ export const deliveryEnvelopeBytes = 64
 const eventEncoder = <A>(codec: Codec<A>) => (value: A | EncodedDelivery): Buffer => {
   if (!(value instanceof EncodedDelivery)) return encoder(codec)(value)
   // event.delivery (field 2) { info (field 1), message (field 2) }, as the generated code would.
-  writer.uint32((2 << 3) | WireType.LengthDelimited).fork()
-  DeliveryInfo.encode(value.info, writer.uint32((1 << 3) | WireType.LengthDelimited).fork()).join()
-  writer.uint32((2 << 3) | WireType.LengthDelimited).bytes(value.message)
-  return asBuffer(writer.join().finish())
+  return asBuffer(withWriter((w) => {
+    w.uint32((2 << 3) | WireType.LengthDelimited).fork()
+    DeliveryInfo.encode(value.info, w.uint32((1 << 3) | WireType.LengthDelimited).fork()).join()
+    w.uint32((2 << 3) | WireType.LengthDelimited).bytes(value.message)
+    return w.join().finish()
+  }))
 }
 
 const { streamSchemaMessages, streamValidationMessages, subscribeSchemaMessages, subscribeValidationMessages } =

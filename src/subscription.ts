@@ -36,8 +36,6 @@ const consumerNameLimit = 128
 
 type SubscriptionCall<A> = grpc.ServerDuplexStream<SubscriptionRequest, SubscriptionEvent<A>>
 
-/** Ids per settle_error event: 10,000 ids are at most ~110 kB. */
-const settleErrorIds = 10_000
 
 /** Requests buffered before the call stops reading (HTTP/2 flow control then holds the client). */
 const requestBuffer = 64
@@ -144,9 +142,11 @@ export const serveSubscription = <A>(
     )
 
     /**
-     * Reports ids that could not be settled, at most `settleErrorIds` per event: acks merged from
-     * many requests must not add up to an event over the message size limit.
+     * Reports ids that could not be settled, as many per event as fit the message size limit
+     * (at most 10 bytes each, plus room for the reason): acks merged from many requests must not
+     * add up to an event grpc-js would refuse.
      */
+    const settleErrorIds = Math.max(1, Math.floor((spec.maxEncodedBytes - 256) / 10))
     const settleError = (deliveryIds: Array<string>, reason: string) =>
       Effect.forEach(
         Array.from({ length: Math.ceil(deliveryIds.length / settleErrorIds) }, (_, i) =>

@@ -198,6 +198,8 @@ describe("messages over the gRPC size limit", () => {
       yield* publishJson(admin, names.exchange, "schemas.*", schemaBody("fits-1"))
       const [streamed] = yield* readMessages(client.streamSchemaMessages({}), 1)
       assert.strictEqual(streamed?.id, "fits-1")
+      // The cancelled stream must be gone before the next two, or it could take them.
+      yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0)
 
       yield* publishJson(admin, names.exchange, "schemas.*", big("big-2"))
       yield* publishJson(admin, names.exchange, "schemas.*", schemaBody("fits-2"))

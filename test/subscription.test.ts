@@ -6,8 +6,8 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as grpc from "@grpc/grpc-js"
 import { Effect } from "effect"
-import { schemaBody } from "./fixtures/bodies.js"
-import { makeTestEnv, publishJson, queueState, quiet, readMessages, waitForQueue } from "./support/harness.js"
+import { schemaBody, schemaMessage } from "./fixtures/bodies.js"
+import { makeTestEnv, publishJson, publishRaw, queueState, quiet, readMessages, waitForQueue } from "./support/harness.js"
 import { healthClient, NOT_SERVING, SERVING, waitForHealth } from "./support/health.js"
 import { startRelay } from "./support/relay.js"
 import { idsOf, subscribeSchemas } from "./support/subscriber.js"
@@ -78,6 +78,22 @@ describe("acknowledged subscriptions", () => {
       assert.strictEqual(dead.properties.headers?.["x-dead-letter-reason"], "schema conflicts")
       assert.strictEqual(dead.properties.headers?.["x-rejected-by"], "checker")
       assert.strictEqual(dead.properties.headers?.["x-original-queue"], env.names.schemas)
+    }))
+
+  it.live("a requeue count header beyond uint32 is clamped, and the next delivery is intact", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      yield* publishRaw(env.admin, env.names.exchange, "schemas.*", Buffer.from(JSON.stringify(schemaBody("h-1"))), {
+        headers: { "x-requeue-count": 5_000_000_000 }
+      })
+      yield* publishSchemas(env, ["h-2"])
+      const sub = yield* subscribeSchemas(env.client)
+      const got = yield* sub.deliveries(2)
+      assert.deepStrictEqual(got.map((d) => [d.message?.id, d.info?.deliveryCount, d.info?.redelivered]), [
+        ["h-1", 4_294_967_295, true],
+        ["h-2", 1, false]
+      ])
+      assert.deepStrictEqual(got[1]?.message, schemaMessage("h-2"))
     }))
 
   it.live("unknown and already-settled ids get a settle error; the subscription goes on", () =>
