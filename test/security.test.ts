@@ -11,6 +11,7 @@ import { MessagingServiceClient } from "../gen/messaging.js"
 import { makePki, type Pki } from "./support/certs.js"
 import { schemaBody } from "./fixtures/bodies.js"
 import {
+  grpcClient,
   makeNames,
   makeTestEnv,
   publishJson,
@@ -20,7 +21,7 @@ import {
   unary,
   waitForQueue
 } from "./support/harness.js"
-import { startTlsRelay } from "./support/relay.js"
+import { startRelay, startTlsRelay } from "./support/relay.js"
 import { healthClient, NOT_SERVING, SERVING, waitForHealth } from "./support/health.js"
 
 const sha256 = (value: string) => createHash("sha256").update(value).digest("hex")
@@ -238,6 +239,20 @@ describe("AMQPS to the broker", () => {
 })
 
 describe("limits", () => {
+  it.live("keepalive: a client that stops answering pings is dropped, and its stream's consumer with it", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv({ GRPC_KEEPALIVE_TIME_SECONDS: "1", GRPC_KEEPALIVE_TIMEOUT_SECONDS: "1" })
+      // The client reaches the proxy through a relay that can go silent without closing anything.
+      const relay = yield* startRelay(env.port)
+      const client = yield* grpcClient(relay.port)
+      const stream = client.streamSchemaMessages({})
+      stream.on("error", () => undefined) // the client side never hears of it: that is the point
+      yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 1)
+      yield* relay.freeze
+      // Pings every 1 s, 1 s to answer: the proxy gives up on the connection within a few seconds.
+      yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 0, 15_000)
+    }), { timeout: 30_000 })
+
   it.live("streams over MESSAGING_MAX_STREAMS_PER_CALLER get RESOURCE_EXHAUSTED naming the limit", () =>
     Effect.gen(function*() {
       const env = yield* makeTestEnv({ MESSAGING_MAX_STREAMS_PER_CALLER: "2" })

@@ -18,6 +18,8 @@ export interface Relay {
    * carries the connection name in the clear). Resolves with how many it reset.
    */
   readonly severWhereClientSent: (text: string) => Effect.Effect<number>
+  /** Stops forwarding in both directions without closing anything: the peer goes silent. */
+  readonly freeze: Effect.Effect<void>
 }
 
 export const startRelay = (targetPort = 5672, targetHost = "127.0.0.1") =>
@@ -26,6 +28,7 @@ export const startRelay = (targetPort = 5672, targetHost = "127.0.0.1") =>
       const sockets = new Set<net.Socket>()
       // The first bytes each client sent, kept up to 4 KiB (enough for the AMQP handshake).
       const preamble = new Map<net.Socket, string>()
+      const partner = new Map<net.Socket, net.Socket>()
       let refusing = false
       const server = net.createServer((client) => {
         if (refusing) {
@@ -43,9 +46,11 @@ export const startRelay = (targetPort = 5672, targetHost = "127.0.0.1") =>
         client.on("close", () => preamble.delete(client))
         for (const [a, b] of [[client, upstream], [upstream, client]] as const) {
           sockets.add(a)
+          partner.set(a, b)
           a.on("error", () => b.destroy())
           a.on("close", () => {
             sockets.delete(a)
+            partner.delete(a)
             b.destroy()
           })
           a.pipe(b)
@@ -60,6 +65,13 @@ export const startRelay = (targetPort = 5672, targetHost = "127.0.0.1") =>
             sever: Effect.sync(() => sockets.forEach((s) => s.resetAndDestroy())),
             setRefusing: (value) => Effect.sync(() => { refusing = value }),
             connections: () => sockets.size / 2,
+            freeze: Effect.sync(() =>
+              sockets.forEach((socket) => {
+                const to = partner.get(socket)
+                if (to) socket.unpipe(to)
+                socket.pause()
+              })
+            ),
             severWhereClientSent: (text) =>
               Effect.sync(() => {
                 const matching = [...preamble].filter(([, seen]) => seen.includes(text)).map(([client]) => client)
