@@ -9,7 +9,7 @@
 import * as amqp from "amqplib"
 import { Context, Deferred, Duration, Effect, Exit, Layer, Option, Redacted, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
 import { ProxyConfig, type ProxySettings } from "./config.js"
-import { AmqpError, ConnectionLost, describe } from "./errors.js"
+import { AmqpError } from "./errors.js"
 import * as Metrics from "./metrics.js"
 import { amqpTlsOptions } from "./tls.js"
 import { declareTopology } from "./topology.js"
@@ -23,17 +23,6 @@ export class Broker extends Context.Service<Broker, {
   readonly connectedChanges: Stream.Stream<boolean>
   /** A confirm channel on the consumers' connection, closed with the caller's scope. */
   readonly openChannel: Effect.Effect<amqp.ConfirmChannel, AmqpError, Scope.Scope>
-  /**
-   * Publishes a copy the proxy makes itself (a dead letter, a counted requeue) to `queue` through
-   * the default exchange, on the publishers' connection, and waits for the broker's confirm.
-   * ConnectionLost when that connection is away or goes while waiting (the caller keeps the
-   * original unacked, so nothing is lost); AmqpError when the broker refuses or never confirms.
-   */
-  readonly republish: (
-    queue: string,
-    content: Buffer,
-    options: amqp.Options.Publish
-  ) => Effect.Effect<void, AmqpError | ConnectionLost>
 }>()("messaging-proxy/Broker") {
   static readonly layer = Layer.effect(Broker, Effect.suspend(() => make))
 }
@@ -83,9 +72,6 @@ const closeQuietly = (connection: amqp.ChannelModel) =>
   Effect.promise(() => connection.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
 
 type Role = "consumers" | "publishers"
-
-const republishConnectWait = "10 seconds"
-const republishConfirmWait = "30 seconds"
 
 /**
  * One supervised connection: its current value (None while away). The consumers' connection also
@@ -190,61 +176,7 @@ const make = Effect.gen(function*() {
     Effect.tap((channel) => Effect.sync(() => channel.on("error", () => undefined)))
   )
 
-  // One confirm channel for all copies, per publishers' connection, reopened after it closes.
-  const republishChannels = new WeakMap<amqp.ChannelModel, Promise<{ channel: amqp.ConfirmChannel; closed: () => boolean }>>()
-  const republishChannel = (conn: amqp.ChannelModel) => {
-    const cached = republishChannels.get(conn)
-    if (cached !== undefined) return cached
-    const created = conn.createConfirmChannel().then((channel) => {
-      let closed = false
-      const forget = () => {
-        closed = true
-        if (republishChannels.get(conn) === created) republishChannels.delete(conn)
-      }
-      channel.on("close", forget)
-      channel.on("error", forget)
-      return { channel, closed: () => closed }
-    })
-    created.catch(() => republishChannels.delete(conn))
-    republishChannels.set(conn, created)
-    return created
-  }
   const publishingConnection = Effect.andThen(Deferred.await(topologyDeclared), live(publishers))
-  const republish = (queue: string, content: Buffer, options: amqp.Options.Publish) =>
-    publishingConnection.pipe(
-      Effect.timeoutOrElse({
-        duration: republishConnectWait,
-        orElse: () => Effect.fail(new ConnectionLost({ reason: "no publishing connection to the broker" }))
-      }),
-      Effect.flatMap((conn) =>
-        Effect.tryPromise({
-          try: () => republishChannel(conn),
-          catch: (cause) => new ConnectionLost({ reason: `cannot open a publishing channel: ${describe(cause)}` })
-        })
-      ),
-      Effect.flatMap(({ channel, closed }) =>
-        Effect.callback<void, AmqpError | ConnectionLost>((resume) => {
-          const operation = `publish to '${queue}'`
-          try {
-            channel.publish("", queue, content, options, (error: unknown) => {
-              if (error == null) resume(Effect.void)
-              else if (closed()) resume(Effect.fail(new ConnectionLost({ reason: `publishing channel closed during ${operation}` })))
-              else resume(Effect.fail(new AmqpError({ operation, cause: error })))
-            })
-          } catch (cause) {
-            resume(Effect.fail(new ConnectionLost({ reason: `${operation}: ${describe(cause)}` })))
-          }
-        }).pipe(
-          // A blocked broker (memory or disk alarm) may hold confirms back: give up; the caller
-          // keeps the original unacked.
-          Effect.timeoutOrElse({
-            duration: republishConfirmWait,
-            orElse: () => Effect.fail(new AmqpError({ operation: `publish to '${queue}'`, cause: `no confirm within ${republishConfirmWait}` }))
-          })
-        )
-      )
-    )
-
   const isUp = (current: SubscriptionRef.SubscriptionRef<Option.Option<amqp.ChannelModel>>) =>
     SubscriptionRef.changes(current).pipe(Stream.map(Option.isSome))
   return Broker.of({
@@ -254,7 +186,6 @@ const make = Effect.gen(function*() {
       Stream.map(([a, b]) => a && b),
       Stream.changes
     ),
-    openChannel,
-    republish
+    openChannel
   })
 })

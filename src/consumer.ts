@@ -22,9 +22,9 @@ export interface Delivery {
   readonly nack: (requeue: boolean) => boolean
   /**
    * Publish a copy (same body and properties, plus `headers`) to `queue` through the default
-   * exchange, on the publishers' connection, wait for the broker's confirm, then ack this
-   * delivery: the message is never in neither place. Used to dead-letter and to requeue with a
-   * delivery count.
+   * exchange on this delivery's channel, wait for the broker's confirm, then ack this delivery:
+   * the message is never in neither place. Used to dead-letter and to requeue with a delivery
+   * count.
    */
   readonly moveTo: (queue: string, headers: Record<string, unknown>) => Effect.Effect<void, AmqpError | ConnectionLost>
   /** Stops the broker pushing more on this delivery's channel (the consumer is cancelled). */
@@ -83,6 +83,32 @@ const cancelQuietly = (channel: amqp.Channel, consumerTag: string) =>
     Effect.asVoid
   )
 
+const confirmTimeout = "30 seconds"
+
+const publishConfirmed = (
+  channel: amqp.ConfirmChannel,
+  queue: string,
+  content: Buffer,
+  options: amqp.Options.Publish
+) =>
+  Effect.callback<void, AmqpError>((resume) => {
+    try {
+      channel.publish("", queue, content, options, (error: unknown) => {
+        resume(
+          error == null ? Effect.void : Effect.fail(new AmqpError({ operation: `publish to '${queue}'`, cause: error }))
+        )
+      })
+    } catch (cause) {
+      resume(Effect.fail(new AmqpError({ operation: `publish to '${queue}'`, cause })))
+    }
+  }).pipe(
+    // A blocked broker (memory or disk alarm) may hold confirms back: give up, the original stays unacked.
+    Effect.timeoutOrElse({
+      duration: confirmTimeout,
+      orElse: () => Effect.fail(new AmqpError({ operation: `publish to '${queue}'`, cause: `no confirm within ${confirmTimeout}` }))
+    })
+  )
+
 export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, ConsumeError, Broker> =>
   Stream.callback<Delivery, ConsumeError, Broker>(
     (queue) =>
@@ -121,10 +147,11 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
           consumer.tag === undefined ? Effect.void : cancelQuietly(channel, consumer.tag)
         )
         const toDelivery = (message: amqp.ConsumeMessage): Delivery => {
-          // The copy goes out on the publishers' connection: a publish on this one would let a
-          // memory alarm block every stream that shares it, acks and deliveries included.
+          // The copy goes out on this delivery's own channel: once that channel is gone (and the
+          // broker has requeued the original), the publish fails too instead of adding a second
+          // copy. The price: during a memory alarm these rare copies block this connection.
           const moveTo = (target: string, headers: Record<string, unknown>) =>
-            broker.republish(target, message.content, {
+            publishConfirmed(channel, target, message.content, {
               ...keptProperties(message),
               headers: {
                 // Copies travel through the default exchange: keep where the message first came from.
