@@ -159,11 +159,13 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
     const values = runs.filter((r) => r.mode === mode).map(pick).filter((v): v is number => v !== null)
     return values.length ? median(values) : null
   }
-  const medianMsgPerSec: Record<Mode, number | null> = {
-    direct: medianOf("direct", (r) => r.msgPerSec),
-    stream: medianOf("stream", (r) => r.msgPerSec),
-    subscribe: subscribe.available ? medianOf("subscribe", (r) => r.msgPerSec) : null
-  }
+  /** One median per mode (null where a mode has no figure, e.g. (c) when it is unavailable). */
+  const mediansOf = (pick: (r: RunRecord) => number | null): Record<Mode, number | null> => ({
+    direct: medianOf("direct", pick),
+    stream: medianOf("stream", pick),
+    subscribe: subscribe.available ? medianOf("subscribe", pick) : null
+  })
+  const medianMsgPerSec = mediansOf((r) => r.msgPerSec)
   const ratio = (x: number | null) => (x !== null && medianMsgPerSec.direct ? x / medianMsgPerSec.direct : null)
   const rssValues = runs.map((r) => r.proxyRssMax).filter((v): v is number => v !== null)
   return {
@@ -177,21 +179,10 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
     medianMsgPerSec,
     ratioStreamToDirect: ratio(medianMsgPerSec.stream),
     ratioSubscribeToDirect: ratio(medianMsgPerSec.subscribe),
-    medianProxyCpuUsPerMsg: {
-      direct: null,
-      stream: medianOf("stream", (r) => r.proxyCpuUsPerMsg),
-      subscribe: medianOf("subscribe", (r) => r.proxyCpuUsPerMsg)
-    },
-    medianMachineCpuUsPerMsg: {
-      direct: medianOf("direct", (r) => r.machineCpuUsPerMsg),
-      stream: medianOf("stream", (r) => r.machineCpuUsPerMsg),
-      subscribe: medianOf("subscribe", (r) => r.machineCpuUsPerMsg)
-    },
-    medianMachineCoresBusy: {
-      direct: medianOf("direct", (r) => r.machineCoresBusy),
-      stream: medianOf("stream", (r) => r.machineCoresBusy),
-      subscribe: medianOf("subscribe", (r) => r.machineCoresBusy)
-    },
+    // (a) has no proxy, so its proxy CPU is null in every record.
+    medianProxyCpuUsPerMsg: mediansOf((r) => r.proxyCpuUsPerMsg),
+    medianMachineCpuUsPerMsg: mediansOf((r) => r.machineCpuUsPerMsg),
+    medianMachineCoresBusy: mediansOf((r) => r.machineCoresBusy),
     proxyRssMax: rssValues.length ? Math.max(...rssValues) : null
   }
 

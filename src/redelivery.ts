@@ -15,7 +15,7 @@ import type { NonEmptyReadonlyArray } from "effect/Array"
 import type { BodyRejected } from "./codec.js"
 import type { Broker } from "./broker.js"
 import { consume, type ConsumeError, type ConsumeOptions, type Delivery, reattachOnConnectionLoss } from "./consumer.js"
-import type { AmqpError, ConnectionLost } from "./errors.js"
+import { type AmqpError, type ConnectionLost, describe } from "./errors.js"
 import * as Metrics from "./metrics.js"
 
 export interface AdmissionPolicy<A> {
@@ -135,7 +135,7 @@ const check = <A>(delivery: Delivery, policy: AdmissionPolicy<A>): Checked => {
   try {
     encoded = policy.encode(decoded.success)
   } catch (error) {
-    return Result.fail({ kind: "malformed", reason: `cannot be encoded as protobuf: ${error instanceof Error ? error.message : String(error)}` })
+    return Result.fail({ kind: "malformed", reason: `cannot be encoded as protobuf: ${describe(error)}` })
   }
   if (encoded.byteLength > policy.maxEncodedBytes) {
     return Result.fail({
@@ -173,9 +173,9 @@ export const admitAll = <A>(
     const checked = check(delivery, policy)
     if (Result.isFailure(checked)) {
       return Effect.gen(function*() {
-        admissions.push(yield* decided(delivery, checked, policy.queue))
-        for (let j = i + 1; j < deliveries.length; j++) {
-          admissions.push(yield* decided(deliveries[j]!, check(deliveries[j]!, policy), policy.queue))
+        for (let j = i; j < deliveries.length; j++) {
+          const rest = deliveries[j]!
+          admissions.push(yield* decided(rest, j === i ? checked : check(rest, policy), policy.queue))
         }
         return admissions
       })

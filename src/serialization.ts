@@ -43,11 +43,16 @@ const withWriter = (encode: (writer: BinaryWriter) => Uint8Array): Uint8Array =>
 export const encodeWith = <A>(codec: Codec<A>) => (value: A): Uint8Array =>
   withWriter((w) => codec.encode(value, w).finish())
 
-const encoder = <A>(codec: Codec<A>) => (value: A): Buffer => asBuffer(encodeWith(codec)(value))
+const encoder = <A>(codec: Codec<A>) => {
+  const encode = encodeWith(codec)
+  return (value: A): Buffer => asBuffer(encode(value))
+}
 
 /** A stream response already encoded at admission: written as it is. */
-const responseEncoder = <A>(codec: Codec<A>) => (value: A | Uint8Array): Buffer =>
-  value instanceof Uint8Array ? asBuffer(value) : encoder(codec)(value)
+const responseEncoder = <A>(codec: Codec<A>) => {
+  const encode = encoder(codec)
+  return (value: A | Uint8Array): Buffer => value instanceof Uint8Array ? asBuffer(value) : encode(value)
+}
 
 /** A subscription's delivery event around a message encoded at admission. */
 export class EncodedDelivery {
@@ -57,16 +62,19 @@ export class EncodedDelivery {
 /** The most bytes the delivery event adds around its message (tags, lengths, DeliveryInfo). */
 export const deliveryEnvelopeBytes = 64
 
-const eventEncoder = <A>(codec: Codec<A>) => (value: A | EncodedDelivery): Buffer => {
-  if (!(value instanceof EncodedDelivery)) return encoder(codec)(value)
-  // event.delivery (field 2) { info (field 1), message (field 2) }, as the generated code would.
-  return asBuffer(withWriter((w) => {
+const eventEncoder = <A>(codec: Codec<A>) => {
+  const encode = encoder(codec)
+  return (value: A | EncodedDelivery): Buffer => value instanceof EncodedDelivery ? encodeDelivery(value) : encode(value)
+}
+
+/** event.delivery (field 2) { info (field 1), message (field 2) }, as the generated code would. */
+const encodeDelivery = (value: EncodedDelivery): Buffer =>
+  asBuffer(withWriter((w) => {
     w.uint32((2 << 3) | WireType.LengthDelimited).fork()
     DeliveryInfo.encode(value.info, w.uint32((1 << 3) | WireType.LengthDelimited).fork()).join()
     w.uint32((2 << 3) | WireType.LengthDelimited).bytes(value.message)
     return w.join().finish()
   }))
-}
 
 const { streamSchemaMessages, streamValidationMessages, subscribeSchemaMessages, subscribeValidationMessages } =
   MessagingServiceService

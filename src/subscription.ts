@@ -260,23 +260,27 @@ export const serveSubscription = <A>(
     }
 
     /**
-     * Handles what arrived together, in order, but with consecutive acks merged into one `ackAll`:
-     * a client that acks each message on its own then still costs one AMQP frame per batch,
-     * not one per message.
+     * Handles what arrived together, in order, but with consecutive acks merged into one ack
+     * request: a client that acks each message on its own then still costs one AMQP frame per
+     * batch, not one per message.
      */
     const handleBatch = (batch: ReadonlyArray<SubscriptionRequest>) =>
       Effect.gen(function*() {
         let acks: Array<string> = []
+        const flushAcks = () => {
+          const merged: SubscriptionRequest = { action: { $case: "ack", value: { deliveryIds: acks } } }
+          acks = []
+          return handle(merged)
+        }
         for (const request of batch) {
           if (request.action?.$case === "ack") {
             for (const id of request.action.value.deliveryIds) acks.push(id)
             continue
           }
-          if (acks.length > 0) yield* ackAll(acks)
-          acks = []
+          if (acks.length > 0) yield* flushAcks()
           yield* handle(request)
         }
-        if (acks.length > 0) yield* ackAll(acks)
+        if (acks.length > 0) yield* flushAcks()
       })
 
     const pumpFiber = yield* Effect.forkScoped(pump)
