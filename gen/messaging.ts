@@ -30,8 +30,14 @@ export const protobufPackage = "messaging";
 export const protobufFileName = "messaging.proto";
 
 /**
- * The wire contract of messaging-proxy (see ../shared/CONTRACT.md). Names and field numbers are
- * frozen: existing Python (grpcio) clients depend on them. Add, never rename or renumber.
+ * The wire contract of messaging-proxy (CONTRACT.md in this repository). Everything from the
+ * service's first five RPCs down to the enums below them is the ORIGINAL SYSTEM'S: its names and
+ * field numbers are the ones its Python (grpcio) clients were generated from, checked against its
+ * repository's .proto files and on the wire. They must never move: add fields, RPCs and options,
+ * never rename, renumber or change a type. test/contract.test.ts holds the generated descriptors
+ * against test/fixtures/original/messaging.proto, the original clients' view, and fails on any
+ * difference. (An earlier version of this file had GetMessagingParamsResponse, QueueInfo and
+ * ValidationMessageResponse numbered differently, and the original clients could not read them.)
  */
 
 export enum PropertyType {
@@ -206,12 +212,13 @@ export function messageKindToJSON(object: MessageKind): string {
 export interface GetMessagingParamsRequest {
 }
 
+/** Original system's numbering: do not move. */
 export interface GetMessagingParamsResponse {
   host: string;
   port: number;
+  virtualHost: string;
   username: string;
   password: string;
-  virtualHost: string;
   exchange?: ExchangeInfo | undefined;
 }
 
@@ -223,10 +230,11 @@ export interface ExchangeInfo {
   queues: QueueInfo[];
 }
 
+/** Original system's numbering: do not move. */
 export interface QueueInfo {
   queue: string;
-  durable: boolean;
   routingKey: string;
+  durable: boolean;
 }
 
 export interface GetRoutingKeySchemasRequest {
@@ -262,15 +270,16 @@ export interface SchemaMessageResponse_ExtraEntry {
   value: string;
 }
 
+/** Original system's numbering: do not move. */
 export interface ValidationMessageResponse {
   id: string;
   task: ValidationTasks;
   /** The file's bytes as a hex string, passed through unchanged. */
   fileData: string;
   importName: string;
+  metadata?: Metadata | undefined;
   date: string;
   extra: { [key: string]: string };
-  metadata?: Metadata | undefined;
 }
 
 export interface ValidationMessageResponse_ExtraEntry {
@@ -480,7 +489,7 @@ export const GetMessagingParamsRequest: MessageFns<GetMessagingParamsRequest> = 
 };
 
 function createBaseGetMessagingParamsResponse(): GetMessagingParamsResponse {
-  return { host: "", port: 0, username: "", password: "", virtualHost: "", exchange: undefined };
+  return { host: "", port: 0, virtualHost: "", username: "", password: "", exchange: undefined };
 }
 
 export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> = {
@@ -491,14 +500,14 @@ export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> 
     if (message.port !== 0) {
       writer.uint32(16).int32(message.port);
     }
+    if (message.virtualHost !== "") {
+      writer.uint32(26).string(message.virtualHost);
+    }
     if (message.username !== "") {
-      writer.uint32(26).string(message.username);
+      writer.uint32(34).string(message.username);
     }
     if (message.password !== "") {
-      writer.uint32(34).string(message.password);
-    }
-    if (message.virtualHost !== "") {
-      writer.uint32(42).string(message.virtualHost);
+      writer.uint32(42).string(message.password);
     }
     if (message.exchange !== undefined) {
       ExchangeInfo.encode(message.exchange, writer.uint32(50).fork()).join();
@@ -540,7 +549,7 @@ export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> 
               break;
             }
 
-            message.username = reader.string();
+            message.virtualHost = reader.string();
             continue;
           }
           case 4: {
@@ -548,7 +557,7 @@ export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> 
               break;
             }
 
-            message.password = reader.string();
+            message.username = reader.string();
             continue;
           }
           case 5: {
@@ -556,7 +565,7 @@ export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> 
               break;
             }
 
-            message.virtualHost = reader.string();
+            message.password = reader.string();
             continue;
           }
           case 6: {
@@ -583,13 +592,13 @@ export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> 
     return {
       host: isSet(object.host) ? globalThis.String(object.host) : "",
       port: isSet(object.port) ? globalThis.Number(object.port) : 0,
-      username: isSet(object.username) ? globalThis.String(object.username) : "",
-      password: isSet(object.password) ? globalThis.String(object.password) : "",
       virtualHost: isSet(object.virtualHost)
         ? globalThis.String(object.virtualHost)
         : isSet(object.virtual_host)
         ? globalThis.String(object.virtual_host)
         : "",
+      username: isSet(object.username) ? globalThis.String(object.username) : "",
+      password: isSet(object.password) ? globalThis.String(object.password) : "",
       exchange: isSet(object.exchange) ? ExchangeInfo.fromJSON(object.exchange) : undefined,
     };
   },
@@ -602,14 +611,14 @@ export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> 
     if (message.port !== 0) {
       obj.port = Math.round(message.port);
     }
+    if (message.virtualHost !== "") {
+      obj.virtualHost = message.virtualHost;
+    }
     if (message.username !== "") {
       obj.username = message.username;
     }
     if (message.password !== "") {
       obj.password = message.password;
-    }
-    if (message.virtualHost !== "") {
-      obj.virtualHost = message.virtualHost;
     }
     if (message.exchange !== undefined) {
       obj.exchange = ExchangeInfo.toJSON(message.exchange);
@@ -624,9 +633,9 @@ export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> 
     const message = createBaseGetMessagingParamsResponse();
     message.host = object.host ?? "";
     message.port = object.port ?? 0;
+    message.virtualHost = object.virtualHost ?? "";
     message.username = object.username ?? "";
     message.password = object.password ?? "";
-    message.virtualHost = object.virtualHost ?? "";
     message.exchange = (object.exchange !== undefined && object.exchange !== null)
       ? ExchangeInfo.fromPartial(object.exchange)
       : undefined;
@@ -752,7 +761,7 @@ export const ExchangeInfo: MessageFns<ExchangeInfo> = {
 };
 
 function createBaseQueueInfo(): QueueInfo {
-  return { queue: "", durable: false, routingKey: "" };
+  return { queue: "", routingKey: "", durable: false };
 }
 
 export const QueueInfo: MessageFns<QueueInfo> = {
@@ -760,11 +769,11 @@ export const QueueInfo: MessageFns<QueueInfo> = {
     if (message.queue !== "") {
       writer.uint32(10).string(message.queue);
     }
-    if (message.durable !== false) {
-      writer.uint32(16).bool(message.durable);
-    }
     if (message.routingKey !== "") {
-      writer.uint32(26).string(message.routingKey);
+      writer.uint32(18).string(message.routingKey);
+    }
+    if (message.durable !== false) {
+      writer.uint32(24).bool(message.durable);
     }
     return writer;
   },
@@ -791,19 +800,19 @@ export const QueueInfo: MessageFns<QueueInfo> = {
             continue;
           }
           case 2: {
-            if (tag !== 16) {
-              break;
-            }
-
-            message.durable = reader.bool();
-            continue;
-          }
-          case 3: {
-            if (tag !== 26) {
+            if (tag !== 18) {
               break;
             }
 
             message.routingKey = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.durable = reader.bool();
             continue;
           }
         }
@@ -821,12 +830,12 @@ export const QueueInfo: MessageFns<QueueInfo> = {
   fromJSON(object: any): QueueInfo {
     return {
       queue: isSet(object.queue) ? globalThis.String(object.queue) : "",
-      durable: isSet(object.durable) ? globalThis.Boolean(object.durable) : false,
       routingKey: isSet(object.routingKey)
         ? globalThis.String(object.routingKey)
         : isSet(object.routing_key)
         ? globalThis.String(object.routing_key)
         : "",
+      durable: isSet(object.durable) ? globalThis.Boolean(object.durable) : false,
     };
   },
 
@@ -835,11 +844,11 @@ export const QueueInfo: MessageFns<QueueInfo> = {
     if (message.queue !== "") {
       obj.queue = message.queue;
     }
-    if (message.durable !== false) {
-      obj.durable = message.durable;
-    }
     if (message.routingKey !== "") {
       obj.routingKey = message.routingKey;
+    }
+    if (message.durable !== false) {
+      obj.durable = message.durable;
     }
     return obj;
   },
@@ -850,8 +859,8 @@ export const QueueInfo: MessageFns<QueueInfo> = {
   fromPartial(object: DeepPartial<QueueInfo>): QueueInfo {
     const message = createBaseQueueInfo();
     message.queue = object.queue ?? "";
-    message.durable = object.durable ?? false;
     message.routingKey = object.routingKey ?? "";
+    message.durable = object.durable ?? false;
     return message;
   },
 };
@@ -1454,7 +1463,7 @@ export const SchemaMessageResponse_ExtraEntry: MessageFns<SchemaMessageResponse_
 };
 
 function createBaseValidationMessageResponse(): ValidationMessageResponse {
-  return { id: "", task: 0, fileData: "", importName: "", date: "", extra: {}, metadata: undefined };
+  return { id: "", task: 0, fileData: "", importName: "", metadata: undefined, date: "", extra: {} };
 }
 
 export const ValidationMessageResponse: MessageFns<ValidationMessageResponse> = {
@@ -1471,15 +1480,15 @@ export const ValidationMessageResponse: MessageFns<ValidationMessageResponse> = 
     if (message.importName !== "") {
       writer.uint32(34).string(message.importName);
     }
+    if (message.metadata !== undefined) {
+      Metadata.encode(message.metadata, writer.uint32(42).fork()).join();
+    }
     if (message.date !== "") {
-      writer.uint32(42).string(message.date);
+      writer.uint32(50).string(message.date);
     }
     globalThis.Object.entries(message.extra).forEach(([key, value]: [string, string]) => {
-      ValidationMessageResponse_ExtraEntry.encode({ key: key as any, value }, writer.uint32(50).fork()).join();
+      ValidationMessageResponse_ExtraEntry.encode({ key: key as any, value }, writer.uint32(58).fork()).join();
     });
-    if (message.metadata !== undefined) {
-      Metadata.encode(message.metadata, writer.uint32(58).fork()).join();
-    }
     return writer;
   },
 
@@ -1533,7 +1542,7 @@ export const ValidationMessageResponse: MessageFns<ValidationMessageResponse> = 
               break;
             }
 
-            message.date = reader.string();
+            message.metadata = Metadata.decode(reader, reader.uint32());
             continue;
           }
           case 6: {
@@ -1541,10 +1550,7 @@ export const ValidationMessageResponse: MessageFns<ValidationMessageResponse> = 
               break;
             }
 
-            const entry6 = ValidationMessageResponse_ExtraEntry.decode(reader, reader.uint32());
-            if (entry6.value !== undefined) {
-              message.extra[entry6.key] = entry6.value;
-            }
+            message.date = reader.string();
             continue;
           }
           case 7: {
@@ -1552,7 +1558,10 @@ export const ValidationMessageResponse: MessageFns<ValidationMessageResponse> = 
               break;
             }
 
-            message.metadata = Metadata.decode(reader, reader.uint32());
+            const entry7 = ValidationMessageResponse_ExtraEntry.decode(reader, reader.uint32());
+            if (entry7.value !== undefined) {
+              message.extra[entry7.key] = entry7.value;
+            }
             continue;
           }
         }
@@ -1581,6 +1590,7 @@ export const ValidationMessageResponse: MessageFns<ValidationMessageResponse> = 
         : isSet(object.import_name)
         ? globalThis.String(object.import_name)
         : "",
+      metadata: isSet(object.metadata) ? Metadata.fromJSON(object.metadata) : undefined,
       date: isSet(object.date) ? globalThis.String(object.date) : "",
       extra: isObject(object.extra)
         ? (globalThis.Object.entries(object.extra) as [string, any][]).reduce(
@@ -1596,7 +1606,6 @@ export const ValidationMessageResponse: MessageFns<ValidationMessageResponse> = 
           {},
         )
         : {},
-      metadata: isSet(object.metadata) ? Metadata.fromJSON(object.metadata) : undefined,
     };
   },
 
@@ -1614,6 +1623,9 @@ export const ValidationMessageResponse: MessageFns<ValidationMessageResponse> = 
     if (message.importName !== "") {
       obj.importName = message.importName;
     }
+    if (message.metadata !== undefined) {
+      obj.metadata = Metadata.toJSON(message.metadata);
+    }
     if (message.date !== "") {
       obj.date = message.date;
     }
@@ -1625,9 +1637,6 @@ export const ValidationMessageResponse: MessageFns<ValidationMessageResponse> = 
           obj.extra[k] = v;
         });
       }
-    }
-    if (message.metadata !== undefined) {
-      obj.metadata = Metadata.toJSON(message.metadata);
     }
     return obj;
   },
@@ -1641,6 +1650,9 @@ export const ValidationMessageResponse: MessageFns<ValidationMessageResponse> = 
     message.task = object.task ?? 0;
     message.fileData = object.fileData ?? "";
     message.importName = object.importName ?? "";
+    message.metadata = (object.metadata !== undefined && object.metadata !== null)
+      ? Metadata.fromPartial(object.metadata)
+      : undefined;
     message.date = object.date ?? "";
     message.extra = (globalThis.Object.entries(object.extra ?? {}) as [string, string][]).reduce(
       (acc: { [key: string]: string }, [key, value]: [string, string]) => {
@@ -1651,9 +1663,6 @@ export const ValidationMessageResponse: MessageFns<ValidationMessageResponse> = 
       },
       {},
     );
-    message.metadata = (object.metadata !== undefined && object.metadata !== null)
-      ? Metadata.fromPartial(object.metadata)
-      : undefined;
     return message;
   },
 };
