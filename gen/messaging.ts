@@ -219,7 +219,20 @@ export interface GetMessagingParamsResponse {
   virtualHost: string;
   username: string;
   password: string;
-  exchange?: ExchangeInfo | undefined;
+  exchange?:
+    | ExchangeInfo
+    | undefined;
+  /**
+   * The proxy's addition (not in the original): every configured broker node (RABBITMQ_HOSTS), in
+   * the configured order; `host`/`port` above are the first of them. Publishers fail over with it.
+   */
+  nodes: BrokerNode[];
+}
+
+/** One RabbitMQ node's AMQP listener (the proxy's addition). */
+export interface BrokerNode {
+  host: string;
+  port: number;
 }
 
 export interface ExchangeInfo {
@@ -430,6 +443,10 @@ export interface QueueStatus {
   role: string;
   messageCount: number;
   consumerCount: number;
+  /** False when the queue cannot be used now (missing, or its node is down); the counts are then 0. */
+  available: boolean;
+  /** Why it is unavailable (the broker's words), empty when available. */
+  unavailableReason: string;
 }
 
 export interface GetQueueInfoResponse {
@@ -489,7 +506,7 @@ export const GetMessagingParamsRequest: MessageFns<GetMessagingParamsRequest> = 
 };
 
 function createBaseGetMessagingParamsResponse(): GetMessagingParamsResponse {
-  return { host: "", port: 0, virtualHost: "", username: "", password: "", exchange: undefined };
+  return { host: "", port: 0, virtualHost: "", username: "", password: "", exchange: undefined, nodes: [] };
 }
 
 export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> = {
@@ -511,6 +528,9 @@ export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> 
     }
     if (message.exchange !== undefined) {
       ExchangeInfo.encode(message.exchange, writer.uint32(50).fork()).join();
+    }
+    for (const v of message.nodes) {
+      BrokerNode.encode(v!, writer.uint32(58).fork()).join();
     }
     return writer;
   },
@@ -576,6 +596,14 @@ export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> 
             message.exchange = ExchangeInfo.decode(reader, reader.uint32());
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.nodes.push(BrokerNode.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -600,6 +628,7 @@ export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> 
       username: isSet(object.username) ? globalThis.String(object.username) : "",
       password: isSet(object.password) ? globalThis.String(object.password) : "",
       exchange: isSet(object.exchange) ? ExchangeInfo.fromJSON(object.exchange) : undefined,
+      nodes: globalThis.Array.isArray(object?.nodes) ? object.nodes.map((e: any) => BrokerNode.fromJSON(e)) : [],
     };
   },
 
@@ -623,6 +652,9 @@ export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> 
     if (message.exchange !== undefined) {
       obj.exchange = ExchangeInfo.toJSON(message.exchange);
     }
+    if (message.nodes?.length) {
+      obj.nodes = message.nodes.map((e) => BrokerNode.toJSON(e));
+    }
     return obj;
   },
 
@@ -639,6 +671,92 @@ export const GetMessagingParamsResponse: MessageFns<GetMessagingParamsResponse> 
     message.exchange = (object.exchange !== undefined && object.exchange !== null)
       ? ExchangeInfo.fromPartial(object.exchange)
       : undefined;
+    message.nodes = object.nodes?.map((e) => BrokerNode.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseBrokerNode(): BrokerNode {
+  return { host: "", port: 0 };
+}
+
+export const BrokerNode: MessageFns<BrokerNode> = {
+  encode(message: BrokerNode, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.host !== "") {
+      writer.uint32(10).string(message.host);
+    }
+    if (message.port !== 0) {
+      writer.uint32(16).int32(message.port);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): BrokerNode {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseBrokerNode();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.host = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.port = reader.int32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): BrokerNode {
+    return {
+      host: isSet(object.host) ? globalThis.String(object.host) : "",
+      port: isSet(object.port) ? globalThis.Number(object.port) : 0,
+    };
+  },
+
+  toJSON(message: BrokerNode): unknown {
+    const obj: any = {};
+    if (message.host !== "") {
+      obj.host = message.host;
+    }
+    if (message.port !== 0) {
+      obj.port = Math.round(message.port);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<BrokerNode>): BrokerNode {
+    return BrokerNode.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<BrokerNode>): BrokerNode {
+    const message = createBaseBrokerNode();
+    message.host = object.host ?? "";
+    message.port = object.port ?? 0;
     return message;
   },
 };
@@ -3788,7 +3906,7 @@ export const GetQueueInfoRequest: MessageFns<GetQueueInfoRequest> = {
 };
 
 function createBaseQueueStatus(): QueueStatus {
-  return { queue: "", role: "", messageCount: 0, consumerCount: 0 };
+  return { queue: "", role: "", messageCount: 0, consumerCount: 0, available: false, unavailableReason: "" };
 }
 
 export const QueueStatus: MessageFns<QueueStatus> = {
@@ -3804,6 +3922,12 @@ export const QueueStatus: MessageFns<QueueStatus> = {
     }
     if (message.consumerCount !== 0) {
       writer.uint32(32).uint32(message.consumerCount);
+    }
+    if (message.available !== false) {
+      writer.uint32(40).bool(message.available);
+    }
+    if (message.unavailableReason !== "") {
+      writer.uint32(50).string(message.unavailableReason);
     }
     return writer;
   },
@@ -3853,6 +3977,22 @@ export const QueueStatus: MessageFns<QueueStatus> = {
             message.consumerCount = reader.uint32();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.available = reader.bool();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.unavailableReason = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3879,6 +4019,12 @@ export const QueueStatus: MessageFns<QueueStatus> = {
         : isSet(object.consumer_count)
         ? globalThis.Number(object.consumer_count)
         : 0,
+      available: isSet(object.available) ? globalThis.Boolean(object.available) : false,
+      unavailableReason: isSet(object.unavailableReason)
+        ? globalThis.String(object.unavailableReason)
+        : isSet(object.unavailable_reason)
+        ? globalThis.String(object.unavailable_reason)
+        : "",
     };
   },
 
@@ -3896,6 +4042,12 @@ export const QueueStatus: MessageFns<QueueStatus> = {
     if (message.consumerCount !== 0) {
       obj.consumerCount = Math.round(message.consumerCount);
     }
+    if (message.available !== false) {
+      obj.available = message.available;
+    }
+    if (message.unavailableReason !== "") {
+      obj.unavailableReason = message.unavailableReason;
+    }
     return obj;
   },
 
@@ -3908,6 +4060,8 @@ export const QueueStatus: MessageFns<QueueStatus> = {
     message.role = object.role ?? "";
     message.messageCount = object.messageCount ?? 0;
     message.consumerCount = object.consumerCount ?? 0;
+    message.available = object.available ?? false;
+    message.unavailableReason = object.unavailableReason ?? "";
     return message;
   },
 };

@@ -1,6 +1,6 @@
 /** The whole service as one Layer: config → logging → metrics endpoint → broker (+ topology) → gRPC server. */
 import { Layer } from "effect"
-import { Broker } from "./broker.js"
+import { Broker } from "./broker/Broker.js"
 import { ProxyConfig } from "./config.js"
 import { GrpcServer } from "./grpcServer.js"
 import { LoggingLive } from "./logging.js"

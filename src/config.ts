@@ -20,6 +20,16 @@ export class ConfigInvalid extends Data.TaggedError("ConfigInvalid")<{
 export const ExchangeTypes = ["topic", "direct", "fanout", "headers"] as const
 export type ExchangeType = (typeof ExchangeTypes)[number]
 
+/** RabbitMQ queue types the proxy declares (`x-queue-type`); classic declares with no arguments. */
+export const QueueTypes = ["classic", "quorum"] as const
+export type QueueType = (typeof QueueTypes)[number]
+
+/** One RabbitMQ node of the cluster (AMQP listener). */
+export interface BrokerNode {
+  readonly host: string
+  readonly port: number
+}
+
 /** A queue of the contract with the routing key that binds it to the exchange. */
 export interface QueueBinding {
   readonly queue: string
@@ -80,8 +90,12 @@ export interface ProxySettings {
   /** Requeues (nacks, lost consumers) after which a message is dead-lettered instead. */
   readonly maxRequeues: number
   readonly rabbit: {
+    /** The first configured node: what GetMessagingParams hands out as `host`/`port`. */
     readonly host: string
     readonly port: number
+    /** Every configured node (RABBITMQ_HOSTS, else the one RABBITMQ_HOST:RABBITMQ_PORT), in order. */
+    readonly nodes: ReadonlyArray<BrokerNode>
+    readonly queueType: QueueType
     readonly vhost: string
     readonly user: string
     readonly password: Redacted.Redacted<string>
@@ -177,6 +191,20 @@ const parseIdentities = (raw: string): Parsed<ReadonlyArray<CertificateIdentity>
   return { value: identities }
 }
 
+const hostsExpected = "comma-separated host[:port] entries (IPv6 as [address]:port), ports 1-65535"
+/** RABBITMQ_HOSTS: `a:5672,b,[::1]:5673`; a node without a port takes `defaultPort`. */
+export const parseHosts = (raw: string, defaultPort: number): Parsed<ReadonlyArray<BrokerNode>> => {
+  const nodes: Array<BrokerNode> = []
+  for (const entry of entries(raw)) {
+    const match = /^(?:\[([^\]]+)\]|([^:[\]\s]+))(?::(\d{1,5}))?$/.exec(entry)
+    const host = match?.[1] ?? match?.[2]
+    const port = match?.[3] === undefined ? defaultPort : Number(match[3])
+    if (host === undefined || !Number.isInteger(port) || port < 1 || port > 65535) return { expected: hostsExpected }
+    nodes.push({ host, port })
+  }
+  return nodes.length > 0 ? { value: nodes } : { expected: hostsExpected }
+}
+
 const optionalPath = (variable: string) =>
   setting(variable, Schema.String, "a file path", "").pipe(Effect.map((p) => p.trim() === "" ? undefined : p))
 
@@ -226,8 +254,9 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
     )
   })
   const limits = yield* Effect.all({
-    // Each stream has its own AMQP channel: stay below RabbitMQ's channel_max (2047 by default).
-    maxStreamsTotal: setting("MESSAGING_MAX_STREAMS_TOTAL", PositiveInt(65_535), "a whole number of streams", 2000),
+    // Each stream has its own AMQP channel; the consumer connection pool grows past one
+    // connection's channel_max (broker/pool.ts), so this bounds memory, not channels.
+    maxStreamsTotal: setting("MESSAGING_MAX_STREAMS_TOTAL", PositiveInt(1_000_000), "a whole number of streams", 10_000),
     maxInFlight: setting("MESSAGING_MAX_IN_FLIGHT", PositiveInt(65_535), "a whole number between 1 and 65535", 1024),
     maxStreamsPerCaller: setting("MESSAGING_MAX_STREAMS_PER_CALLER", PositiveInt(1_000_000), "a whole number of streams", 1000)
   })
@@ -243,9 +272,14 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
   })
   const debug = yield* bool("MESSAGING_CONNECTION_DEBUG", false)
   const maxRequeues = yield* setting("MESSAGING_MAX_REQUEUES", NonNegativeInt, "a whole number (0 = never requeue)", 5)
+  const host = yield* name("RABBITMQ_HOST", "localhost")
+  const port = yield* setting("RABBITMQ_PORT", Port, "a port number between 1 and 65535", 5672)
+  const nodes = yield* parsed("RABBITMQ_HOSTS", [{ host, port }] as ReadonlyArray<BrokerNode>, (raw) => parseHosts(raw, port))
   const rabbit = yield* Effect.all({
-    host: name("RABBITMQ_HOST", "localhost"),
-    port: setting("RABBITMQ_PORT", Port, "a port number between 1 and 65535", 5672),
+    host: Effect.succeed(nodes[0]!.host),
+    port: Effect.succeed(nodes[0]!.port),
+    nodes: Effect.succeed(nodes),
+    queueType: setting("RABBITMQ_QUEUE_TYPE", Schema.Literals(QueueTypes), `one of ${QueueTypes.join(", ")}`, "classic"),
     vhost: setting("RABBITMQ_VHOST", Schema.String.check(Schema.isNonEmpty()), "a non-empty virtual host", "/"),
     user: name("RABBITMQ_USER", "guest"),
     password: setting("RABBITMQ_PASSWORD", Schema.String, "a string", "guest", true).pipe(Effect.map(Redacted.make)),

@@ -5,9 +5,8 @@
  */
 import type * as amqp from "amqplib"
 import { Cause, Duration, Effect, Queue, Schedule, Stream } from "effect"
-import { Broker } from "./broker.js"
+import { Broker } from "./broker/Broker.js"
 import { AmqpError, ConnectionLost, ConsumerClosedByBroker } from "./errors.js"
-import { ensureQueue } from "./topology.js"
 
 /** One message from the queue, with the ways to settle it on the channel it came from. */
 export interface Delivery {
@@ -178,7 +177,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
             deadLetter: (reason, headers = {}) =>
               // The default exchange drops a message for a missing queue (after confirming it!),
               // and an operator may have deleted the dead-letter queue: make sure it exists first.
-              Effect.flatMap(broker.connection, (connection) => ensureQueue(connection, options.deadLetterQueue)).pipe(
+              broker.ensureQueue(options.deadLetterQueue).pipe(
                 Effect.andThen(moveTo(options.deadLetterQueue, {
                 ...headers,
                 "x-dead-letter-reason": reason,

@@ -28,6 +28,12 @@ export class ConsumerClosedByBroker extends Data.TaggedError("ConsumerClosedByBr
   }
 }
 
+/** AMQP reply code of an amqplib error (404 NOT_FOUND, 406 PRECONDITION_FAILED, …), if any. */
+export const replyCode = (cause: unknown): number | undefined =>
+  typeof cause === "object" && cause !== null && "code" in cause && typeof cause.code === "number"
+    ? cause.code
+    : undefined
+
 export const describe = (cause: unknown): string => {
   if (cause instanceof Error) return cause.message
   if (typeof cause === "object" && cause !== null && "message" in cause) return String(cause.message)

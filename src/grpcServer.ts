@@ -6,7 +6,8 @@
 import * as grpc from "@grpc/grpc-js"
 import { Context, Deferred, Duration, Effect, Exit, FiberSet, Layer, Option, Stream } from "effect"
 import { HealthImplementation } from "grpc-health-check"
-import { Broker } from "./broker.js"
+import { Broker } from "./broker/Broker.js"
+import { declaredQueues } from "./broker/topology.js"
 import { ProxyConfig } from "./config.js"
 import { AmqpError } from "./errors.js"
 import { makeHandlers } from "./handlers.js"
@@ -62,17 +63,29 @@ const make = Effect.gen(function*() {
     "grpc.max_concurrent_streams": limits.maxConcurrentStreamsPerConnection + 100
   })
   server.addService(MessagingServiceDefinition, guardHandlers(makeHandlers(settings, run), access, observer))
-  const health = new HealthImplementation({ "": "NOT_SERVING", [serviceName]: "NOT_SERVING" })
+  // The server ("" and the service) follows the broker connections; each declared queue has an
+  // entry of its own, named by the queue, that is also NOT_SERVING while that queue is unavailable.
+  const queues = declaredQueues(settings.rabbit)
+  const health = new HealthImplementation(
+    Object.fromEntries(["", serviceName, ...queues].map((name) => [name, "NOT_SERVING" as const]))
+  )
   health.addToServer(server)
   makeReflectionService().addToServer(server)
 
-  yield* broker.connectedChanges.pipe(
-    Stream.runForEach((connected) =>
+  const sameKeys = (a: ReadonlyMap<string, string>, b: ReadonlyMap<string, string>) =>
+    a.size === b.size && [...a.keys()].every((k) => b.has(k))
+  yield* Stream.zipLatest(broker.connectedChanges, broker.unavailableQueueChanges).pipe(
+    Stream.changesWith(([c1, u1], [c2, u2]) => c1 === c2 && sameKeys(u1, u2)),
+    Stream.runForEach(([connected, unavailable]) =>
       Effect.sync(() => {
         const status = connected ? "SERVING" : "NOT_SERVING"
         health.setStatus("", status)
         health.setStatus(serviceName, status)
-      }).pipe(Effect.andThen(Effect.logInfo("health", { status: connected ? "SERVING" : "NOT_SERVING" })))
+        for (const queue of queues) health.setStatus(queue, connected && !unavailable.has(queue) ? "SERVING" : "NOT_SERVING")
+      }).pipe(Effect.andThen(Effect.logInfo("health", {
+        status: connected ? "SERVING" : "NOT_SERVING",
+        ...(unavailable.size > 0 ? { unavailableQueues: [...unavailable.keys()] } : {})
+      })))
     ),
     Effect.forkScoped
   )
@@ -86,8 +99,7 @@ const make = Effect.gen(function*() {
     }),
     () =>
       Effect.gen(function*() {
-        health.setStatus("", "NOT_SERVING")
-        health.setStatus(serviceName, "NOT_SERVING")
+        for (const name of ["", serviceName, ...queues]) health.setStatus(name, "NOT_SERVING")
         yield* Effect.logInfo("shutting down: ending open streams")
         // Stop taking new calls first; tryShutdown then waits for the open ones to end.
         const stopped = Deferred.makeUnsafe<void>()

@@ -3,7 +3,7 @@
  * own consumer, run as a fiber that the call's 'cancelled' event interrupts.
  */
 import * as grpc from "@grpc/grpc-js"
-import { Effect, type Fiber, Redacted } from "effect"
+import { Effect, Redacted } from "effect"
 import { randomUUID } from "node:crypto"
 import {
   type GetMessagingParamsResponse,
@@ -15,17 +15,16 @@ import {
   ValidationMessageResponse,
   type ValidationSubscriptionEvent
 } from "../gen/messaging.js"
-import type { Broker } from "./broker.js"
+import type { Broker } from "./broker/Broker.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
 import { contractQueues, deadLetterQueue, type ProxySettings, type QueueBinding } from "./config.js"
 import { publishBatchHandler, publishHandler } from "./publishing.js"
 import { queueInfoHandler } from "./queueInfo.js"
+import type { RunHandler } from "./unaryCall.js"
 import type { AdmissionPolicy } from "./redelivery.js"
 import { deliveryEnvelopeBytes, encodeWith } from "./serialization.js"
 import { type QueueStreamSpec, serveQueueStream } from "./streaming.js"
 import { serveSubscription, type SubscriptionEvent, type SubscriptionSpec } from "./subscription.js"
-
-export type RunHandler = <A, E>(effect: Effect.Effect<A, E, Broker>) => Fiber.Fiber<A, E>
 
 export const messagingParams = ({ rabbit }: ProxySettings): GetMessagingParamsResponse => ({
   host: rabbit.host,
@@ -39,7 +38,8 @@ export const messagingParams = ({ rabbit }: ProxySettings): GetMessagingParamsRe
     type: rabbit.exchangeType,
     durable: true,
     queues: contractQueues(rabbit).map(({ queue, routingKey }) => ({ queue, durable: true, routingKey }))
-  }
+  },
+  nodes: rabbit.nodes.map(({ host, port }) => ({ host, port }))
 })
 
 const routingKey = (binding: QueueBinding): RoutingKey => ({ routingKey: binding.routingKey })

@@ -64,9 +64,13 @@ const redeliveredMetric = perKey((queue) =>
 const activeStreamsMetric = perKey((rpc) =>
   Metric.gauge(prefix + "active_streams", { description: "open streaming calls (streams and subscriptions)", attributes: { rpc } })
 )
-const brokerConnectedMetric = perKey((connection) =>
-  Metric.gauge(prefix + "broker_connected", { description: "1 while the broker connection is up", attributes: { connection } })
-)
+const brokerConnectedMetric = perKey((key) => {
+  const [connection, node] = split2(key)
+  return Metric.gauge(prefix + "broker_connected", {
+    description: "1 while the broker connection is up on that node (0 for a node it was on before)",
+    attributes: { connection, node }
+  })
+})
 const brokerReconnectsMetric = perKey((connection) =>
   counter("broker_reconnects_total", "broker connections re-established after a loss", { connection })
 )
@@ -128,28 +132,32 @@ export const recordRpc = (method: string, code: string, durationSeconds: number)
 }
 
 /**
- * One broker connection's gauge and reconnect counter (label `connection`): `connected` after
- * each (re)connect (every one after the first counts as a reconnect), `lost` when it drops. The
- * gauge reads 0 from here on and again when the scope closes.
+ * One broker connection's gauge and reconnect counter (label `connection`; the gauge also names
+ * the `node`): `connected(node)` after each (re)connect (every one after the first counts as a
+ * reconnect), `lost(node)` when it drops. Gauges read 0 from here on and again when the scope
+ * closes.
  */
-export const trackBrokerConnection = (connection: "consumers" | "publishers"): Effect.Effect<
-  { readonly connected: Effect.Effect<void>; readonly lost: Effect.Effect<void> },
+export const trackBrokerConnection = (connection: string): Effect.Effect<
+  { readonly connected: (node: string) => Effect.Effect<void>; readonly lost: (node: string) => Effect.Effect<void> },
   never,
   Scope.Scope
 > =>
   Effect.gen(function*() {
     let connectedBefore = false
-    const gauge = brokerConnectedMetric(connection)
+    const nodesSeen = new Set<string>()
     const reconnects = brokerReconnectsMetric(connection)
-    const lost = Metric.update(gauge, 0)
-    yield* lost
+    const lost = (node: string) => Metric.update(brokerConnectedMetric(connection + sep + node), 0)
     yield* Metric.update(reconnects, 0) // present from the start, at 0
-    yield* Effect.addFinalizer(() => lost)
-    const connected = Effect.suspend(() => {
-      const reconnect = connectedBefore
-      connectedBefore = true
-      return Metric.update(gauge, 1).pipe(Effect.andThen(reconnect ? Metric.update(reconnects, 1) : Effect.void))
-    })
+    yield* Effect.addFinalizer(() => Effect.forEach([...nodesSeen], lost, { discard: true }))
+    const connected = (node: string) =>
+      Effect.suspend(() => {
+        const reconnect = connectedBefore
+        connectedBefore = true
+        nodesSeen.add(node)
+        return Metric.update(brokerConnectedMetric(connection + sep + node), 1).pipe(
+          Effect.andThen(reconnect ? Metric.update(reconnects, 1) : Effect.void)
+        )
+      })
     return { connected, lost }
   })
 

@@ -18,20 +18,18 @@
  */
 import * as grpc from "@grpc/grpc-js"
 import type * as amqp from "amqplib"
-import { Cause, Data, Deferred, Effect, Exit, Option, Result, Schema } from "effect"
+import { Data, Deferred, Effect, Exit, Option, Result, Schema } from "effect"
 import {
   MessageKind,
   type PublishBatchResponse,
   type PublishRequest,
   type PublishResponse
 } from "../gen/messaging.js"
-import { Broker } from "./broker.js"
+import { Broker } from "./broker/Broker.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
 import { contractQueues, type ProxySettings, type QueueBinding } from "./config.js"
-import { AmqpError, describe } from "./errors.js"
-import type { RunHandler } from "./handlers.js"
-
-/** Runs an Effect needing the broker as a handler fiber (the `run` the handlers get). */
+import { AmqpError, describe, replyCode } from "./errors.js"
+import { BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
 
 type Rabbit = ProxySettings["rabbit"]
 
@@ -74,25 +72,7 @@ export class ConfirmTimeout extends Data.TaggedError("ConfirmTimeout")<{
   }
 }
 
-/** The proxy has no broker connection right now (and none came up within the grace period). */
-export class BrokerNotConnected extends Data.TaggedError("BrokerNotConnected")<{}> {
-  override get message(): string {
-    return "broker not connected"
-  }
-}
-
 export type PublishError = PublishInvalid | Unroutable | PublishNacked | ConfirmTimeout | BrokerNotConnected | AmqpError
-
-/** AMQP reply code of an amqplib error (404 for a missing exchange or queue), if any. */
-export const replyCode = (cause: unknown): number | undefined =>
-  typeof cause === "object" && cause !== null && "code" in cause && typeof cause.code === "number"
-    ? cause.code
-    : undefined
-
-export interface Status {
-  readonly code: grpc.status
-  readonly details: string
-}
 
 export const publishStatus = (error: PublishError): Status => {
   switch (error._tag) {
@@ -332,49 +312,6 @@ const channelFor = (connection: amqp.ChannelModel): Promise<PublishChannel> => {
   return created
 }
 
-/** How long a call waits for a reconnect in progress before answering UNAVAILABLE. */
-const CONNECT_GRACE = "2 seconds"
-
-/**
- * The live connection (the publishers' own, or the consumers'), or BrokerNotConnected once the
- * grace period passes without one.
- */
-export const liveConnection = (
-  role: "consumers" | "publishers"
-): Effect.Effect<amqp.ChannelModel, BrokerNotConnected, Broker> =>
-  Effect.gen(function*() {
-    const broker = yield* Broker
-    const connection = yield* (role === "publishers" ? broker.publishingConnection : broker.connection).pipe(
-      Effect.timeoutOption(CONNECT_GRACE)
-    )
-    return Option.isSome(connection) ? connection.value : yield* new BrokerNotConnected()
-  })
-
-const publishChannel: Effect.Effect<PublishChannel, BrokerNotConnected | AmqpError, Broker> = Effect.gen(function*() {
-  const connection = yield* liveConnection("publishers")
-  return yield* Effect.tryPromise({
-    try: () => channelFor(connection),
-    catch: (cause) => new AmqpError({ operation: "open publishing channel", cause })
-  })
-})
-
-/** Bounds the wait for one confirm (a blocked broker would otherwise hold the call forever). */
-const CONFIRM_TIMEOUT_SECONDS = 30
-
-const awaitConfirm = (messageId: string) =>
-  Effect.timeoutOrElse({
-    duration: `${CONFIRM_TIMEOUT_SECONDS} seconds`,
-    orElse: () => Effect.fail(new ConfirmTimeout({ messageId, seconds: CONFIRM_TIMEOUT_SECONDS }))
-  })
-
-/** Publishes one validated message on `channel`; the returned Effect waits for its confirm. */
-const sendOn = (channel: PublishChannel, exchange: string, message: ValidPublish) =>
-  Effect.map(Effect.fromResult(channel.send(exchange, message)), awaitConfirm(message.messageId))
-
-/** Publishes one validated message on the connection's shared channel. */
-const send = (exchange: string, message: ValidPublish): Effect.Effect<Effect.Effect<void, PublishError>, PublishError, Broker> =>
-  Effect.flatMap(publishChannel, (channel) => sendOn(channel, exchange, message))
-
 // ---------------------------------------------------------------------------------------------
 // Publish
 // ---------------------------------------------------------------------------------------------
@@ -517,53 +454,34 @@ export const publishBatch = (
     return { published: messageIds.length, messageIds }
   })
 
+const publishChannel: Effect.Effect<PublishChannel, BrokerNotConnected | AmqpError, Broker> = Effect.gen(function*() {
+  const connection = yield* liveConnection("publishers")
+  return yield* Effect.tryPromise({
+    try: () => channelFor(connection),
+    catch: (cause) => new AmqpError({ operation: "open publishing channel", cause })
+  })
+})
+
+/** Bounds the wait for one confirm (a blocked broker would otherwise hold the call forever). */
+const CONFIRM_TIMEOUT_SECONDS = 30
+
+const awaitConfirm = (messageId: string) =>
+  Effect.timeoutOrElse({
+    duration: `${CONFIRM_TIMEOUT_SECONDS} seconds`,
+    orElse: () => Effect.fail(new ConfirmTimeout({ messageId, seconds: CONFIRM_TIMEOUT_SECONDS }))
+  })
+
+/** Publishes one validated message on `channel`; the returned Effect waits for its confirm. */
+const sendOn = (channel: PublishChannel, exchange: string, message: ValidPublish) =>
+  Effect.map(Effect.fromResult(channel.send(exchange, message)), awaitConfirm(message.messageId))
+
+/** Publishes one validated message on the connection's shared channel. */
+const send = (exchange: string, message: ValidPublish): Effect.Effect<Effect.Effect<void, PublishError>, PublishError, Broker> =>
+  Effect.flatMap(publishChannel, (channel) => sendOn(channel, exchange, message))
+
 // ---------------------------------------------------------------------------------------------
 // gRPC handlers
 // ---------------------------------------------------------------------------------------------
-
-const SHUTTING_DOWN: Status = { code: grpc.status.UNAVAILABLE, details: "messaging-proxy is shutting down" }
-
-/** Answers a unary-response call from the work's exit and logs how it ended. */
-export const replyWith = <A, E>(callback: grpc.sendUnaryData<A>, statusOf: (error: E) => Status) =>
-(exit: Exit.Exit<A, E>): Effect.Effect<void> => {
-  if (Exit.isSuccess(exit)) return Effect.sync(() => callback(null, exit.value))
-  const error = Exit.findErrorOption(exit)
-  if (Option.isSome(error)) {
-    const status = statusOf(error.value)
-    // Bad requests are the client's business; broker trouble is ours.
-    const log = status.code === grpc.status.UNAVAILABLE ? Effect.logWarning : Effect.logInfo
-    return log("call failed", { code: grpc.status[status.code], details: status.details }).pipe(
-      Effect.andThen(Effect.sync(() => callback(status)))
-    )
-  }
-  if (Cause.hasInterruptsOnly(exit.cause)) {
-    // Client cancel (grpc-js drops the answer) or server shutdown.
-    return Effect.sync(() => callback(SHUTTING_DOWN))
-  }
-  return Effect.logError("call failed with a defect", { cause: Cause.pretty(exit.cause) }).pipe(
-    Effect.andThen(Effect.sync(() => callback({ code: grpc.status.INTERNAL, details: "internal error" })))
-  )
-}
-
-/** Runs a call's work as a handler fiber that the call's cancel (or deadline) interrupts. */
-export const runCall = <A, E>(
-  run: RunHandler,
-  call: grpc.ServerUnaryCall<unknown, A> | grpc.ServerReadableStream<unknown, A>,
-  rpc: string,
-  work: Effect.Effect<A, E, Broker>,
-  callback: grpc.sendUnaryData<A>,
-  statusOf: (error: E) => Status
-): void => {
-  if (call.cancelled) return
-  const fiber = run(
-    work.pipe(
-      Effect.onExit(replyWith(callback, statusOf)),
-      Effect.annotateLogs({ rpc, peer: call.getPeer() })
-    )
-  )
-  // Also fires after a normal end; interrupting a finished fiber is a no-op.
-  call.once("cancelled", () => fiber.interruptUnsafe())
-}
 
 export const publishHandler = (settings: ProxySettings, run: RunHandler): grpc.handleUnaryCall<PublishRequest, PublishResponse> =>
 (call, callback) => runCall(run, call, "Publish", publishOne(settings.rabbit, call.request), callback, publishStatus)

@@ -1,17 +1,17 @@
 /**
  * GetQueueInfo: message and consumer counts of the four contract queues and the two dead-letter
- * queues, from a passive queue.declare each. A passive declare of a missing queue makes the
+ * queues, from a passive queue.declare each, and whether each is available (a queue the proxy
+ * could not declare, or that is gone, is reported with the reason instead of failing the call). A passive declare of a missing queue makes the
  * broker close the channel (404), so every probe gets a throwaway channel of its own.
  */
 import * as grpc from "@grpc/grpc-js"
 import type * as amqp from "amqplib"
-import { Data, Effect } from "effect"
+import { Effect } from "effect"
 import type { GetQueueInfoRequest, GetQueueInfoResponse, QueueStatus } from "../gen/messaging.js"
-import type { Broker } from "./broker.js"
+import { Broker } from "./broker/Broker.js"
 import { deadLetterQueue, type ProxySettings } from "./config.js"
-import { AmqpError } from "./errors.js"
-import type { RunHandler } from "./handlers.js"
-import { type BrokerNotConnected, liveConnection, replyCode, runCall, type Status } from "./publishing.js"
+import { AmqpError, describe, replyCode } from "./errors.js"
+import { type BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
 
 type Rabbit = ProxySettings["rabbit"]
 
@@ -33,27 +33,9 @@ export const reportedQueues = (rabbit: Rabbit): ReadonlyArray<{ readonly role: Q
   { role: "validations_dead", queue: deadLetterQueue(rabbit, rabbit.validations.queue) }
 ]
 
-/** A queue the proxy should have declared is gone (deleted behind its back). NOT_FOUND. */
-export class QueueNotFound extends Data.TaggedError("QueueNotFound")<{
-  readonly queue: string
-  readonly role: QueueRole
-}> {
-  override get message(): string {
-    return `queue '${this.queue}' (${this.role}) does not exist`
-  }
-}
+export type QueueInfoError = BrokerNotConnected | AmqpError
 
-export type QueueInfoError = QueueNotFound | BrokerNotConnected | AmqpError
-
-export const queueInfoStatus = (error: QueueInfoError): Status => {
-  switch (error._tag) {
-    case "QueueNotFound":
-      return { code: grpc.status.NOT_FOUND, details: error.message }
-    case "BrokerNotConnected":
-    case "AmqpError":
-      return { code: grpc.status.UNAVAILABLE, details: error.message }
-  }
-}
+export const queueInfoStatus = (error: QueueInfoError): Status => ({ code: grpc.status.UNAVAILABLE, details: error.message })
 
 /** One passive declare on a channel of its own, closed afterwards unless the broker already did. */
 const probe = (connection: amqp.ChannelModel, role: QueueRole, queue: string) =>
@@ -74,8 +56,7 @@ const probe = (connection: amqp.ChannelModel, role: QueueRole, queue: string) =>
     ({ channel }) =>
       Effect.tryPromise({
         try: () => channel.checkQueue(queue),
-        catch: (cause): QueueNotFound | AmqpError =>
-          replyCode(cause) === 404 ? new QueueNotFound({ queue, role }) : new AmqpError({ operation: `check '${queue}'`, cause })
+        catch: (cause) => new AmqpError({ operation: `check '${queue}'`, cause })
       }),
     // Closing a channel the broker has closed would send a second channel.close, which the
     // broker answers by closing the whole (shared) connection: only close an open one.
@@ -84,17 +65,44 @@ const probe = (connection: amqp.ChannelModel, role: QueueRole, queue: string) =>
         ? Effect.promise(() => state.channel.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
         : Effect.void
   ).pipe(
-    Effect.map(({ messageCount, consumerCount }): QueueStatus => ({ queue, role, messageCount, consumerCount }))
+    Effect.map(({ messageCount, consumerCount }): QueueStatus => ({
+      queue,
+      role,
+      messageCount,
+      consumerCount,
+      available: true,
+      unavailableReason: ""
+    })),
+    // 404: deleted behind the proxy's back, or a classic queue whose node is down. The others
+    // are still reported; any other failure is broker trouble and fails the call.
+    Effect.catchIf(
+      (error) => replyCode(error.cause) === 404,
+      (error) => Effect.succeed(unavailableStatus(queue, role, describe(error.cause)))
+    )
   )
+
+const unavailableStatus = (queue: string, role: QueueRole, reason: string): QueueStatus => ({
+  queue,
+  role,
+  messageCount: 0,
+  consumerCount: 0,
+  available: false,
+  unavailableReason: reason
+})
 
 export const queueInfo = (rabbit: Rabbit): Effect.Effect<GetQueueInfoResponse, QueueInfoError, Broker> =>
   Effect.gen(function*() {
     // Passive declarations only: the consumers' connection, which publishers can never block.
     const connection = yield* liveConnection("consumers")
+    const unavailable = yield* (yield* Broker).unavailableQueues
     // All six at once; the first failure interrupts the others, whose channels are then closed.
     const queues = yield* Effect.forEach(
       reportedQueues(rabbit),
-      ({ role, queue }) => probe(connection, role, queue),
+      ({ role, queue }) => {
+        // A queue whose declaration failed is not probed: the broker's reason says more than a 404.
+        const reason = unavailable.get(queue)
+        return reason === undefined ? probe(connection, role, queue) : Effect.succeed(unavailableStatus(queue, role, reason))
+      },
       { concurrency: "unbounded" }
     )
     return { queues }

@@ -13,7 +13,7 @@
 import { Effect, Result, Stream } from "effect"
 import type { NonEmptyReadonlyArray } from "effect/Array"
 import type { BodyRejected } from "./codec.js"
-import type { Broker } from "./broker.js"
+import type { Broker } from "./broker/Broker.js"
 import { consume, type ConsumeError, type ConsumeOptions, type Delivery, reattachOnConnectionLoss } from "./consumer.js"
 import { type AmqpError, type ConnectionLost, describe } from "./errors.js"
 import * as Metrics from "./metrics.js"

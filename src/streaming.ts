@@ -5,7 +5,7 @@
  */
 import * as grpc from "@grpc/grpc-js"
 import { Effect, Stream } from "effect"
-import type { Broker } from "./broker.js"
+import type { Broker } from "./broker/Broker.js"
 import { batchWrites, finishCall, writeAllWithBackpressure } from "./callLifecycle.js"
 import type { Delivery } from "./consumer.js"
 import * as Metrics from "./metrics.js"

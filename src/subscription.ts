@@ -9,7 +9,7 @@
 import * as grpc from "@grpc/grpc-js"
 import { Cause, Effect, Exit, Fiber, Queue, Stream } from "effect"
 import type { DeliveryInfo, SettleError, SubscriptionOpened, SubscriptionRequest } from "../gen/messaging.js"
-import type { Broker } from "./broker.js"
+import type { Broker } from "./broker/Broker.js"
 import { batchWrites, CallRejected, finishCall, writeAllWithBackpressure, writeWithBackpressure } from "./callLifecycle.js"
 import type { Delivery } from "./consumer.js"
 import * as Metrics from "./metrics.js"

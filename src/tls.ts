@@ -5,7 +5,6 @@
 import * as grpc from "@grpc/grpc-js"
 import { Data, Effect, Option } from "effect"
 import { readFile } from "node:fs/promises"
-import { isIP } from "node:net"
 import type { ProxySettings } from "./config.js"
 
 export class TlsFileUnreadable extends Data.TaggedError("TlsFileUnreadable")<{
@@ -58,9 +57,7 @@ export const amqpTlsOptions = (rabbit: ProxySettings["rabbit"]) =>
         Effect.map(({ ca, cert, key }) => ({
           ...(ca ? { ca: [ca] } : {}),
           ...(cert ? { cert } : {}),
-          ...(key ? { key } : {}),
-          // SNI takes names only; an IP host is still checked against the certificate's IP SANs.
-          ...(isIP(rabbit.host) === 0 ? { servername: rabbit.host } : {})
+          ...(key ? { key } : {})
         }))
       )
   })

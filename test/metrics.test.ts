@@ -49,8 +49,8 @@ describe("metrics endpoint", () => {
       yield* Metrics.recordRpc(method, "UNAVAILABLE", 3)
 
       const up = (b: string) =>
-        sample(b, m("broker_connected"), { connection: "consumers" }) === 1 &&
-        sample(b, m("broker_connected"), { connection: "publishers" }) === 1
+        sample(b, m("broker_connected"), { connection: "consumers", node: "127.0.0.1:5672" }) === 1 &&
+        sample(b, m("broker_connected"), { connection: "publishers", node: "127.0.0.1:5672" }) === 1
       const body = yield* scrapeUntil(port, up)
       const response = yield* scrape(port)
       assert.strictEqual(response.status, 200)
@@ -182,7 +182,8 @@ describe("metrics endpoint", () => {
       const env = yield* makeMetricsTestEnv({ RABBITMQ_PORT: String(relay.port) })
       const port = metricsPortOf(env)
       // The relay carries both connections; follow the consumers' one.
-      const connected = (body: string) => sample(body, m("broker_connected"), { connection: "consumers" })
+      const connected = (body: string) =>
+        sample(body, m("broker_connected"), { connection: "consumers", node: `127.0.0.1:${relay.port}` })
       const reconnects = (body: string) => sample(body, m("broker_reconnects_total"), { connection: "consumers" }) ?? -1
       const before = yield* scrapeUntil(port, (b) => connected(b) === 1)
       assert.strictEqual(connected(before), 1)

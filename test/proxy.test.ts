@@ -44,7 +44,8 @@ describe("unary RPCs", () => {
             { queue: names.schemaResults, durable: true, routingKey: "schemas.result.*" },
             { queue: names.validationResults, durable: true, routingKey: "validation.result.*" }
           ]
-        }
+        },
+        nodes: [{ host: "127.0.0.1", port: 5672 }]
       })
       const keys = yield* Effect.all([
         unary(client.getRoutingKeySchemas.bind(client), { results: false }),

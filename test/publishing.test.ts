@@ -361,24 +361,31 @@ describe("GetQueueInfo", () => {
       yield* waitForQueue(admin, names.validations, (q) => q.consumerCount === 1)
       const info = yield* queueInfo(client)
       assert.deepStrictEqual(info.queues, [
-        { queue: names.schemas, role: "schemas", messageCount: 3, consumerCount: 0 },
-        { queue: names.validations, role: "validations", messageCount: 0, consumerCount: 1 },
-        { queue: names.schemaResults, role: "schema_results", messageCount: 1, consumerCount: 0 },
-        { queue: names.validationResults, role: "validation_results", messageCount: 0, consumerCount: 0 },
-        { queue: names.schemasDead, role: "schemas_dead", messageCount: 1, consumerCount: 0 },
-        { queue: names.validationsDead, role: "validations_dead", messageCount: 2, consumerCount: 0 }
+        { queue: names.schemas, role: "schemas", messageCount: 3, consumerCount: 0, available: true, unavailableReason: "" },
+        { queue: names.validations, role: "validations", messageCount: 0, consumerCount: 1, available: true, unavailableReason: "" },
+        { queue: names.schemaResults, role: "schema_results", messageCount: 1, consumerCount: 0, available: true, unavailableReason: "" },
+        { queue: names.validationResults, role: "validation_results", messageCount: 0, consumerCount: 0, available: true, unavailableReason: "" },
+        { queue: names.schemasDead, role: "schemas_dead", messageCount: 1, consumerCount: 0, available: true, unavailableReason: "" },
+        { queue: names.validationsDead, role: "validations_dead", messageCount: 2, consumerCount: 0, available: true, unavailableReason: "" }
       ])
     }))
 
-  it.live("a missing queue fails the call with NOT_FOUND naming it; the proxy's connection survives", () =>
+  it.live("a missing queue is reported unavailable with the broker's reason, the others as usual; the proxy's connection survives", () =>
     Effect.gen(function*() {
       const { names, client, admin } = yield* makeTestEnv()
       yield* Effect.promise(() => admin.channel.deleteQueue(names.validationResults))
-      const status = yield* failure(queueInfo(client))
-      assert.deepStrictEqual(status, {
-        code: grpc.status.NOT_FOUND,
-        details: `queue '${names.validationResults}' (validation_results) does not exist`
+      const info = yield* queueInfo(client)
+      const missing = info.queues.find((q) => q.role === "validation_results")
+      assert.deepStrictEqual({ ...missing, unavailableReason: undefined }, {
+        queue: names.validationResults,
+        role: "validation_results",
+        messageCount: 0,
+        consumerCount: 0,
+        available: false,
+        unavailableReason: undefined
       })
+      assert.include(missing?.unavailableReason, `no queue '${names.validationResults}'`)
+      assert.deepStrictEqual(info.queues.filter((q) => !q.available).length, 1)
       // The 404 closed only the probe's channel: the same connection still publishes.
       yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("after-404")))
       assert.deepStrictEqual(idsIn(yield* drain(admin, names.schemas)), ["after-404"])

@@ -1,0 +1,164 @@
+/**
+ * The broker as a scoped service: supervised connections (connection.ts) to the nodes of the
+ * cluster (nodes.ts), closed when the layer's scope closes.
+ *
+ * - Consumers: a pool of connections (pool.ts). Its first member, the primary, declares the
+ *   topology on every (re)connect and serves declarations and queue probes.
+ * - Publishers: a connection of their own. RabbitMQ blocks a connection that publishes during a
+ *   memory or disk alarm, reads included, so sharing one would let publishers stall every
+ *   stream's acks.
+ *
+ * The topology is declared queue by queue (topology.ts): a queue that cannot be declared (its
+ * node is down) is retried in the background while the others are served, and
+ * `unavailableQueues` says which and why.
+ */
+import type * as amqp from "amqplib"
+import { Context, Deferred, Effect, Exit, Layer, Option, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
+import { ProxyConfig } from "../config.js"
+import type { AmqpError } from "../errors.js"
+import { amqpTlsOptions } from "../tls.js"
+import { type Live, supervise, whenLive } from "./connection.js"
+import { shuffled } from "./nodes.js"
+import { makeChannelPool } from "./pool.js"
+import { declaredQueues, declareExchange, declareQueue, declareQueues } from "./topology.js"
+
+export class Broker extends Context.Service<Broker, {
+  /** The primary consumers' connection (topology declared on it); waits while the broker is away. */
+  readonly connection: Effect.Effect<amqp.ChannelModel>
+  /** The publishers' live connection, once the topology was first declared; waits while away. */
+  readonly publishingConnection: Effect.Effect<amqp.ChannelModel>
+  /** `true` while the primary and the publishers' connections are up; emits the current value first. */
+  readonly connectedChanges: Stream.Stream<boolean>
+  /** A confirm channel on a pooled consumers' connection with room, closed with the caller's scope. */
+  readonly openChannel: Effect.Effect<amqp.ConfirmChannel, AmqpError, Scope.Scope>
+  /** Declares `queue` as the proxy would (configured type), if it is missing; used before dead-lettering. */
+  readonly ensureQueue: (queue: string) => Effect.Effect<void, AmqpError>
+  /** Queues the proxy could not declare, by name, with the broker's reason; emits the current value first. */
+  readonly unavailableQueueChanges: Stream.Stream<ReadonlyMap<string, string>>
+  readonly unavailableQueues: Effect.Effect<ReadonlyMap<string, string>>
+}>()("messaging-proxy/Broker") {
+  static readonly layer = Layer.effect(Broker, Effect.suspend(() => make))
+}
+
+const make = Effect.gen(function*() {
+  const { rabbit } = yield* ProxyConfig
+  // Read (and check) the TLS files once, at start: a bad path stops start-up.
+  const tls = yield* amqpTlsOptions(rabbit)
+  // One order per process: replicas given the same list spread over the cluster.
+  const order = shuffled(rabbit.nodes)
+  // Publishing before the exchange and bindings exist would get NOT_FOUND (or "unroutable") for
+  // a broker that is merely fresh: publishers wait for the first declaration.
+  const topologyDeclared = yield* Deferred.make<void>()
+  const unavailable = yield* SubscriptionRef.make<ReadonlyMap<string, string>>(new Map())
+  // One warning per queue and process, not one per reconnect.
+  const warnedDiffers = new Set<string>()
+  const warnDiffers = (queue: string, difference: string) =>
+    warnedDiffers.has(queue)
+      ? Effect.void
+      : Effect.sync(() => warnedDiffers.add(queue)).pipe(
+        Effect.andThen(Effect.logWarning("queue exists with other arguments than the proxy declares; used as it is", {
+          queue,
+          queueType: rabbit.queueType,
+          difference
+        }))
+      )
+
+  /** Declares `queues`; records which failed (and says when one comes back). */
+  const declareAndRecord = (connection: amqp.ChannelModel, queues: ReadonlyArray<string>) =>
+    Effect.gen(function*() {
+      const failed = yield* declareQueues(connection, rabbit, queues, warnDiffers)
+      const before = yield* SubscriptionRef.get(unavailable)
+      const after = new Map(before)
+      for (const queue of queues) {
+        const reason = failed.get(queue)
+        if (reason !== undefined && !before.has(queue)) {
+          yield* Effect.logWarning("queue unavailable; the others are served, it is retried in the background", { queue, reason })
+        }
+        if (reason === undefined && before.has(queue)) yield* Effect.logInfo("queue available again", { queue })
+        if (reason === undefined) after.delete(queue)
+        else after.set(queue, reason)
+      }
+      yield* SubscriptionRef.set(unavailable, after)
+      return after
+    })
+
+  /** While some queue is unavailable, declare it again: 1 s, then doubling up to the reconnect cap. */
+  const retryUnavailable = (connection: amqp.ChannelModel) =>
+    Effect.gen(function*() {
+      const still = yield* SubscriptionRef.get(unavailable)
+      if (still.size === 0) return
+      const after = yield* declareAndRecord(connection, [...still.keys()])
+      if (after.size > 0) return yield* Effect.fail("still unavailable")
+    }).pipe(
+      Effect.retry(Schedule.min([Schedule.exponential("1 second", 2), Schedule.spaced(rabbit.reconnectMaxDelay)])),
+      Effect.ignore
+    )
+
+  const primary = yield* supervise({
+    rabbit,
+    tls,
+    order,
+    startAt: 0,
+    label: "consumers",
+    connectionName: rabbit.connectionName,
+    prepare: ({ connection }) =>
+      declareExchange(connection, rabbit).pipe(
+        Effect.andThen(declareAndRecord(connection, declaredQueues(rabbit))),
+        Effect.andThen(Effect.logDebug("topology declared", { exchange: rabbit.exchange }))
+      ),
+    onConnected: ({ connection }) =>
+      Deferred.done(topologyDeclared, Exit.void).pipe(
+        Effect.andThen(Effect.forkScoped(retryUnavailable(connection))),
+        Effect.asVoid
+      ),
+    connectedLine: "connected to broker",
+    lostLine: "broker connection lost, reconnecting"
+  })
+
+  const publishers = yield* supervise({
+    rabbit,
+    tls,
+    order,
+    startAt: 0,
+    label: "publishers",
+    connectionName: `${rabbit.connectionName} (publishing)`,
+    prepare: () => Effect.void,
+    onConnected: () => Effect.void,
+    connectedLine: "publishing connection to broker open",
+    lostLine: "publishing connection to broker lost, reconnecting"
+  })
+
+  const pool = yield* makeChannelPool(primary, (index) =>
+    supervise({
+      rabbit,
+      tls,
+      order,
+      // Each member starts one node further on: one process's streams spread over the cluster.
+      startAt: index,
+      label: `consumers-${index + 1}`,
+      connectionName: `${rabbit.connectionName} (consumers ${index + 1})`,
+      prepare: () => Effect.void,
+      onConnected: () => Effect.void,
+      connectedLine: "pooled consumers' connection open",
+      lostLine: "pooled consumers' connection lost, reconnecting"
+    }))
+
+  const connection = Effect.map(whenLive(primary), (live) => live.connection)
+  const isUp = (current: SubscriptionRef.SubscriptionRef<Option.Option<Live>>) =>
+    SubscriptionRef.changes(current).pipe(Stream.map(Option.isSome))
+  return Broker.of({
+    connection,
+    publishingConnection: Effect.andThen(Deferred.await(topologyDeclared), Effect.map(whenLive(publishers), (l) => l.connection)),
+    connectedChanges: Stream.zipLatest(isUp(primary), isUp(publishers)).pipe(
+      Stream.map(([a, b]) => a && b),
+      Stream.changes
+    ),
+    openChannel: pool.openChannel,
+    ensureQueue: (queue) =>
+      Effect.flatMap(connection, (conn) => declareQueue(conn, rabbit, queue)).pipe(
+        Effect.flatMap((declared) => declared === "declared" ? Effect.void : warnDiffers(queue, declared.existingDiffers))
+      ),
+    unavailableQueueChanges: SubscriptionRef.changes(unavailable),
+    unavailableQueues: SubscriptionRef.get(unavailable)
+  })
+})

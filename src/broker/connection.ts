@@ -1,0 +1,174 @@
+/**
+ * One supervised AMQP connection: a fiber keeps it open, connecting with capped exponential
+ * backoff and jitter (logging every attempt), and starts over when it drops. Each attempt goes to
+ * the next node of the cluster (nodes.ts), so a dead node costs one attempt, and a dropped
+ * connection comes back on another node. The current connection is published in a
+ * SubscriptionRef (None while away); it is closed when the scope closes.
+ */
+import * as amqp from "amqplib"
+import { Deferred, Duration, Effect, Exit, Option, Redacted, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
+import { isIP } from "node:net"
+import type { BrokerNode, ProxySettings } from "../config.js"
+import { AmqpError } from "../errors.js"
+import * as Metrics from "../metrics.js"
+import { nodeCursor, nodeLabel } from "./nodes.js"
+
+type Rabbit = ProxySettings["rabbit"]
+
+/** A live connection, the node it is on, and how many channels the broker lets it open. */
+export interface Live {
+  readonly connection: amqp.ChannelModel
+  readonly node: BrokerNode
+  /** channel_max as negotiated in connection.tune (RabbitMQ's default is 2047). */
+  readonly channelMax: number
+}
+
+interface Session extends Live {
+  /** Completes with the reason once the connection closes. */
+  readonly closed: Deferred.Deferred<string>
+}
+
+/** amqplib keeps the tuned channel_max on the connection's internal `connection` object. */
+const negotiatedChannelMax = (model: amqp.ChannelModel): number => {
+  const inner: unknown = (model as unknown as { connection?: unknown }).connection
+  const value = typeof inner === "object" && inner !== null && "channelMax" in inner ? inner.channelMax : undefined
+  // 0 (or absent) means "no limit" in AMQP; amqplib then uses 65535 itself.
+  return typeof value === "number" && value > 0 ? value : 0xffff
+}
+
+const connectOnce = (rabbit: Rabbit, node: BrokerNode, tls: amqp.SocketOptions | undefined, connectionName: string) =>
+  Effect.tryPromise({
+    try: async (): Promise<Session> => {
+      const connection = await amqp.connect(
+        {
+          protocol: tls ? "amqps" : "amqp",
+          hostname: node.host,
+          port: node.port,
+          username: rabbit.user,
+          password: Redacted.value(rabbit.password),
+          vhost: rabbit.vhost,
+          heartbeat: rabbit.heartbeatSeconds
+        },
+        {
+          ...tls,
+          // SNI takes names only; an IP host is still checked against the certificate's IP SANs.
+          ...(tls && isIP(node.host) === 0 ? { servername: node.host } : {}),
+          clientProperties: { connection_name: connectionName },
+          timeout: 10_000,
+          noDelay: true
+        }
+      )
+      // Listeners go on in the same tick as the connection: amqplib crashes the process on an
+      // unheard 'error', and a broker restart emits only 'close', which must not be missed.
+      const closed = Deferred.makeUnsafe<string>()
+      let lastError = "connection closed"
+      connection.on("error", (error: Error) => {
+        lastError = error.message
+      })
+      connection.on("blocked", (reason: string) => {
+        lastError = `broker blocked the connection: ${reason}`
+      })
+      connection.on("close", (error?: Error) => {
+        Deferred.doneUnsafe(closed, Exit.succeed(error?.message ?? lastError))
+      })
+      return { connection, node, channelMax: negotiatedChannelMax(connection), closed }
+    },
+    catch: (cause) =>
+      new AmqpError({ operation: `connect to ${tls ? "amqps" : "amqp"}://${nodeLabel(node)}`, cause })
+  })
+
+/** Close, but never hang on a connection whose socket is already dead. */
+export const closeQuietly = (connection: amqp.ChannelModel) =>
+  Effect.promise(() => connection.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
+
+export interface SuperviseOptions {
+  readonly rabbit: Rabbit
+  readonly tls: amqp.SocketOptions | undefined
+  /** The nodes in this process's order; the connection starts at `startAt` in it. */
+  readonly order: ReadonlyArray<BrokerNode>
+  readonly startAt: number
+  /** The `connection` label of metrics and log lines ("consumers", "publishers", "consumers-2", …). */
+  readonly label: string
+  /** Shown in the broker's management UI and `rabbitmqctl list_connections`. */
+  readonly connectionName: string
+  /** Runs on each new connection before it is published; a failure closes it and moves on. */
+  readonly prepare: (live: Live) => Effect.Effect<void, AmqpError>
+  /** Runs after each successful connect (and `prepare`), inside the connection's lifetime. */
+  readonly onConnected: (live: Live) => Effect.Effect<void, never, Scope.Scope>
+  /** The INFO line once connected; operators and scripts wait for the primary's "connected to broker". */
+  readonly connectedLine: string
+  readonly lostLine: string
+}
+
+/** Keeps one connection open for as long as the caller's scope; its current value, None while away. */
+export const supervise = (options: SuperviseOptions) =>
+  Effect.gen(function*() {
+    const { rabbit, tls, label } = options
+    const current = yield* SubscriptionRef.make<Option.Option<Live>>(Option.none())
+    const connectionMetrics = yield* Metrics.trackBrokerConnection(label)
+    const cursor = nodeCursor(options.order, options.startAt)
+
+    const backoff = Schedule.min([
+      Schedule.exponential("200 millis", 2),
+      Schedule.spaced(rabbit.reconnectMaxDelay)
+    ]).pipe(
+      Schedule.jittered,
+      Schedule.setInputType<AmqpError>(),
+      Schedule.tap(({ attempt, duration, input }) =>
+        Effect.logWarning(
+          input.operation.startsWith("connect to") ? "broker unreachable, retrying" : "broker connection setup failed, retrying",
+          {
+            connection: label,
+            attempt,
+            retryInMs: Math.round(Duration.toMillis(duration)),
+            nextNode: nodeLabel(cursor.current()),
+            error: input.message
+          }
+        )
+      )
+    )
+
+    const open = Effect.suspend(() => connectOnce(rabbit, cursor.current(), tls, options.connectionName)).pipe(
+      Effect.tap((session) => options.prepare(session).pipe(Effect.onError(() => closeQuietly(session.connection)))),
+      // Whatever failed (node down, refused, declaration), the next attempt goes to the next node.
+      Effect.tapError(() => Effect.sync(cursor.advance))
+    )
+
+    const session = Effect.gen(function*() {
+      // The retry runs outside acquireRelease: an acquire cannot be interrupted, and shutdown must
+      // be able to stop the retry loop while the broker is unreachable.
+      const live = yield* open.pipe(Effect.retry(backoff))
+      const node = nodeLabel(live.node)
+      yield* Effect.addFinalizer(() => closeQuietly(live.connection))
+      yield* SubscriptionRef.set(current, Option.some<Live>(live))
+      yield* options.onConnected(live)
+      yield* connectionMetrics.connected(node)
+      yield* Effect.logInfo(options.connectedLine, {
+        connection: label,
+        node,
+        host: live.node.host,
+        port: live.node.port,
+        vhost: rabbit.vhost,
+        channelMax: live.channelMax
+      })
+      const reason = yield* Deferred.await(live.closed)
+      yield* SubscriptionRef.set(current, Option.none())
+      yield* connectionMetrics.lost(node)
+      // A dropped connection comes back on the next node: its own may be the one that went away.
+      cursor.advance()
+      yield* Effect.logWarning(options.lostLine, { connection: label, node, reason, nextNode: nodeLabel(cursor.current()) })
+    }).pipe(Effect.scoped)
+
+    yield* session.pipe(Effect.forever, Effect.forkScoped)
+    // On shutdown, say so before the connection goes (finalizers run in reverse order).
+    yield* Effect.addFinalizer(() => SubscriptionRef.set(current, Option.none()))
+    return current
+  })
+
+/** The current connection, waiting while there is none. */
+export const whenLive = (current: SubscriptionRef.SubscriptionRef<Option.Option<Live>>): Effect.Effect<Live> =>
+  SubscriptionRef.changes(current).pipe(
+    Stream.filter(Option.isSome),
+    Stream.runHead,
+    Effect.flatMap((found) => Option.isSome(found) ? Effect.succeed(found.value.value) : Effect.never)
+  )
