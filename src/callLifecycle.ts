@@ -28,7 +28,12 @@ export const statusOf = (error: CallError): { code: grpc.status; details: string
       return { code: grpc.status.UNAVAILABLE, details: error.message }
     case "ConsumerClosedByBroker":
       return {
-        code: /NOT_FOUND|\b404\b/.test(error.reason) ? grpc.status.NOT_FOUND : grpc.status.ABORTED,
+        // A classic queue whose home node is down answers 404 too, but it comes back: retryable.
+        code: /down or inaccessible/.test(error.reason)
+          ? grpc.status.UNAVAILABLE
+          : /NOT_FOUND|\b404\b/.test(error.reason)
+          ? grpc.status.NOT_FOUND
+          : grpc.status.ABORTED,
         details: error.message
       }
     case "AmqpError":

@@ -100,6 +100,8 @@ export interface ProxySettings {
     readonly user: string
     readonly password: Redacted.Redacted<string>
     readonly heartbeatSeconds: number
+    /** The channel_max the proxy asks for (0 = the broker's); the lower of the two applies. */
+    readonly channelMax: number
     readonly connectionName: string
     readonly reconnectMaxDelay: Duration.Duration
     readonly prefetch: number
@@ -284,6 +286,12 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
     user: name("RABBITMQ_USER", "guest"),
     password: setting("RABBITMQ_PASSWORD", Schema.String, "a string", "guest", true).pipe(Effect.map(Redacted.make)),
     heartbeatSeconds: setting("RABBITMQ_HEARTBEAT_SECONDS", NonNegativeInt, "a whole number of seconds (0 disables)", 15),
+    channelMax: setting(
+      "RABBITMQ_CHANNEL_MAX",
+      Schema.NumberFromString.check(Schema.isInt(), Schema.isBetween({ minimum: 0, maximum: 65535 })),
+      "a whole number of channels between 0 (the broker's limit) and 65535",
+      0
+    ),
     connectionName: name("RABBITMQ_CONNECTION_NAME", "messaging-proxy"),
     reconnectMaxDelay: seconds("RABBITMQ_RECONNECT_MAX_DELAY_SECONDS", 30, 3600).pipe(Effect.map(Duration.seconds)),
     prefetch: setting("RABBITMQ_PREFETCH", PositiveInt(65535), "a whole number between 1 and 65535", 32),

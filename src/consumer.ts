@@ -75,6 +75,16 @@ const keptProperties = (message: amqp.ConsumeMessage): amqp.Options.Publish => {
   }
 }
 
+/**
+ * The headers a copy keeps: all but quorum queues' `x-delivery-count`, which belongs to the
+ * broker and counts deliveries of the original; a copy starts again from none.
+ */
+const withoutBrokerCount = (headers: amqp.MessagePropertyHeaders | undefined): Record<string, unknown> => {
+  if (headers === undefined) return {}
+  const { "x-delivery-count": _counted, ...kept } = headers
+  return kept
+}
+
 /** Cancel a consumer, but never hang on a channel whose connection died mid-way (amqplib can). */
 const cancelQuietly = (channel: amqp.Channel, consumerTag: string) =>
   Effect.promise(() => channel.cancel(consumerTag).catch(() => undefined)).pipe(
@@ -156,7 +166,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
                 // Copies travel through the default exchange: keep where the message first came from.
                 "x-original-exchange": message.fields.exchange,
                 "x-original-routing-key": message.fields.routingKey,
-                ...message.properties.headers,
+                ...withoutBrokerCount(message.properties.headers),
                 ...headers
               }
             }).pipe(

@@ -104,19 +104,32 @@ export const requeueCounted = (
   return delivery.moveTo(policy.queue, headers).pipe(Effect.as("Requeued" as const))
 }
 
+/**
+ * Redeliveries of this copy that the broker counted: quorum queues set `x-delivery-count` on
+ * every redelivery (RabbitMQ 3.8+); classic queues keep no count, only the `redelivered` flag,
+ * which stands for at least one.
+ */
+export const brokerRedeliveriesOf = (delivery: Delivery): number => {
+  const raw: unknown = delivery.message.properties.headers?.["x-delivery-count"]
+  const count = typeof raw === "number" ? raw : typeof raw === "string" ? Number(raw) : Number.NaN
+  if (Number.isSafeInteger(count) && count > 0) return count
+  return delivery.message.fields.redelivered ? 1 : 0
+}
+
 /** A delivery whose body decoded: what the client sees of its history. */
 const deliverable = (delivery: Delivery, encoded: Uint8Array, queue: string): Admission => {
   const requeues = requeueCountOf(delivery)
-  // The broker's flag means at least one earlier delivery that the header does not count.
-  const brokerRedelivered = delivery.message.fields.redelivered
+  // Earlier deliveries of this copy that the proxy's header does not count (see above).
+  const brokerRedeliveries = brokerRedeliveriesOf(delivery)
+  const brokerRedelivered = delivery.message.fields.redelivered || brokerRedeliveries > 0
   if (brokerRedelivered) Metrics.redeliveredUnsafe(queue)
   return {
     _tag: "Deliver",
     admitted: {
       delivery,
       encoded,
-      // A uint32 on the wire; the header comes from whoever published, so clamp it.
-      deliveryCount: Math.min(requeues + 1 + (brokerRedelivered ? 1 : 0), 0xffff_ffff),
+      // A uint32 on the wire; the headers come from whoever published, so clamp it.
+      deliveryCount: Math.min(requeues + 1 + brokerRedeliveries, 0xffff_ffff),
       redelivered: brokerRedelivered || requeues > 0
     }
   }

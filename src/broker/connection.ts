@@ -47,7 +47,9 @@ const connectOnce = (rabbit: Rabbit, node: BrokerNode, tls: amqp.SocketOptions |
           username: rabbit.user,
           password: Redacted.value(rabbit.password),
           vhost: rabbit.vhost,
-          heartbeat: rabbit.heartbeatSeconds
+          heartbeat: rabbit.heartbeatSeconds,
+          // connection.tune takes the lower of ours and the broker's; 0 leaves the broker's.
+          channelMax: rabbit.channelMax
         },
         {
           ...tls,

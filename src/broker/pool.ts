@@ -18,11 +18,14 @@ interface Member {
   readonly current: SubscriptionRef.SubscriptionRef<Option.Option<Live>>
   /** Channels handed out on this member and not yet closed. */
   inUse: number
-  readonly reserve: number
+  readonly reserve: (channelMax: number) => number
 }
 
-/** Channels the primary keeps free for declarations, dead-letter queue checks and GetQueueInfo probes. */
-export const primaryReserve = 32
+/**
+ * Channels the primary keeps free for declarations, dead-letter queue checks and GetQueueInfo
+ * probes: 32, or a quarter of a small channel_max.
+ */
+const primaryReserve = (channelMax: number) => Math.min(32, Math.floor(channelMax / 4))
 
 export interface ChannelPool {
   /** A confirm channel on a live member with room, closed with the caller's scope. */
@@ -49,7 +52,7 @@ export const makeChannelPool = (
     const liveWithRoom = Effect.gen(function*() {
       for (const member of members) {
         const live = yield* SubscriptionRef.get(member.current)
-        if (Option.isSome(live) && member.inUse < live.value.channelMax - member.reserve) return Option.some({ member, live: live.value })
+        if (Option.isSome(live) && member.inUse < live.value.channelMax - member.reserve(live.value.channelMax)) return Option.some({ member, live: live.value })
       }
       return Option.none<{ member: Member; live: Live }>()
     })
@@ -69,7 +72,7 @@ export const makeChannelPool = (
         }
         // Every live member is full: grow, and wait for the new member to connect.
         const current = yield* addMember(members.length).pipe(Scope.provide(scope))
-        const member: Member = { current, inUse: 0, reserve: 0 }
+        const member: Member = { current, inUse: 0, reserve: () => 0 }
         members.push(member)
         yield* Effect.logInfo("consumer connection pool grows", { connections: members.length })
         yield* whenLive(current)
