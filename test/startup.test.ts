@@ -26,7 +26,10 @@ describe("start-up", () => {
     ["RABBITMQ_PORT", "-1", "a port number between 1 and 65535"],
     ["RABBITMQ_EXCHANGE_TYPE", "fanoutt", "one of topic, direct, fanout, headers"],
     ["RABBITMQ_PREFETCH", "0", "a whole number between 1 and 65535"],
-    ["MESSAGING_CONNECTION_DEBUG", "maybe", "true or false"]
+    ["MESSAGING_CONNECTION_DEBUG", "maybe", "true or false"],
+    ["RABBITMQ_QUEUE_TYPE", "stream", "one of classic, quorum"],
+    ["RABBITMQ_HOSTS", "a:1,b:99999", "comma-separated host[:port] entries (IPv6 as [address]:port), ports 1-65535"],
+    ["RABBITMQ_CHANNEL_MAX", "70000", "a whole number of channels between 0 (the broker's limit) and 65535"]
   ] as const)("%s=%s stops start-up with one clear line", ([variable, value, expected]) =>
     Effect.gen(function*() {
       const result = yield* runProxy({ [variable]: value })
@@ -44,6 +47,30 @@ describe("start-up", () => {
       const result = yield* runProxy({ RABBITMQ_PASSWORD: "s3cret-value", RABBITMQ_PORT: "x" })
       assert.strictEqual(result.code, 1)
       assert.notInclude(result.stderr + result.stdout, "s3cret-value")
+    }))
+
+  it.live("RABBITMQ_QUEUE_TYPE=quorum: an existing classic queue is used as it is, with one warning naming it", () =>
+    Effect.gen(function*() {
+      const names = makeNames()
+      const admin = yield* makeAdmin(names)
+      yield* Effect.promise(() => admin.channel.assertQueue(names.validations, { durable: true }))
+      const result = yield* runProxy(proxyEnv(names, { RABBITMQ_QUEUE_TYPE: "quorum" }), (kill) => kill())
+      assert.strictEqual(result.code, 0, result.stderr)
+      const warnings = result.stdout.split("\n").filter((l) => l.includes("queue exists with other arguments"))
+      assert.strictEqual(warnings.length, 1, result.stdout)
+      assert.include(warnings[0], names.validations)
+      assert.include(warnings[0], `"difference":"PRECONDITION_FAILED - inequivalent arg`)
+      assert.notInclude(result.stdout, "queue unavailable")
+      // The others were declared as quorum queues: only a quorum declaration is accepted for them.
+      const accepted = yield* Effect.promise(async () => {
+        const channel = await admin.connection.createChannel()
+        channel.on("error", () => undefined)
+        return channel.assertQueue(names.schemas, {
+          durable: true,
+          arguments: { "x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.schemasDead }
+        }).then(() => channel.close().then(() => true), () => false)
+      })
+      assert.isTrue(accepted)
     }))
 
   it.live("SIGTERM shuts down cleanly with exit code 0", () =>

@@ -71,13 +71,16 @@ const declareQueueAsync = async (connection: amqp.ChannelModel, rabbit: Rabbit, 
     await channel.assertQueue(queue, queueOptions(rabbit, queue))
     return "declared"
   } catch (cause) {
-    if (replyCode(cause) === 406) return { existingDiffers: describe(cause) }
+    if (replyCode(cause) === 406) return { existingDiffers: brokerReason(describe(cause)) }
     throw cause
   } finally {
     // Closing a channel the broker already closed would make it close the whole connection.
     if (open) await closeWithin(channel)
   }
 }
+
+/** The broker's own words from amqplib's `Operation failed: …; 406 (…) with message "…"`. */
+const brokerReason = (message: string): string => /with message "(.*)"$/.exec(message)?.[1] ?? message
 
 const timeoutMs = 10_000
 

@@ -64,11 +64,11 @@ export interface Admin {
   readonly channel: amqp.ConfirmChannel
 }
 
-/** An admin connection of the test's own, as the API service would have. */
-export const makeAdmin = (names: TestNames): Effect.Effect<Admin, Error, Scope.Scope> =>
+/** An admin connection of the test's own, as the API service would have (to `url`: the shared broker by default). */
+export const makeAdmin = (names: TestNames, url = brokerUrl): Effect.Effect<Admin, Error, Scope.Scope> =>
   Effect.gen(function*() {
     const connection = yield* Effect.acquireRelease(
-      promise("admin connect", () => amqp.connect(brokerUrl)),
+      promise("admin connect", () => amqp.connect(url)),
       (c) => Effect.promise(() => c.close().catch(() => undefined))
     )
     connection.on("error", () => undefined)

@@ -85,3 +85,46 @@ export const waitForHealth = (health: HealthClient, status: number, service = ""
       })
     )
   })
+
+/**
+ * Records every status `service` reports through one Watch opened now, so that a dip shorter than
+ * the time it takes to open a Watch is still seen. `until(predicate)` waits (event-driven) until
+ * the statuses so far satisfy it; fails after `timeoutMs` with what was seen.
+ */
+export const recordHealth = (health: HealthClient, service = "") =>
+  Effect.acquireRelease(
+    Effect.sync(() => {
+      const statuses: Array<number> = []
+      const waiters = new Set<() => void>()
+      const call = health.watch({ service })
+      call.on("data", (response: HealthCheckResponse) => {
+        statuses.push(response.status)
+        for (const wake of waiters) wake()
+      })
+      call.on("error", () => undefined)
+      const until = (predicate: (seen: ReadonlyArray<number>) => boolean, timeoutMs = 60_000) =>
+        Effect.callback<void>((resume) => {
+          const check = () => {
+            if (!predicate(statuses)) return
+            waiters.delete(check)
+            resume(Effect.void)
+          }
+          waiters.add(check)
+          check()
+          return Effect.sync(() => waiters.delete(check))
+        }).pipe(
+          Effect.timeoutOrElse({
+            duration: timeoutMs,
+            orElse: () => Effect.fail(new Error(`health of '${service}' reported ${JSON.stringify(statuses)} in ${timeoutMs} ms`))
+          })
+        )
+      return { statuses, until, call }
+    }),
+    ({ call }) => Effect.sync(() => call.cancel())
+  )
+
+/** The statuses went NOT_SERVING and, after that, SERVING again. */
+export const dippedAndRecovered = (seen: ReadonlyArray<number>): boolean => {
+  const dip = seen.indexOf(NOT_SERVING)
+  return dip >= 0 && seen.indexOf(SERVING, dip) > dip
+}
