@@ -9,6 +9,7 @@ import type * as amqp from "amqplib"
 import { Effect } from "effect"
 import type { GetQueueInfoRequest, GetQueueInfoResponse, QueueStatus } from "../gen/messaging.js"
 import { Broker } from "./broker/Broker.js"
+import { onThrowawayChannel } from "./broker/topology.js"
 import { deadLetterQueue, type ProxySettings } from "./config.js"
 import { AmqpError, describe, replyCode } from "./errors.js"
 import { type BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
@@ -37,34 +38,12 @@ export type QueueInfoError = BrokerNotConnected | AmqpError
 
 export const queueInfoStatus = (error: QueueInfoError): Status => ({ code: grpc.status.UNAVAILABLE, details: error.message })
 
-/** One passive declare on a channel of its own, closed afterwards unless the broker already did. */
+/** One passive declare on a channel of its own (a 404 closes it). */
 const probe = (connection: amqp.ChannelModel, role: QueueRole, queue: string) =>
-  Effect.acquireUseRelease(
-    Effect.tryPromise({
-      try: async () => {
-        const channel = await connection.createChannel()
-        const state = { channel, open: true }
-        // A 404 arrives as an 'error' event too; without a listener it would crash the process.
-        channel.on("error", () => undefined)
-        channel.on("close", () => {
-          state.open = false
-        })
-        return state
-      },
-      catch: (cause) => new AmqpError({ operation: `open channel to check '${queue}'`, cause })
-    }),
-    ({ channel }) =>
-      Effect.tryPromise({
-        try: () => channel.checkQueue(queue),
-        catch: (cause) => new AmqpError({ operation: `check '${queue}'`, cause })
-      }),
-    // Closing a channel the broker has closed would send a second channel.close, which the
-    // broker answers by closing the whole (shared) connection: only close an open one.
-    (state) =>
-      state.open
-        ? Effect.promise(() => state.channel.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
-        : Effect.void
-  ).pipe(
+  Effect.tryPromise({
+    try: () => onThrowawayChannel(connection, (channel) => channel.checkQueue(queue)),
+    catch: (cause) => new AmqpError({ operation: `check '${queue}'`, cause })
+  }).pipe(
     Effect.map(({ messageCount, consumerCount }): QueueStatus => ({
       queue,
       role,

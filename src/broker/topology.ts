@@ -60,7 +60,12 @@ export type Declared = "declared" | { readonly existingDiffers: string }
  * type, a length limit, …) answers PRECONDITION_FAILED: it is taken as it is, and the answer says
  * how it differs. A declaration that fails closes its channel, hence a channel per declaration.
  */
-const declareQueueAsync = async (connection: amqp.ChannelModel, rabbit: Rabbit, queue: string): Promise<Declared> => {
+/**
+ * Runs `use` on a channel of its own: an operation the broker refuses (404, 406) closes its
+ * channel, and must not take a shared one with it. The channel is closed afterwards unless the
+ * broker already did (a second close would make it close the whole connection).
+ */
+export const onThrowawayChannel = async <A>(connection: amqp.ChannelModel, use: (channel: amqp.Channel) => Promise<A>) => {
   const channel = await connection.createChannel()
   channel.on("error", () => undefined)
   let open = true
@@ -68,16 +73,21 @@ const declareQueueAsync = async (connection: amqp.ChannelModel, rabbit: Rabbit, 
     open = false
   })
   try {
-    await channel.assertQueue(queue, queueOptions(rabbit, queue))
-    return "declared"
-  } catch (cause) {
-    if (replyCode(cause) === 406) return { existingDiffers: brokerReason(describe(cause)) }
-    throw cause
+    return await use(channel)
   } finally {
-    // Closing a channel the broker already closed would make it close the whole connection.
     if (open) await closeWithin(channel)
   }
 }
+
+const declareQueueAsync = (connection: amqp.ChannelModel, rabbit: Rabbit, queue: string): Promise<Declared> =>
+  onThrowawayChannel(connection, (channel) =>
+    channel.assertQueue(queue, queueOptions(rabbit, queue)).then(
+      (): Declared => "declared",
+      (cause: unknown): Declared => {
+        if (replyCode(cause) === 406) return { existingDiffers: brokerReason(describe(cause)) }
+        throw cause
+      }
+    ))
 
 /** The broker's own words from amqplib's `Operation failed: …; 406 (…) with message "…"`. */
 const brokerReason = (message: string): string => /with message "(.*)"$/.exec(message)?.[1] ?? message
@@ -116,19 +126,7 @@ export const declareExchange = (connection: amqp.ChannelModel, rabbit: Rabbit) =
 
 const bindQueue = (connection: amqp.ChannelModel, rabbit: Rabbit, queue: string, routingKey: string) =>
   Effect.tryPromise({
-    try: async () => {
-      const channel = await connection.createChannel()
-      channel.on("error", () => undefined)
-      let open = true
-      channel.on("close", () => {
-        open = false
-      })
-      try {
-        await channel.bindQueue(queue, rabbit.exchange, routingKey)
-      } finally {
-        if (open) await closeWithin(channel)
-      }
-    },
+    try: () => onThrowawayChannel(connection, (channel) => channel.bindQueue(queue, rabbit.exchange, routingKey)),
     catch: (cause) => new AmqpError({ operation: `bind '${queue}' to '${rabbit.exchange}' with '${routingKey}'`, cause })
   })
 
