@@ -133,15 +133,24 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
         yield* Effect.addFinalizer(() => Effect.sync(() => { closingOurselves = true }))
         const beforeChannelClose = options.beforeChannelClose
         if (beforeChannelClose) yield* Effect.addFinalizer(() => Effect.sync(beforeChannelClose))
+        // Never send on a channel the broker closed: its answer to any frame there is 504
+        // CHANNEL_ERROR, which closes the whole connection and every other stream's channel on
+        // it. amqplib emits 'error' while it can still send on the channel (before it marks it
+        // closed), and failing the stream there would run its finalizers (basic.cancel, the
+        // last acks, channel.close) in that window. So 'error' only records the broker's reason;
+        // the stream fails on 'close', once amqplib refuses every send on the channel.
+        let closedByBroker: Error | undefined
         channel.on("error", (error: Error) => {
-          Queue.failCauseUnsafe(
-            queue,
-            Cause.fail(new ConsumerClosedByBroker({ queue: options.queue, reason: error.message }))
-          )
+          closedByBroker = error
         })
         channel.on("close", () => {
           channelClosed = true
-          if (!closingOurselves) {
+          if (closedByBroker !== undefined) {
+            Queue.failCauseUnsafe(
+              queue,
+              Cause.fail(new ConsumerClosedByBroker({ queue: options.queue, reason: closedByBroker.message }))
+            )
+          } else if (!closingOurselves) {
             Queue.failCauseUnsafe(queue, Cause.fail(new ConnectionLost({ reason: "channel closed" })))
           }
         })

@@ -5,10 +5,11 @@
  */
 import { assert, describe, it } from "@effect/vitest"
 import * as grpc from "@grpc/grpc-js"
-import { Effect } from "effect"
+import { Effect, Option } from "effect"
 import { schemaBody, schemaMessage } from "./fixtures/bodies.js"
 import { makeTestEnv, publishJson, publishRaw, queueState, quiet, readMessages, waitForQueue } from "./support/harness.js"
 import { healthClient, NOT_SERVING, SERVING, waitForHealth } from "./support/health.js"
+import { makeMetricsTestEnv, sample, scrape } from "./support/metrics.js"
 import { startRelay } from "./support/relay.js"
 import { idsOf, subscribeSchemas } from "./support/subscriber.js"
 
@@ -264,5 +265,31 @@ describe("broker failures", () => {
       yield* publishJson(env.admin, env.names.exchange, "validation.*", { id: "still-here", task: "sample_validation" })
       const [v] = yield* readMessages(survivor, 1)
       assert.strictEqual(v?.id, "still-here")
+    }))
+
+  it.live("a channel the broker closes (consume from a missing queue) ends only that call: nothing is sent on it, so the connection stays", () =>
+    Effect.gen(function*() {
+      const env = yield* makeMetricsTestEnv()
+      const metricsPort = Option.getOrElse(env.metricsPort, () => assert.fail("metrics are not served"))
+      const survivor = quiet(env.client.streamSchemaMessages({}))
+      yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 1)
+      yield* Effect.promise(() => env.admin.channel.deleteQueue(env.names.validations))
+      // The broker answers basic.consume with a channel close (404). Any frame the proxy then sends
+      // on that channel (basic.cancel, an ack, channel.close) makes the broker close the whole
+      // connection with 504 CHANNEL_ERROR, and every other stream re-attach.
+      for (let i = 0; i < 3; i++) {
+        const refused = yield* Effect.callback<grpc.StatusObject>((resume) => {
+          const call = env.client.streamValidationMessages({})
+          call.on("error", () => undefined)
+          call.on("status", (status: grpc.StatusObject) => resume(Effect.succeed(status)))
+        })
+        assert.strictEqual(refused.code, grpc.status.NOT_FOUND, refused.details)
+      }
+      yield* publishJson(env.admin, env.names.exchange, "schemas.*", schemaBody("after-404"))
+      const [s] = yield* readMessages(survivor, 1)
+      assert.strictEqual(s?.id, "after-404")
+      // Had the connection been closed, the survivor could only have received after a reconnect.
+      const body = (yield* scrape(metricsPort)).body
+      assert.strictEqual(sample(body, "messaging_proxy_broker_reconnects_total", { connection: "consumers" }), 0)
     }))
 })
