@@ -6,7 +6,8 @@
  * 1. `Wire*` schemas validate the JSON exactly as the publisher writes it (snake_case keys,
  *    aliases, nulls). Every rejection comes from here (or from UTF-8/JSON parsing) and carries
  *    the path of the offending field.
- * 2. `to*` functions reshape the validated value into the proto type. They cannot fail.
+ * 2. `to*` functions reshape the validated value into the proto type. They fail on nothing the
+ *    schemas accept, short of a value nested deep enough to overflow the stack (caught below).
  *
  * ts-proto's `fromJSON` is deliberately not used: it coerces silently instead of validating.
  */
@@ -44,18 +45,10 @@ const Extra = Schema.Record(
 
 const Id = Schema.String.check(Schema.isNonEmpty())
 
-// ISO-8601 calendar date, optionally with time (`T` or Python's `str()` space) and zone.
-// The regex enforces the shape (Date.parse alone accepts "1" or "June 25"); Date.parse then
-// rejects impossible values such as month 13 or hour 25. The string is kept unchanged.
-const ISO_DATE = /^\d{4}-\d{2}-\d{2}(?:[Tt ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?(?:[Zz]|[+-]\d{2}(?::?\d{2})?)?)?$/
-const isIsoDate = (s: string): boolean => ISO_DATE.test(s) && !Number.isNaN(Date.parse(s.replace(",", ".")))
-const IsoDate = Schema.String.check(Schema.makeFilter(isIsoDate, { expected: "an ISO-8601 date string" }))
-
-// Only hex is accepted: consumers hex-decode `file_data`, so anything else would fail later
-// and far from its cause; dead-lettering it here keeps the reason next to the message.
-const HEX = /^[0-9a-fA-F]*$/
-const isHex = (s: string): boolean => s.length % 2 === 0 && HEX.test(s)
-const HexString = Schema.String.check(Schema.makeFilter(isHex, { expected: "a hex string of even length" }))
+// Fields the proxy only passes on (`date`, `file_data`, names, …) are checked for their JSON type
+// and nothing else: the original proxy copied them through as they were, and publishers rely on
+// it (a `date` of "25/06/2025 10:31" is theirs to mean). Only what the proxy itself converts is
+// checked for content: the task names, property types, `metadata.size` (int64) and `id`.
 
 // int64 in the proto (forceLong=string): a safe non-negative integer, or a decimal string for
 // sizes beyond 2^53 (bounded by int64 so the protobuf writer cannot throw later).
@@ -96,7 +89,7 @@ const WireSchemaMessage = Schema.Struct({
   schema: nullable(WireJsonSchema),
   import_name: nullable(Schema.String),
   raw: nullable(Schema.Boolean),
-  date: nullable(IsoDate),
+  date: nullable(Schema.String),
   extra: nullable(Extra)
 }).annotate(notAnObject)
 
@@ -104,9 +97,9 @@ const WireValidationMessage = Schema.Struct({
   id: Id,
   task: nullable(Schema.String),
   tasks: nullable(Schema.String),
-  file_data: nullable(HexString),
+  file_data: nullable(Schema.String),
   import_name: nullable(Schema.String),
-  date: nullable(IsoDate),
+  date: nullable(Schema.String),
   extra: nullable(Extra),
   metadata: nullable(Schema.Struct({
     filename: nullable(Schema.String),
@@ -236,7 +229,7 @@ const toValidationMessage = (m: WireValidationMessage): ValidationMessageRespons
 //   `__proto__` kept as an own key; unknown keys of a Struct are dropped, and `to*` never reads
 //   them. So `to*` applied to the parsed JSON gives the same proto object as applied to the
 //   decoded value (test/codec.test.ts checks this on generated inputs).
-// - The refinements reuse the very predicates of the schemas (isIsoDate, isHex, isInt64String).
+// - The refinements reuse the very predicates of the schemas (isInt64String).
 // Anything else (a wrong type anywhere, a failing refinement, a nested `extra` value, …) returns
 // `false`, and the Schema path decides — so every rejection and its reason come from there.
 //
@@ -260,8 +253,6 @@ const isOptExtra = (u: unknown): boolean => {
   }
   return true
 }
-
-const isOptDate = (u: unknown): boolean => u == null || (typeof u === "string" && isIsoDate(u))
 
 const isId = (u: unknown): boolean => typeof u === "string" && u.length > 0
 
@@ -305,7 +296,7 @@ const isWireSchemaMessage = (u: unknown): u is WireSchemaMessage => {
     isOptString(u["task"]) &&
     isOptString(u["import_name"]) &&
     (raw == null || typeof raw === "boolean") &&
-    isOptDate(u["date"]) &&
+    isOptString(u["date"]) &&
     isOptExtra(u["extra"]) &&
     isOptWireJsonSchema(u["schema"])
 }
@@ -324,15 +315,14 @@ const isOptWireMetadata = (u: unknown): boolean => {
 
 const isWireValidationMessage = (u: unknown): u is WireValidationMessage => {
   if (!isJsonObject(u)) return false
-  const fileData = u["file_data"]
   return isId(u["id"]) &&
     isOptString(u["task"]) &&
     isOptString(u["tasks"]) &&
     isOptString(u["import_name"]) &&
-    isOptDate(u["date"]) &&
+    isOptString(u["date"]) &&
     isOptExtra(u["extra"]) &&
     isOptWireMetadata(u["metadata"]) &&
-    (fileData == null || (typeof fileData === "string" && isHex(fileData)))
+    isOptString(u["file_data"])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -385,7 +375,14 @@ const makeDecoder = <W, A>(
     } catch (e) {
       return Result.fail(reject(`body is not valid JSON: ${errorMessage(e)}`))
     }
-    return isCommon(json) ? Result.succeed(toProto(json)) : slow(json)
+    // Total: whatever a body makes validation or conversion do (a JSON value nested thousands
+    // deep overflows the stack in the recursive walks), it is a rejection with a reason, never
+    // an exception that would end every call on the queue with the body still at its head.
+    try {
+      return isCommon(json) ? Result.succeed(toProto(json)) : slow(json)
+    } catch (e) {
+      return Result.fail(reject(`body cannot be decoded: ${errorMessage(e)}`))
+    }
   }
   const fast = (json: unknown): A | undefined => (isCommon(json) ? toProto(json) : undefined)
   return { decode, slow, fast }

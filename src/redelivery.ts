@@ -142,7 +142,14 @@ type Checked = Result.Result<
 >
 
 const check = <A>(delivery: Delivery, policy: AdmissionPolicy<A>): Checked => {
-  const decoded = policy.decode(delivery.message.content)
+  // Admission is total: a decoder that throws (whatever the body) dead-letters that body; it
+  // must never end the calls on the queue and leave the body at its head.
+  let decoded: Result.Result<A, BodyRejected>
+  try {
+    decoded = policy.decode(delivery.message.content)
+  } catch (error) {
+    return Result.fail({ kind: "malformed", reason: `cannot be decoded: ${describe(error)}` })
+  }
   if (Result.isFailure(decoded)) return Result.fail({ kind: "malformed", reason: decoded.failure.reason })
   let encoded: Uint8Array
   try {

@@ -236,6 +236,35 @@ describe("topology owned by operators", () => {
       assert.strictEqual(dead.messageCount, 1, "kept, not dropped")
     }))
 
+  it.live("a body nested 5,000 deep is dead-lettered with its reason; the stream and the queue go on (issue 10, fault 2)", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      const deep = `{"id":"dp","schema":{"properties":{"p":{"type":"string","k":${"[".repeat(5_000)}${"]".repeat(5_000)}}}}}`
+      yield* publishRaw(admin, names.exchange, "schemas.*", Buffer.from(deep), { messageId: "dp" })
+      yield* publishJson(admin, names.exchange, "schemas.*", schemaBody("behind-dp"))
+      const [message] = yield* readMessages(client.streamSchemaMessages({}), 1)
+      assert.strictEqual(message?.id, "behind-dp")
+      yield* waitForQueue(admin, names.schemasDead, (q) => q.messageCount === 1)
+      const dead = yield* Effect.promise(() => admin.channel.get(names.schemasDead, { noAck: true }))
+      assert.notStrictEqual(dead, false)
+      if (dead === false) return
+      assert.strictEqual(dead.content.toString(), deep)
+      assert.match(String(dead.properties.headers?.["x-dead-letter-reason"]), /^body cannot be decoded: Maximum call stack size exceeded/)
+    }))
+
+  it.live("pass-through fields keep any string: a date of 25/06/2025 10:31 and non-hex file_data stream unchanged (issue 10, fault 7)", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      yield* publishJson(admin, names.exchange, "schemas.*", { ...schemaBody("d-1"), date: "25/06/2025 10:31" })
+      yield* publishJson(admin, names.exchange, "validation.*", { ...validationBody("d-2"), date: "25/06/2025 10:31", file_data: "not hex" })
+      const [schema] = yield* readMessages(client.streamSchemaMessages({}), 1)
+      const [validation] = yield* readMessages(client.streamValidationMessages({}), 1)
+      assert.deepStrictEqual(schema, { ...schemaMessage("d-1"), date: "25/06/2025 10:31" })
+      assert.deepStrictEqual(validation, { ...validationMessage("d-2"), date: "25/06/2025 10:31", fileData: "not hex" })
+      assert.strictEqual((yield* waitForQueue(admin, names.schemasDead)).messageCount, 0)
+      assert.strictEqual((yield* waitForQueue(admin, names.validationsDead)).messageCount, 0)
+    }))
+
   it.live("queues that already exist as quorum queues are accepted as they are", () =>
     Effect.gen(function*() {
       const names = makeNames()
