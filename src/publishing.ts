@@ -225,6 +225,8 @@ class PublishChannel {
   /** The broker's reason when it closed the channel (e.g. 404 no exchange), for the in-flight publishes. */
   private closedBy: Error | undefined
   closed = false
+  /** Nacked once: no new publishes; closed when the last pending confirm arrives. */
+  private retired = false
 
   constructor(private readonly channel: amqp.ConfirmChannel, private readonly onClosed: () => void) {
     // Listeners in the same tick: an unheard 'error' would escalate and crash the process.
@@ -255,6 +257,9 @@ class PublishChannel {
       const index = this.pending.indexOf(entry)
       if (index >= 0) this.pending.splice(index, 1)
       Deferred.doneUnsafe(confirmed, this.outcome(entry, error))
+      // Not closed by the broker (that would have settled everything with an error of its own),
+      // so closing it ourselves sends nothing on a channel the broker closed.
+      if (this.retired && this.pending.length === 0 && !this.closed) void this.channel.close().catch(() => undefined)
     }
     try {
       // The return value (write buffer full) is not a reason to wait: every caller waits for the
@@ -280,6 +285,19 @@ class PublishChannel {
     this.onClosed()
   }
 
+  /**
+   * After a nack the next publish takes a fresh channel. A nack can be the channel's state, not
+   * the message's: on RabbitMQ 3.10, a channel whose first publish to a quorum queue came while
+   * the queue had no leader (its node just died, and the proxy reconnected within milliseconds)
+   * gets every later publish to that queue nacked until that node returns, while a new channel
+   * works as soon as a new leader is elected (about 0.5 s).
+   */
+  private retire(): void {
+    if (this.retired) return
+    this.retired = true
+    this.onClosed()
+  }
+
   private outcome(entry: Pending, error: unknown): Effect.Effect<void, PublishError> {
     if (error === null || error === undefined) {
       return entry.returned
@@ -288,6 +306,7 @@ class PublishChannel {
     }
     // amqplib reports a basic.nack as exactly this message, and a closed channel otherwise.
     if (error instanceof Error && error.message === "message nacked") {
+      this.retire()
       return Effect.fail(new PublishNacked({ messageId: entry.messageId }))
     }
     return Effect.fail(new AmqpError({ operation: `publish '${entry.messageId}'`, cause: this.closedBy ?? error }))

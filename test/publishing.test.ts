@@ -17,7 +17,11 @@ import {
 import { schemaBody, validationBody } from "./fixtures/bodies.js"
 import {
   type Admin,
+  grpcClient,
+  makeAdmin,
+  makeNames,
   makeTestEnv,
+  startProxy,
   publishRaw,
   queueState,
   quiet,
@@ -94,6 +98,30 @@ describe("Publish", () => {
       assert.strictEqual(message?.fields.routingKey, "schemas.*")
     }))
 
+  it.live("a nacked publish is UNAVAILABLE naming the nack; the next publishes go out on a fresh channel and are confirmed", () =>
+    Effect.gen(function*() {
+      // A full queue with overflow reject-publish nacks every publish routed to it.
+      const names = makeNames()
+      const admin = yield* makeAdmin(names)
+      yield* Effect.promise(() =>
+        admin.channel.assertQueue(names.schemaResults, {
+          durable: true,
+          arguments: { "x-max-length": 0, "x-overflow": "reject-publish" }
+        })
+      )
+      const client = yield* grpcClient(yield* startProxy(names))
+      yield* waitForQueue(admin, names.schemasDead)
+      const status = yield* failure(publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA_RESULT, { id: "nacked-1" })))
+      assert.deepStrictEqual(status, {
+        code: grpc.status.UNAVAILABLE,
+        details: "the broker refused message 'nacked-1' (nack)"
+      })
+      for (const id of ["after-nack-1", "after-nack-2"]) {
+        yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody(id)))
+      }
+      assert.deepStrictEqual(idsIn(yield* drain(admin, names.schemas)), ["after-nack-1", "after-nack-2"])
+    }))
+
   it.live("what Publish accepts, StreamSchemaMessages and StreamValidationMessages deliver", () =>
     Effect.gen(function*() {
       const { client } = yield* makeTestEnv()
@@ -112,7 +140,7 @@ describe("Publish", () => {
       const cases: Array<[MessageKind, Buffer | object, string]> = [
         [MessageKind.MESSAGE_KIND_SCHEMA, { ...schemaBody("x"), id: 42 }, "body rejected: Expected string at [\"id\"]"],
         [MessageKind.MESSAGE_KIND_SCHEMA, Buffer.from("{not json"), "body rejected: body is not valid JSON: "],
-        [MessageKind.MESSAGE_KIND_VALIDATION, { ...validationBody("x"), file_data: "xyz" }, "body rejected: Expected a hex string of even length"],
+        [MessageKind.MESSAGE_KIND_VALIDATION, { ...validationBody("x"), file_data: 5 }, "body rejected: Expected string | null at [\"file_data\"]"],
         [MessageKind.MESSAGE_KIND_SCHEMA_RESULT, { ok: true }, "body rejected: Missing key at [\"id\"]"],
         [MessageKind.MESSAGE_KIND_VALIDATION_RESULT, { id: "" }, "body rejected: Expected a value with a length of at least 1 at [\"id\"]"],
         [MessageKind.MESSAGE_KIND_VALIDATION_RESULT, [1, 2], "body rejected: Expected a JSON object"],
