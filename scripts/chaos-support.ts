@@ -264,3 +264,36 @@ export const startClientProcess = (
   })
   return proc
 }
+
+// ---- settings and report helpers ---------------------------------------------------------------
+
+/** A numeric knob from the environment (`fallback` when unset); exits 2 on a bad value. */
+export const envNumber = (name: string, fallback: number, min: number): number => {
+  const raw = process.env[name]
+  if (raw === undefined || raw.trim() === "") return fallback
+  const value = Number(raw)
+  if (!Number.isFinite(value) || value < min) {
+    process.stderr.write(`chaos: ${name}=${JSON.stringify(raw)} is not a number >= ${min}\n`)
+    process.exit(2)
+  }
+  return value
+}
+
+/** Counts by key, listed most frequent first. */
+export class Tally {
+  private readonly counts = new Map<string, number>()
+  add(key: string, by = 1): void {
+    this.counts.set(key, (this.counts.get(key) ?? 0) + by)
+  }
+  entries(): Array<[string, number]> {
+    return [...this.counts].sort((a, b) => b[1] - a[1])
+  }
+  get size(): number {
+    return this.counts.size
+  }
+}
+
+export const truncate = (text: string, max: number): string => text.length <= max ? text : `${text.slice(0, max)}…`
+
+export const formatTally = (tally: Tally): string =>
+  tally.size === 0 ? "none" : tally.entries().map(([k, v]) => `${v} x ${truncate(k, 160)}`).join("; ")

@@ -20,6 +20,11 @@
  * CHAOS_HOLD_MS ("20-300": how long a consumer "processes" a message before acking it),
  * CHAOS_FAULTS (comma-separated subset of cancel-call, kill-client, kill-proxy, term-proxy,
  * sever-broker; all by default).
+ *
+ *   npm run chaos -- --cluster
+ *
+ * runs the cluster variant instead (chaos-cluster.ts): quorum queues on the local 3-node cluster
+ * (scripts/cluster.sh), two proxies, node kills and restarts; its own knobs are listed there.
  */
 import { Effect } from "effect"
 import { mkdirSync } from "node:fs"
@@ -33,28 +38,30 @@ import {
   type AckedLine,
   type ClientEvent,
   type ClientProcess,
+  envNumber,
   errorText,
+  formatTally,
   freePort,
   type ProxyInstance,
   type ProxyLogLine,
   sleep,
   startClientProcess,
   startProxyProcess,
+  Tally,
+  truncate,
   within
 } from "./chaos-support.js"
 
-// ---- settings ----------------------------------------------------------------------------------
-
-const envNumber = (name: string, fallback: number, min: number): number => {
-  const raw = process.env[name]
-  if (raw === undefined || raw.trim() === "") return fallback
-  const value = Number(raw)
-  if (!Number.isFinite(value) || value < min) {
-    process.stderr.write(`chaos: ${name}=${JSON.stringify(raw)} is not a number >= ${min}\n`)
-    process.exit(2)
-  }
-  return value
+// `--cluster` runs the cluster variant (chaos-cluster.ts) instead; see the entry point below.
+const args = process.argv.slice(2)
+const clusterMode = args.includes("--cluster")
+const unknownArgs = args.filter((a) => a !== "--cluster")
+if (unknownArgs.length > 0) {
+  process.stderr.write(`chaos: unknown argument(s) ${unknownArgs.join(" ")}; usage: npm run chaos [-- --cluster]\n`)
+  process.exit(2)
 }
+
+// ---- settings ----------------------------------------------------------------------------------
 
 const settings = (() => {
   const hold = (process.env["CHAOS_HOLD_MS"] ?? "20-300").split("-").map(Number)
@@ -81,7 +88,7 @@ const progress = (text: string): void => void process.stderr.write(`[chaos ${ela
 type FaultKind = "cancel-call" | "kill-client" | "kill-proxy" | "term-proxy" | "sever-broker"
 const allFaultKinds: ReadonlyArray<FaultKind> = ["cancel-call", "kill-client", "kill-proxy", "term-proxy", "sever-broker"]
 const faultKinds: ReadonlyArray<FaultKind> = (() => {
-  const raw = process.env["CHAOS_FAULTS"]
+  const raw = clusterMode ? undefined : process.env["CHAOS_FAULTS"] // the cluster run has fault kinds of its own
   if (raw === undefined || raw.trim() === "") return allFaultKinds
   const picked = raw.split(",").map((k) => k.trim()).filter((k) => k !== "")
   const unknown = picked.filter((k) => !allFaultKinds.some((f) => f === k))
@@ -96,19 +103,6 @@ interface FaultRecord {
   readonly at: number
   readonly kind: FaultKind | "unexpected"
   detail: string
-}
-
-class Tally {
-  private readonly counts = new Map<string, number>()
-  add(key: string, by = 1): void {
-    this.counts.set(key, (this.counts.get(key) ?? 0) + by)
-  }
-  entries(): Array<[string, number]> {
-    return [...this.counts].sort((a, b) => b[1] - a[1])
-  }
-  get size(): number {
-    return this.counts.size
-  }
 }
 
 interface State {
@@ -570,11 +564,6 @@ const describeIds = (ids: ReadonlyArray<string>, state: State): string => {
     truncate(ids.slice(0, 20).join(", "), 600)
 }
 
-const formatTally = (tally: Tally): string =>
-  tally.size === 0 ? "none" : tally.entries().map(([k, v]) => `${v} x ${truncate(k, 160)}`).join("; ")
-
-const truncate = (text: string, max: number): string => text.length <= max ? text : `${text.slice(0, max)}…`
-
 // ---- entry point -------------------------------------------------------------------------------
 
 const main = Effect.gen(function*() {
@@ -597,7 +586,10 @@ process.on("SIGINT", () => {
   process.exit(130)
 })
 
-Effect.runPromise(main).then(
+const runMode = (): Promise<number> =>
+  clusterMode ? import("./chaos-cluster.js").then((cluster) => cluster.runClusterChaos()) : Effect.runPromise(main)
+
+runMode().then(
   (code) => {
     process.exitCode = code
   },
