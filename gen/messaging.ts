@@ -353,6 +353,13 @@ export interface OpenSubscription {
   maxInFlight: number;
   /** Optional name, shown as the AMQP consumer tag and in the proxy's logs. */
   consumerName: string;
+  /**
+   * The largest message this client accepts (its max receive message length), in bytes; 0 = the
+   * server default (GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES, gRPC's 4 MiB). A message whose
+   * delivery event would be larger is dead-lettered with a reason instead of being sent. At most
+   * GRPC_MAX_MESSAGE_BYTES.
+   */
+  maxMessageBytes: number;
 }
 
 export interface DeliveryIds {
@@ -389,6 +396,8 @@ export interface SettleError {
 export interface SubscriptionOpened {
   maxInFlight: number;
   consumerName: string;
+  /** The message size limit in force for this subscription (see OpenSubscription). */
+  maxMessageBytes: number;
 }
 
 export interface SchemaDelivery {
@@ -2553,7 +2562,7 @@ export const SubscriptionRequest: MessageFns<SubscriptionRequest> = {
 };
 
 function createBaseOpenSubscription(): OpenSubscription {
-  return { maxInFlight: 0, consumerName: "" };
+  return { maxInFlight: 0, consumerName: "", maxMessageBytes: 0 };
 }
 
 export const OpenSubscription: MessageFns<OpenSubscription> = {
@@ -2563,6 +2572,9 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
     }
     if (message.consumerName !== "") {
       writer.uint32(18).string(message.consumerName);
+    }
+    if (message.maxMessageBytes !== 0) {
+      writer.uint32(24).uint32(message.maxMessageBytes);
     }
     return writer;
   },
@@ -2596,6 +2608,14 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
             message.consumerName = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.maxMessageBytes = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2620,6 +2640,11 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
         : isSet(object.consumer_name)
         ? globalThis.String(object.consumer_name)
         : "",
+      maxMessageBytes: isSet(object.maxMessageBytes)
+        ? globalThis.Number(object.maxMessageBytes)
+        : isSet(object.max_message_bytes)
+        ? globalThis.Number(object.max_message_bytes)
+        : 0,
     };
   },
 
@@ -2631,6 +2656,9 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
     if (message.consumerName !== "") {
       obj.consumerName = message.consumerName;
     }
+    if (message.maxMessageBytes !== 0) {
+      obj.maxMessageBytes = Math.round(message.maxMessageBytes);
+    }
     return obj;
   },
 
@@ -2641,6 +2669,7 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
     const message = createBaseOpenSubscription();
     message.maxInFlight = object.maxInFlight ?? 0;
     message.consumerName = object.consumerName ?? "";
+    message.maxMessageBytes = object.maxMessageBytes ?? 0;
     return message;
   },
 };
@@ -3048,7 +3077,7 @@ export const SettleError: MessageFns<SettleError> = {
 };
 
 function createBaseSubscriptionOpened(): SubscriptionOpened {
-  return { maxInFlight: 0, consumerName: "" };
+  return { maxInFlight: 0, consumerName: "", maxMessageBytes: 0 };
 }
 
 export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
@@ -3058,6 +3087,9 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
     }
     if (message.consumerName !== "") {
       writer.uint32(18).string(message.consumerName);
+    }
+    if (message.maxMessageBytes !== 0) {
+      writer.uint32(24).uint32(message.maxMessageBytes);
     }
     return writer;
   },
@@ -3091,6 +3123,14 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
             message.consumerName = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.maxMessageBytes = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3115,6 +3155,11 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
         : isSet(object.consumer_name)
         ? globalThis.String(object.consumer_name)
         : "",
+      maxMessageBytes: isSet(object.maxMessageBytes)
+        ? globalThis.Number(object.maxMessageBytes)
+        : isSet(object.max_message_bytes)
+        ? globalThis.Number(object.max_message_bytes)
+        : 0,
     };
   },
 
@@ -3126,6 +3171,9 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
     if (message.consumerName !== "") {
       obj.consumerName = message.consumerName;
     }
+    if (message.maxMessageBytes !== 0) {
+      obj.maxMessageBytes = Math.round(message.maxMessageBytes);
+    }
     return obj;
   },
 
@@ -3136,6 +3184,7 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
     const message = createBaseSubscriptionOpened();
     message.maxInFlight = object.maxInFlight ?? 0;
     message.consumerName = object.consumerName ?? "";
+    message.maxMessageBytes = object.maxMessageBytes ?? 0;
     return message;
   },
 };

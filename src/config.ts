@@ -69,6 +69,11 @@ export interface ProxySettings {
     /** Off, server TLS, or mutual TLS when a CA for client certificates is given. */
     readonly tls: Option.Option<TlsFiles>
     readonly maxMessageBytes: number
+    /**
+     * The largest message the proxy's clients accept (their max receive message length; gRPC
+     * libraries default to 4 MiB). Larger messages are dead-lettered, never sent.
+     */
+    readonly clientMaxReceiveMessageBytes: number
     readonly keepaliveTimeSeconds: number
     readonly keepaliveTimeoutSeconds: number
     readonly maxConcurrentStreamsPerConnection: number
@@ -248,6 +253,14 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
       Schema.NumberFromString.check(Schema.isInt(), Schema.isBetween({ minimum: 256, maximum: 1024 * 1024 * 1024 })),
       "a number of bytes between 256 and 1 GiB",
       16 * 1024 * 1024
+    ),
+    // grpcio, grpc-js, grpc-go, grpcurl and buf all refuse a received message over 4 MiB unless
+    // told otherwise (grpc's GRPC_DEFAULT_MAX_RECV_MESSAGE_LENGTH).
+    clientMaxReceiveMessageBytes: setting(
+      "GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES",
+      Schema.NumberFromString.check(Schema.isInt(), Schema.isBetween({ minimum: 256, maximum: 1024 * 1024 * 1024 })),
+      "a number of bytes between 256 and 1 GiB",
+      4 * 1024 * 1024
     ),
     keepaliveTimeSeconds: setting("GRPC_KEEPALIVE_TIME_SECONDS", PositiveInt(86_400), "a whole number of seconds", 30),
     keepaliveTimeoutSeconds: setting("GRPC_KEEPALIVE_TIMEOUT_SECONDS", PositiveInt(3600), "a whole number of seconds", 10),

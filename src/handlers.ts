@@ -22,7 +22,7 @@ import { publishBatchHandler, publishHandler } from "./publishing.js"
 import { queueInfoHandler } from "./queueInfo.js"
 import type { RunHandler } from "./unaryCall.js"
 import type { AdmissionPolicy } from "./redelivery.js"
-import { deliveryEnvelopeBytes, encodeWith } from "./serialization.js"
+import { encodeWith } from "./serialization.js"
 import { type QueueStreamSpec, serveQueueStream } from "./streaming.js"
 import { serveSubscription, type SubscriptionEvent, type SubscriptionSpec } from "./subscription.js"
 
@@ -58,9 +58,16 @@ const queueSpec = <A>(
   maxRequeues: settings.maxRequeues,
   decode,
   encode,
-  // One limit for both RPC kinds: room for the subscription's delivery envelope.
-  maxEncodedBytes: settings.grpc.maxMessageBytes - deliveryEnvelopeBytes
+  // Streams send the message itself: the smaller of what grpc-js may send and what clients take.
+  ...clientLimit(settings.grpc),
+  defaultClientMaxMessageBytes: settings.grpc.clientMaxReceiveMessageBytes,
+  serverMaxMessageBytes: settings.grpc.maxMessageBytes
 })
+
+const clientLimit = ({ clientMaxReceiveMessageBytes, maxMessageBytes }: ProxySettings["grpc"]) =>
+  clientMaxReceiveMessageBytes <= maxMessageBytes
+    ? { maxEncodedBytes: clientMaxReceiveMessageBytes, maxEncodedBytesSource: "GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES" }
+    : { maxEncodedBytes: maxMessageBytes, maxEncodedBytesSource: "GRPC_MAX_MESSAGE_BYTES" }
 
 /** Runs one call's work as a fiber that the call's cancel (or deadline) interrupts. */
 const runForCall = (

@@ -25,10 +25,13 @@ export interface AdmissionPolicy<A> {
   /** The message as it goes on the wire (protobuf). */
   readonly encode: (message: A) => Uint8Array
   /**
-   * The most encoded bytes a client can be sent. A bigger message would end every call it reached
-   * (grpc-js refuses it), so it is dead-lettered instead.
+   * The most encoded bytes a client can be sent. A bigger message would end the call it reached
+   * (grpc-js refuses to send it, or the client refuses to receive it, after what was written
+   * before it was already acked), so it is dead-lettered instead.
    */
   readonly maxEncodedBytes: number
+  /** What sets `maxEncodedBytes`, for the dead-letter reason (a variable, or the subscription's `open`). */
+  readonly maxEncodedBytesSource: string
 }
 
 /** A delivery that passed the checks, ready to hand to a client. */
@@ -160,7 +163,7 @@ const check = <A>(delivery: Delivery, policy: AdmissionPolicy<A>): Checked => {
   if (encoded.byteLength > policy.maxEncodedBytes) {
     return Result.fail({
       kind: "too_large",
-      reason: `too large for gRPC: ${encoded.byteLength} bytes encoded, at most ${policy.maxEncodedBytes} can be sent (GRPC_MAX_MESSAGE_BYTES)`
+      reason: `too large for gRPC: ${encoded.byteLength} bytes encoded, at most ${policy.maxEncodedBytes} can be sent (${policy.maxEncodedBytesSource})`
     })
   }
   return Result.succeed({ encoded })

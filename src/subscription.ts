@@ -13,7 +13,7 @@ import type { Broker } from "./broker/Broker.js"
 import { batchWrites, CallRejected, finishCall, writeAllWithBackpressure, writeWithBackpressure } from "./callLifecycle.js"
 import type { Delivery } from "./consumer.js"
 import * as Metrics from "./metrics.js"
-import { EncodedDelivery } from "./serialization.js"
+import { deliveryEnvelopeBytes, EncodedDelivery } from "./serialization.js"
 import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn, requeueCounted } from "./redelivery.js"
 
 /** The event shape both subscription RPCs share (SchemaSubscriptionEvent, ValidationSubscriptionEvent). */
@@ -30,7 +30,14 @@ export interface SubscriptionSpec<A> extends AdmissionPolicy<A> {
   readonly defaultMaxInFlight: number
   /** The most a client may ask for: what one subscription may make the proxy hold. */
   readonly maxInFlightLimit: number
+  /** The size limit of a subscription whose `open` states none (GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES). */
+  readonly defaultClientMaxMessageBytes: number
+  /** What grpc-js may send at all (GRPC_MAX_MESSAGE_BYTES): the most `open` may ask for. */
+  readonly serverMaxMessageBytes: number
 }
+
+/** Smallest `max_message_bytes` worth having: a settle_error and an envelope must fit. */
+const minMessageBytes = 256
 
 const consumerNameLimit = 128
 
@@ -66,12 +73,24 @@ const incomingRequests = (call: SubscriptionCall<unknown>) =>
 
 const openOptions = (
   request: SubscriptionRequest | undefined,
-  { defaultMaxInFlight, maxInFlightLimit }: Pick<SubscriptionSpec<unknown>, "defaultMaxInFlight" | "maxInFlightLimit">
+  spec: Pick<
+    SubscriptionSpec<unknown>,
+    "defaultMaxInFlight" | "maxInFlightLimit" | "defaultClientMaxMessageBytes" | "serverMaxMessageBytes"
+  >
 ) => {
+  const { defaultMaxInFlight, maxInFlightLimit } = spec
   if (request?.action?.$case !== "open") {
     return Effect.fail(new CallRejected(grpc.status.INVALID_ARGUMENT, "the first message must be `open`"))
   }
-  const { maxInFlight, consumerName } = request.action.value
+  const { maxInFlight, consumerName, maxMessageBytes } = request.action.value
+  if (maxMessageBytes > spec.serverMaxMessageBytes || (maxMessageBytes !== 0 && maxMessageBytes < minMessageBytes)) {
+    return Effect.fail(
+      new CallRejected(
+        grpc.status.INVALID_ARGUMENT,
+        `max_message_bytes must be 0 (the server default) or between ${minMessageBytes} and ${spec.serverMaxMessageBytes} (GRPC_MAX_MESSAGE_BYTES), got ${maxMessageBytes}`
+      )
+    )
+  }
   if (maxInFlight > maxInFlightLimit) {
     return Effect.fail(
       new CallRejected(
@@ -89,7 +108,12 @@ const openOptions = (
       )
     )
   }
-  return Effect.succeed({ maxInFlight: maxInFlight === 0 ? defaultMaxInFlight : maxInFlight, consumerName })
+  const limit = maxMessageBytes !== 0
+    ? { bytes: maxMessageBytes, source: "the subscription's max_message_bytes" }
+    : spec.defaultClientMaxMessageBytes <= spec.serverMaxMessageBytes
+    ? { bytes: spec.defaultClientMaxMessageBytes, source: "GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES" }
+    : { bytes: spec.serverMaxMessageBytes, source: "GRPC_MAX_MESSAGE_BYTES" }
+  return Effect.succeed({ maxInFlight: maxInFlight === 0 ? defaultMaxInFlight : maxInFlight, consumerName, limit })
 }
 
 export const serveSubscription = <A>(
@@ -110,11 +134,11 @@ export const serveSubscription = <A>(
     const first = yield* requests.first
     // A client that half-closes before opening simply gets an empty, successful call.
     if (first._tag === "None") return
-    const { maxInFlight, consumerName } = yield* openOptions(first.value, spec)
+    const { maxInFlight, consumerName, limit } = yield* openOptions(first.value, spec)
     opened.consumerName = consumerName
     yield* Effect.annotateLogsScoped({ consumerName })
     yield* Effect.logInfo("subscription opened", { queue: spec.queue, maxInFlight })
-    yield* write({ event: { $case: "opened", value: { maxInFlight, consumerName } } })
+    yield* write({ event: { $case: "opened", value: { maxInFlight, consumerName, maxMessageBytes: limit.bytes } } })
 
     // Unsettled deliveries by id. Ids are ours, not AMQP delivery tags, so they stay unique
     // across the channels a subscription goes through when the broker connection is re-made.
@@ -126,7 +150,12 @@ export const serveSubscription = <A>(
       prefetch: maxInFlight,
       deadLetterQueue: spec.deadLetterQueue,
       consumerTag: consumerName ? `${consumerName}.${crypto.randomUUID().slice(0, 8)}` : undefined
-    }, spec).pipe(
+    }, {
+      ...spec,
+      // A delivery event is the message plus its envelope; the whole must fit the client's limit.
+      maxEncodedBytes: limit.bytes - deliveryEnvelopeBytes,
+      maxEncodedBytesSource: limit.source
+    }).pipe(
       Stream.runForEachArray((admissions) => {
         counts.deadLettered += deadLetteredIn(admissions)
         return writeAllWithBackpressure(outgoing, admissions, (admission) => {
@@ -146,7 +175,7 @@ export const serveSubscription = <A>(
      * (at most 10 bytes each, plus room for the reason): acks merged from many requests must not
      * add up to an event grpc-js would refuse.
      */
-    const settleErrorIds = Math.max(1, Math.floor((spec.maxEncodedBytes - 256) / 10))
+    const settleErrorIds = Math.max(1, Math.floor((limit.bytes - deliveryEnvelopeBytes - 256) / 10))
     const settleError = (deliveryIds: Array<string>, reason: string) =>
       Effect.forEach(
         Array.from({ length: Math.ceil(deliveryIds.length / settleErrorIds) }, (_, i) =>

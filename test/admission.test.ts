@@ -39,7 +39,8 @@ const policy = <A>(decode: AdmissionPolicy<A>["decode"], encode: AdmissionPolicy
   maxRequeues: 5,
   decode,
   encode,
-  maxEncodedBytes: 4 * 1024 * 1024
+  maxEncodedBytes: 4 * 1024 * 1024,
+  maxEncodedBytesSource: "GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES"
 })
 
 const policies = [

@@ -9,12 +9,39 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import { fileURLToPath } from "node:url"
-import { makeTestEnv } from "./support/harness.js"
+import { randomBytes } from "node:crypto"
+import { validationBody } from "./fixtures/bodies.js"
+import { makeTestEnv, publishJson, waitForQueue } from "./support/harness.js"
 import { compilePythonProto, python, runOk } from "./support/python.js"
 
 const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/original/${name}`, import.meta.url))
 
+/** A valid validation body whose file_data is `bytes` random bytes in hex (as the API writes files). */
+const fileBody = (id: string, bytes: number) => ({ ...validationBody(id), file_data: randomBytes(bytes).toString("hex") })
+
 describe("the original clients (Python grpcio + pika, original proto)", () => {
+  it.live("a message larger than a default client accepts (4 MiB) is dead-lettered, not sent; the client gets the next one (issue 10, fault 1)", () =>
+    Effect.gen(function*() {
+      const { names, port, admin } = yield* makeTestEnv()
+      const pb2 = yield* compilePythonProto(fixture("messaging.proto"))
+      // 3 MiB of file in hex: about 6 MiB encoded, over every gRPC library's default limit.
+      yield* publishJson(admin, names.exchange, "validation.*", fileBody("too-big", 3 * 1024 * 1024))
+      yield* publishJson(admin, names.exchange, "validation.*", fileBody("small", 1024))
+      const out = yield* runOk(python, [fixture("read_stream.py"), pb2, `127.0.0.1:${port}`, "validations", "1"])
+      assert.deepStrictEqual(out.trim().split("\n").map((l) => JSON.parse(l).id), ["small"])
+      const dead = yield* waitForQueue(admin, names.validationsDead, (q) => q.messageCount === 1)
+      assert.strictEqual(dead.messageCount, 1)
+      const copy = yield* Effect.promise(() => admin.channel.get(names.validationsDead, { noAck: true }))
+      assert.notStrictEqual(copy, false)
+      if (copy === false) return
+      assert.strictEqual(copy.properties.messageId, "too-big")
+      assert.match(
+        String(copy.properties.headers?.["x-dead-letter-reason"]),
+        /^too large for gRPC: \d{7} bytes encoded, at most 4194304 can be sent \(GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES\)$/
+      )
+      assert.strictEqual((yield* waitForQueue(admin, names.validations)).messageCount, 0)
+    }))
+
   it.live("GetMessagingParams logs in to the broker; schema and validation messages arrive field for field", () =>
     Effect.gen(function*() {
       const { names, port } = yield* makeTestEnv()

@@ -6,6 +6,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as grpc from "@grpc/grpc-js"
 import { Effect, Option } from "effect"
+import { MessagingServiceClient } from "../gen/messaging.js"
 import { schemaBody, schemaMessage } from "./fixtures/bodies.js"
 import { makeTestEnv, publishJson, publishRaw, queueState, quiet, readMessages, waitForQueue } from "./support/harness.js"
 import { healthClient, NOT_SERVING, SERVING, waitForHealth } from "./support/health.js"
@@ -25,7 +26,8 @@ describe("acknowledged subscriptions", () => {
       const opened = yield* sub.next()
       assert.deepStrictEqual(opened.event, {
         $case: "opened",
-        value: { maxInFlight: 10, consumerName: "typechecker-1" }
+        // The size limit in force: gRPC's 4 MiB default for clients (GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES).
+        value: { maxInFlight: 10, consumerName: "typechecker-1", maxMessageBytes: 4 * 1024 * 1024 }
       })
       const got = yield* sub.deliveries(3)
       assert.deepStrictEqual(got.map((d) => d.message?.id), ["a", "b", "c"])
@@ -193,6 +195,57 @@ describe("acknowledged subscriptions", () => {
       const refused = yield* tooMany.status
       assert.strictEqual(refused.code, grpc.status.INVALID_ARGUMENT)
       assert.match(refused.details, /max_in_flight must be at most 1024 \(MESSAGING_MAX_IN_FLIGHT\), got 70000/)
+      for (const maxMessageBytes of [100, 16 * 1024 * 1024 + 1]) {
+        const badSize = yield* (yield* subscribeSchemas(env.client, { maxMessageBytes })).status
+        assert.strictEqual(badSize.code, grpc.status.INVALID_ARGUMENT)
+        assert.strictEqual(
+          badSize.details,
+          `max_message_bytes must be 0 (the server default) or between 256 and 16777216 (GRPC_MAX_MESSAGE_BYTES), got ${maxMessageBytes}`
+        )
+      }
+    }))
+
+  it.live("the client's message size limit: 4 MiB unless open states another; a bigger message is dead-lettered, never sent (issue 10, fault 1)", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      const big = (id: string) => ({ ...schemaBody(id), import_name: "x".repeat(5 * 1024 * 1024) })
+      yield* publishJson(env.admin, env.names.exchange, "schemas.*", big("big-1"))
+      yield* publishJson(env.admin, env.names.exchange, "schemas.*", schemaBody("small-1"))
+      // A default grpc-js client (4 MiB receive limit) and a default open.
+      const sub = yield* subscribeSchemas(env.client)
+      const [first] = yield* sub.deliveries(1)
+      assert.strictEqual(first?.message?.id, "small-1")
+      yield* sub.ack(first!.info!.deliveryId)
+      yield* waitForQueue(env.admin, env.names.schemasDead, (q) => q.messageCount === 1)
+      const dead = yield* Effect.promise(() => env.admin.channel.get(env.names.schemasDead, { noAck: true }))
+      assert.notStrictEqual(dead, false)
+      if (dead === false) return
+      assert.match(
+        String(dead.properties.headers?.["x-dead-letter-reason"]),
+        /^too large for gRPC: \d+ bytes encoded, at most 4194240 can be sent \(GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES\)$/
+      )
+      // Gone before the next message, or it could take (and dead-letter) it.
+      sub.call.cancel()
+      yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 0)
+
+      // A client that takes 8 MiB and says so in open gets the same kind of message.
+      const roomy = yield* Effect.acquireRelease(
+        Effect.sync(() =>
+          new MessagingServiceClient(`127.0.0.1:${env.port}`, grpc.credentials.createInsecure(), {
+            "grpc.max_receive_message_length": 8 * 1024 * 1024
+          })
+        ),
+        (client) => Effect.sync(() => client.close())
+      )
+      const large = yield* subscribeSchemas(roomy, { maxMessageBytes: 8 * 1024 * 1024 })
+      const opened = yield* large.next()
+      assert.strictEqual(opened.event?.$case === "opened" ? opened.event.value.maxMessageBytes : -1, 8 * 1024 * 1024)
+      yield* publishJson(env.admin, env.names.exchange, "schemas.*", big("big-2"))
+      const [got] = yield* large.deliveries(1, 15_000)
+      assert.strictEqual(got?.message?.id, "big-2")
+      yield* large.ack(got!.info!.deliveryId)
+      yield* large.settled
+      assert.strictEqual((yield* waitForQueue(env.admin, env.names.schemasDead)).messageCount, 0)
     }))
 })
 

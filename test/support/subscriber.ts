@@ -26,7 +26,7 @@ export interface Subscriber {
 export const subscribeSchemas = (
   client: MessagingServiceClient,
   /** null: send no `open` (to test refusals). */
-  open: { maxInFlight?: number; consumerName?: string } | null = {}
+  open: { maxInFlight?: number; consumerName?: string; maxMessageBytes?: number } | null = {}
 ): Effect.Effect<Subscriber, never, Scope.Scope> =>
   Effect.gen(function*() {
     const events = yield* Queue.unbounded<SchemaSubscriptionEvent, Cause.Done>()
@@ -45,7 +45,11 @@ export const subscribeSchemas = (
     })
     const send = (request: SubscriptionRequest) => Effect.sync(() => void call.write(request))
     if (open !== null) {
-      yield* send({ action: { $case: "open", value: { maxInFlight: open.maxInFlight ?? 0, consumerName: open.consumerName ?? "" } } })
+      yield* send({ action: { $case: "open", value: {
+          maxInFlight: open.maxInFlight ?? 0,
+          consumerName: open.consumerName ?? "",
+          maxMessageBytes: open.maxMessageBytes ?? 0
+        } } })
     }
     const next = (timeout = 5_000) =>
       Queue.take(events).pipe(
