@@ -1,12 +1,14 @@
 /**
  * The benchmark's own side of RabbitMQ: random names, the proxy's environment, an admin
- * connection (confirmed publishing like the API, queue probes, clean-up) and the channel count of
- * the proxy's connection as the broker sees it (rabbitmqctl).
+ * connection (confirmed publishing like the API, queue probes, clean-up) and the channels of the
+ * proxy's connections as the broker sees them (rabbitmqctl). The broker is the machine's own
+ * (RABBITMQ_HOST…, 127.0.0.1:5672) unless an endpoint of the local cluster is passed.
  */
 import * as amqp from "amqplib"
 import { execFile } from "node:child_process"
 import { once } from "node:events"
-import { makeNames as makeTestNames, type TestNames } from "../test/support/harness.js"
+import { randomBytes } from "node:crypto"
+import type { TestNames } from "../test/support/harness.js"
 import { errorText, now, sleep } from "./util.js"
 
 export interface BenchNames extends TestNames {
@@ -16,14 +18,34 @@ export interface BenchNames extends TestNames {
   readonly schemasRoutingKey: string
 }
 
-/** The tests' names under a `bench.<hex>` prefix, plus the benchmark's own copy queue. */
-export const makeNames = (): BenchNames => {
-  const names = makeTestNames("bench")
-  return { ...names, directCopy: `${names.prefix}.direct-copy.queue`, schemasRoutingKey: "schemas.*" }
+/** The names the tests use (test/support/harness.ts), under `prefix`, plus the benchmark's own copy queue. */
+export const namesUnder = (prefix: string): BenchNames => ({
+  prefix,
+  exchange: `${prefix}.exchange`,
+  schemas: `${prefix}.schemas.queue`,
+  validations: `${prefix}.validations.queue`,
+  schemaResults: `${prefix}.schemas.results.queue`,
+  validationResults: `${prefix}.validation.results.queue`,
+  schemasDead: `${prefix}.schemas.queue.dead`,
+  validationsDead: `${prefix}.validations.queue.dead`,
+  directCopy: `${prefix}.direct-copy.queue`,
+  schemasRoutingKey: "schemas.*"
+})
+
+/** Names under a random `bench.<hex>` prefix. */
+export const makeNames = (): BenchNames => namesUnder(`bench.${randomBytes(4).toString("hex")}`)
+
+/** Where the benchmark and the proxy children connect to. */
+export interface BrokerEndpoint {
+  readonly host: string
+  readonly port: number
+  readonly user: string
+  readonly password: string
+  readonly vhost: string
 }
 
-/** Broker address for both the proxy and the benchmark; the RABBITMQ_* variables, else 127.0.0.1 guest/guest. */
-export const brokerSettings = () => ({
+/** The machine's broker for both the proxy and the benchmark; the RABBITMQ_* variables, else 127.0.0.1 guest/guest. */
+export const brokerSettings = (): BrokerEndpoint => ({
   host: process.env["RABBITMQ_HOST"] ?? "127.0.0.1",
   port: Number(process.env["RABBITMQ_PORT"] ?? "5672"),
   user: process.env["RABBITMQ_USER"] ?? "guest",
@@ -31,7 +53,12 @@ export const brokerSettings = () => ({
   vhost: process.env["RABBITMQ_VHOST"] ?? "/"
 })
 
-/** The environment a deployment would set, pointing a proxy child at the benchmark's names. */
+/**
+ * The environment a deployment would set, pointing a proxy child at the benchmark's names on the
+ * machine's broker. RABBITMQ_HOSTS and RABBITMQ_QUEUE_TYPE are always set, so that the children
+ * never inherit a cluster or a queue type from the bench's own environment; the quorum phase
+ * overrides them.
+ */
 export const proxyEnv = (names: BenchNames, connectionName: string): Record<string, string> => {
   const broker = brokerSettings()
   return {
@@ -40,6 +67,8 @@ export const proxyEnv = (names: BenchNames, connectionName: string): Record<stri
     MESSAGING_CONNECTION_DEBUG: "false",
     RABBITMQ_HOST: broker.host,
     RABBITMQ_PORT: String(broker.port),
+    RABBITMQ_HOSTS: `${broker.host.includes(":") ? `[${broker.host}]` : broker.host}:${broker.port}`,
+    RABBITMQ_QUEUE_TYPE: "classic",
     RABBITMQ_USER: broker.user,
     RABBITMQ_PASSWORD: broker.password,
     RABBITMQ_VHOST: broker.vhost,
@@ -56,9 +85,8 @@ export const proxyEnv = (names: BenchNames, connectionName: string): Record<stri
   }
 }
 
-/** A connection of the benchmark's own (the admin, the direct consumers). */
-export const connect = async (connectionName: string): Promise<amqp.ChannelModel> => {
-  const broker = brokerSettings()
+/** A connection of the benchmark's own (the admin, the direct consumers); the machine's broker by default. */
+export const connect = async (connectionName: string, broker: BrokerEndpoint = brokerSettings()): Promise<amqp.ChannelModel> => {
   const connection = await amqp.connect(
     {
       protocol: "amqp",
@@ -79,6 +107,19 @@ export interface QueueState {
   readonly consumerCount: number
 }
 
+export interface AdminOptions {
+  /** The broker (node) to connect to; the machine's broker by default. */
+  readonly endpoint?: BrokerEndpoint
+  /** The arguments freshQueue declares a queue with, as the proxy would (none for classic queues). */
+  readonly queueArguments?: (queue: string) => Record<string, unknown> | undefined
+}
+
+/** The arguments the proxy declares a consumed queue with under RABBITMQ_QUEUE_TYPE=quorum (src/broker/topology.ts). */
+export const quorumQueueArguments = (names: BenchNames) => (queue: string): Record<string, unknown> => ({
+  "x-queue-type": "quorum",
+  ...(queue === names.schemas ? { "x-dead-letter-exchange": "", "x-dead-letter-routing-key": names.schemasDead } : {})
+})
+
 export class Admin {
   private probe: amqp.Channel | undefined
 
@@ -86,14 +127,15 @@ export class Admin {
     readonly names: BenchNames,
     readonly connection: amqp.ChannelModel,
     /** A confirm channel, as the API publishes with. */
-    readonly publisher: amqp.ConfirmChannel
+    readonly publisher: amqp.ConfirmChannel,
+    private readonly queueArguments: AdminOptions["queueArguments"]
   ) {}
 
-  static async open(names: BenchNames): Promise<Admin> {
-    const connection = await connect(`bench-admin ${names.prefix}`)
+  static async open(names: BenchNames, options: AdminOptions = {}): Promise<Admin> {
+    const connection = await connect(`bench-admin ${names.prefix}`, options.endpoint)
     const publisher = await connection.createConfirmChannel()
     publisher.on("error", () => undefined)
-    return new Admin(names, connection, publisher)
+    return new Admin(names, connection, publisher, options.queueArguments)
   }
 
   /** messageCount (ready only) and consumerCount by a passive declare on a dedicated channel. */
@@ -130,13 +172,17 @@ export class Admin {
     }
   }
 
-  /** Deletes and re-declares a queue bound like the proxy binds the schemas queue (no arguments). */
+  /**
+   * Deletes and re-declares a queue bound like the proxy binds the schemas queue, with the
+   * arguments the proxy declares it with (none for a classic queue).
+   */
   async freshQueue(queue: string, routingKey: string): Promise<void> {
     const channel = await this.connection.createChannel()
     channel.on("error", () => undefined)
     try {
       await channel.deleteQueue(queue)
-      await channel.assertQueue(queue, { durable: true })
+      const args = this.queueArguments?.(queue)
+      await channel.assertQueue(queue, args === undefined ? { durable: true } : { durable: true, arguments: args })
       await channel.bindQueue(queue, this.names.exchange, routingKey)
     } finally {
       await channel.close().catch(() => undefined)
@@ -181,21 +227,37 @@ export class Admin {
     if (failure !== undefined) throw new Error(`publish not confirmed: ${errorText(failure)}`)
   }
 
-  /** Deletes every queue and the exchange of the run, whoever declared them. */
+  /**
+   * Deletes every queue and the exchange of the run, whoever declared them. A failed delete (a
+   * classic queue whose home node is down answers 404) closes its channel: the next one gets a
+   * new channel.
+   */
   async cleanup(): Promise<Array<string>> {
     const problems: Array<string> = []
-    const channel = await this.connection.createChannel()
-    channel.on("error", () => undefined)
+    let channel: amqp.Channel | undefined
+    let open = false
+    const attempt = async (what: string, f: (c: amqp.Channel) => Promise<unknown>) => {
+      try {
+        if (channel === undefined || !open) {
+          const fresh = await this.connection.createChannel()
+          fresh.on("error", () => undefined)
+          fresh.on("close", () => { if (channel === fresh) open = false })
+          channel = fresh
+          open = true
+        }
+        await f(channel)
+      } catch (error) {
+        problems.push(`${what}: ${errorText(error)}`)
+      }
+    }
     const n = this.names
     for (const queue of [
       n.schemas, n.validations, n.schemaResults, n.validationResults, n.schemasDead, n.validationsDead, n.directCopy
     ]) {
-      await channel.deleteQueue(queue).catch((error: unknown) => { problems.push(`delete ${queue}: ${errorText(error)}`) })
+      await attempt(`delete ${queue}`, (c) => c.deleteQueue(queue))
     }
-    await channel.deleteExchange(n.exchange).catch((error: unknown) => {
-      problems.push(`delete ${n.exchange}: ${errorText(error)}`)
-    })
-    await channel.close().catch(() => undefined)
+    await attempt(`delete ${n.exchange}`, (c) => c.deleteExchange(n.exchange))
+    if (open) await channel?.close().catch(() => undefined)
     return problems
   }
 
@@ -205,10 +267,12 @@ export class Admin {
 }
 
 export interface BrokerConnectionInfo {
-  /** Connections whose client-provided name is the one asked for. */
+  /** Connections of the proxy: the one named exactly as asked, and every one named `<name> (…)`. */
   readonly connections: number
-  /** Channels open on them. */
+  /** Channels open on all of them. */
   readonly channels: number
+  /** Each of them by name, with its role: "primary", "publishing" or "consumers N" (a pool member). */
+  readonly byName: ReadonlyArray<{ readonly name: string; readonly role: string; readonly channels: number }>
 }
 
 export interface BrokerConnection {
@@ -255,10 +319,24 @@ export const listBrokerConnections = (): Promise<ReadonlyArray<BrokerConnection>
     )
   })
 
-/** Channels on the connection(s) named `connectionName` (the proxy's RABBITMQ_CONNECTION_NAME). */
+/** Whether a connection belongs to the proxy named `connectionName`: the primary, `(publishing)`, `(consumers N)`. */
+export const isProxyConnection = (connectionName: string, name: string | undefined): name is string =>
+  name !== undefined && (name === connectionName || name.startsWith(`${connectionName} (`))
+
+/**
+ * Channels on every connection of the proxy whose RABBITMQ_CONNECTION_NAME is `connectionName`:
+ * the primary consumers' connection, the pool's `(consumers N)` members and `(publishing)`.
+ */
 export const brokerConnectionInfo = async (connectionName: string): Promise<BrokerConnectionInfo | undefined> => {
   const all = await listBrokerConnections()
   if (all === undefined) return undefined
-  const mine = all.filter((c) => c.name === connectionName)
-  return { connections: mine.length, channels: mine.reduce((sum, c) => sum + c.channels, 0) }
+  const mine = all
+    .filter((c): c is BrokerConnection & { name: string } => isProxyConnection(connectionName, c.name))
+    .map((c) => ({
+      name: c.name,
+      role: c.name === connectionName ? "primary" : c.name.slice(connectionName.length).trim().replace(/^\((.*)\)$/, "$1"),
+      channels: c.channels
+    }))
+    .sort((a, b) => a.name.localeCompare(b.name, "en", { numeric: true }))
+  return { connections: mine.length, channels: mine.reduce((sum, c) => sum + c.channels, 0), byName: mine }
 }

@@ -31,8 +31,16 @@ export interface DrainOutcome {
   readonly settleErrors?: number
 }
 
-export const makeClient = async (port: number): Promise<MessagingServiceClient> => {
-  const client = new MessagingServiceClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure())
+/**
+ * A client on the proxy's port. grpc-js shares one HTTP/2 connection between all clients of a
+ * target unless `ownConnection` gives the client a subchannel pool (so a connection) of its own.
+ */
+export const makeClient = async (port: number, options: { readonly ownConnection?: boolean } = {}): Promise<MessagingServiceClient> => {
+  const client = new MessagingServiceClient(
+    `127.0.0.1:${port}`,
+    grpc.credentials.createInsecure(),
+    options.ownConnection ? { "grpc.use_local_subchannel_pool": 1 } : {}
+  )
   await new Promise<void>((resolve, reject) =>
     client.waitForReady(Date.now() + 10_000, (error) => (error ? reject(error) : resolve()))
   )
@@ -216,7 +224,7 @@ export const drainSubscribe = async (
       if (!finishing) reject(new Error(`subscription ended after ${received} of ${count}`))
     })
   })
-  send({ action: { $case: "open", value: { maxInFlight: options.maxInFlight, consumerName: "bench" } } })
+  send({ action: { $case: "open", value: { maxInFlight: options.maxInFlight, consumerName: "bench", maxMessageBytes: 0 } } })
   try {
     await untilDone(done, () => received, 15_000, "SubscribeSchemaMessages drain")
     flush()
@@ -257,7 +265,7 @@ export const probeSubscribe = async (client: MessagingServiceClient, timeoutMs =
       })
     })
   })
-  call.write({ action: { $case: "open", value: { maxInFlight: 32, consumerName: "bench-probe" } } })
+  call.write({ action: { $case: "open", value: { maxInFlight: 32, consumerName: "bench-probe", maxMessageBytes: 0 } } })
   try {
     return await Promise.race([outcome, sleep(timeoutMs).then((): Availability => ({ available: true }))])
   } catch (error) {

@@ -112,15 +112,44 @@ export const processCpuSeconds = async (pid: number): Promise<number | undefined
   }
 }
 
-/** The local RabbitMQ's Erlang VM (beam.smp), if this machine runs one we can see. */
-export const findBrokerPid = async (): Promise<number | undefined> => {
+export interface BrokerProcess {
+  readonly pid: number
+  /** RABBITMQ_NODENAME from its environment (the local cluster's mpcN@localhost); undefined if unset or unreadable. */
+  readonly node: string | undefined
+}
+
+/**
+ * The RabbitMQ nodes (beam.smp running `rabbit boot`, not a rabbitmqctl escript) this machine
+ * runs and we can see, with their node names where the environment says so. The machine's own
+ * broker is started without RABBITMQ_NODENAME; scripts/cluster.sh sets it for each cluster node.
+ */
+export const findBrokerProcesses = async (): Promise<ReadonlyArray<BrokerProcess>> => {
+  const found: Array<BrokerProcess> = []
   for (const entry of await readdir("/proc").catch(() => [] as Array<string>)) {
     if (!/^\d+$/.test(entry)) continue
     const comm = await readFile(`/proc/${entry}/comm`, "utf8").catch(() => "")
-    if (comm.trim() === "beam.smp") return Number(entry)
+    if (comm.trim() !== "beam.smp") continue
+    const cmdline = await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "")
+    if (!cmdline.split("\0").includes("boot") || !cmdline.includes("rabbit")) continue
+    const environ = await readFile(`/proc/${entry}/environ`, "utf8").catch(() => "")
+    const node = environ.split("\0").find((v) => v.startsWith("RABBITMQ_NODENAME="))?.slice("RABBITMQ_NODENAME=".length)
+    found.push({ pid: Number(entry), node: node || undefined })
   }
-  return undefined
+  return found
 }
+
+/**
+ * The machine's own broker's Erlang VM: the RabbitMQ node that is not one of the local cluster's
+ * (scripts/cluster.sh names them mpcN@…); the first one if none can be told apart.
+ */
+export const findBrokerPid = async (): Promise<number | undefined> => {
+  const all = await findBrokerProcesses()
+  return (all.find((b) => b.node === undefined || !/^mpc\d+@/.test(b.node)) ?? all[0])?.pid
+}
+
+/** The local cluster's nodes (mpcN@…), by pid. */
+export const findClusterPids = async (): Promise<ReadonlyArray<number>> =>
+  (await findBrokerProcesses()).filter((b) => b.node !== undefined && /^mpc\d+@/.test(b.node)).map((b) => b.pid)
 
 /** CPU time of the whole machine so far (all cores), busy and total, from /proc/stat. */
 export const machineCpuSeconds = async (): Promise<{ busy: number; total: number } | undefined> => {
@@ -197,6 +226,8 @@ export class ProxyChild {
   readonly problems: Array<string> = []
   /** The bound gRPC port, known once the child is ready. */
   port = 0
+  /** The node its primary consumers' connection went to ("connected to broker" line), once ready. */
+  brokerNode: { readonly host: string; readonly port: number } | undefined
   private readonly memoryWaiters: Array<(sample: MemorySample) => void> = []
   private exitCode: number | null | undefined
   private readonly exited: Promise<number | null>
@@ -261,7 +292,11 @@ export class ProxyChild {
       if (problem || resolveReady !== undefined) proxy.remember(line)
       if (!parsed || resolveReady === undefined) return
       if (parsed.text === "gRPC server listening" && typeof parsed.fields["port"] === "number") port = parsed.fields["port"]
-      if (parsed.text === "connected to broker") connected = true
+      if (parsed.text === "connected to broker") {
+        connected = true
+        const { host, port: brokerPort } = parsed.fields
+        if (typeof host === "string" && typeof brokerPort === "number") proxy.brokerNode = { host, port: brokerPort }
+      }
       if (port !== undefined && connected) {
         const resolve = resolveReady
         resolveReady = undefined

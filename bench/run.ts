@@ -10,14 +10,15 @@
  *
  * Knobs: BENCH_N (100000), BENCH_REPEATS (3), BENCH_WARMUP_N (10000), BENCH_BODY_BYTES (1024), BENCH_LATENCY_SECONDS (30),
  * BENCH_PREFETCH (32: the proxy's RABBITMQ_PREFETCH, the direct consumer's prefetch, (c)'s max_in_flight),
- * BENCH_LATENCY_RATE (1000), BENCH_LATENCY_WARMUP_SECONDS (2), BENCH_STREAMS (1000),
- * BENCH_STREAMS_MESSAGES (5000), BENCH_CANCEL_CYCLES (100), BENCH_PHASES
- * (throughput,latency,streams,cancel[,profile]), BENCH_PROFILE=1 (adds the profile phase: one
+ * BENCH_LATENCY_RATE (1000), BENCH_LATENCY_WARMUP_SECONDS (2), BENCH_STREAMS (10000),
+ * BENCH_STREAMS_PER_CHANNEL (1000), BENCH_STREAMS_MESSAGES (2 × BENCH_STREAMS, at least 5000),
+ * BENCH_CANCEL_CYCLES (100), BENCH_QUORUM_N (50000), BENCH_QUORUM_REPEATS (3), BENCH_QUORUM_WARMUP_N (5000),
+ * BENCH_PHASES (throughput,latency,streams,cancel,quorum[,profile]), BENCH_PROFILE=1 (adds the profile phase: one
  * StreamSchemaMessages drain with the child under --cpu-prof, analysed), BENCH_PROFILE_DIR (/tmp/prof),
  * BENCH_PROXY_MAIN (the proxy entry point), BENCH_PROXY_NODE_ARGS (extra node arguments for the child),
  * BENCH_PROXY_LOG_DIR (keep each child's raw output there).
  */
-import { access, mkdir, writeFile } from "node:fs/promises"
+import { access, mkdir, readdir, readFile, writeFile } from "node:fs/promises"
 import { cpus, loadavg } from "node:os"
 import { join } from "node:path"
 import { analyzeProfile, formatSummary, type ProfileSummary } from "./analyzeProfile.js"
@@ -26,21 +27,23 @@ import { runCancel } from "./cancel.js"
 import { drainStream, drainSubscribe, makeClient } from "./drains.js"
 import { runLatency } from "./latency.js"
 import { defaultProxyMain, ProxyChild, stopAllChildren } from "./proxyProcess.js"
+import { QUEUE_TYPES, type QuorumResult, runQuorum } from "./quorum.js"
 import { runStreams } from "./streams.js"
-import { bodyFactory, MODE_LABEL, MODES, prefill, runThroughput } from "./throughput.js"
-import { envFlag, envInt, errorText, fmt, fmtInt, log, mb, now, sleep, table } from "./util.js"
+import { bodyFactory, MODE_LABEL, MODES, prefill, type RunRecord, runThroughput } from "./throughput.js"
+import { envFlag, envInt, errorText, fmt, fmtInt, log, mb, now, type PhaseOutcome, sleep, table } from "./util.js"
 
-type Phase = "throughput" | "latency" | "streams" | "cancel" | "profile"
-const ALL_PHASES: ReadonlyArray<Phase> = ["throughput", "profile", "latency", "streams", "cancel"]
+type Phase = "throughput" | "latency" | "streams" | "cancel" | "profile" | "quorum"
+const ALL_PHASES: ReadonlyArray<Phase> = ["throughput", "profile", "latency", "streams", "cancel", "quorum"]
 
 const settings = () => {
   const profile = envFlag("BENCH_PROFILE")
-  const requested = (process.env["BENCH_PHASES"] ?? "throughput,latency,streams,cancel")
+  const requested = (process.env["BENCH_PHASES"] ?? "throughput,latency,streams,cancel,quorum")
     .split(",").map((p) => p.trim()).filter((p) => p.length > 0)
   for (const p of requested) {
     if (!ALL_PHASES.includes(p as Phase)) throw new Error(`BENCH_PHASES: unknown phase ${JSON.stringify(p)}`)
   }
   const phases = ALL_PHASES.filter((p) => requested.includes(p) || (p === "profile" && profile))
+  const streams = envInt("BENCH_STREAMS", 10_000)
   return {
     messages: envInt("BENCH_N", 100_000),
     repetitions: envInt("BENCH_REPEATS", 3),
@@ -51,9 +54,15 @@ const settings = () => {
     latencySeconds: envInt("BENCH_LATENCY_SECONDS", 30),
     latencyRate: envInt("BENCH_LATENCY_RATE", 1000),
     latencyWarmupSeconds: envInt("BENCH_LATENCY_WARMUP_SECONDS", 2, 0),
-    streams: envInt("BENCH_STREAMS", 1000),
-    streamsMessages: envInt("BENCH_STREAMS_MESSAGES", 5000),
+    streams,
+    // 1,000 is the proxy's default GRPC_MAX_CONCURRENT_STREAMS_PER_CONNECTION.
+    streamsPerChannel: envInt("BENCH_STREAMS_PER_CHANNEL", 1000),
+    // Two per stream on average, so that every stream is seen to deliver.
+    streamsMessages: envInt("BENCH_STREAMS_MESSAGES", Math.max(5000, 2 * streams)),
     cancelCycles: envInt("BENCH_CANCEL_CYCLES", 100),
+    quorumMessages: envInt("BENCH_QUORUM_N", 50_000),
+    quorumRepetitions: envInt("BENCH_QUORUM_REPEATS", 3),
+    quorumWarmupMessages: envInt("BENCH_QUORUM_WARMUP_N", 5_000, 0),
     profileDir: process.env["BENCH_PROFILE_DIR"] ?? "/tmp/prof",
     resultsDir: process.env["BENCH_RESULTS_DIR"] ?? join(process.cwd(), "bench", "results"),
     proxyMain: defaultProxyMain(),
@@ -64,32 +73,48 @@ const settings = () => {
 }
 type Settings = ReturnType<typeof settings>
 
+/**
+ * An idle proxy child is ~150 MB RSS; with 10,000 streams open its peak measured 710-855 MB (56-70
+ * kB per stream). The target allows a 200 MB base and 80 kB per stream: 280 MB for 1,000 streams
+ * (the old flat target was 300 MB) and 1 GB for 10,000. See bench/README.md.
+ */
+const RSS_BASE_BYTES = 200e6
+const RSS_PER_STREAM_BYTES = 80e3
+/** The peak RSS target of the many-streams phase for S streams. */
+const rssTarget = (streams: number) => RSS_BASE_BYTES + RSS_PER_STREAM_BYTES * streams
+
 const TARGETS = {
   ratio: 0.9,
   addedP99Ms: 1,
-  rssBytes: 300e6,
+  /** Peak RSS of the proxy with S streams open: a base plus a budget per stream (see rssTarget). */
+  rssBaseBytes: RSS_BASE_BYTES,
+  rssPerStreamBytes: RSS_PER_STREAM_BYTES,
   cancelMs: 100
 } as const
 
-interface PhaseOutcome<A> {
-  readonly result?: A
-  readonly error?: string
-  readonly proxy?: {
-    readonly exitCode: number | null
-    readonly logLines: number
-    readonly warnings: number
-    readonly problems: ReadonlyArray<string>
-    readonly tail?: ReadonlyArray<string>
-  }
-}
-
-const streamLimits = (streams: number): Record<string, string> => {
-  const limit = String(Math.max(5000, streams + 100))
+/**
+ * The limits of the many-streams child: all its calls come from one caller (127.0.0.1), so the
+ * per-caller limit (default 1,000) and the total (default 10,000) must admit S, plus room for the
+ * other phases' calls; each grpc-js channel carries at most `perChannel` of them, within the
+ * per-connection limit (default 1,000).
+ */
+const streamLimits = (streams: number, perChannel: number): Record<string, string> => {
+  const limit = String(Math.max(10_000, streams + 100))
   return {
     MESSAGING_MAX_STREAMS_TOTAL: limit,
     MESSAGING_MAX_STREAMS_PER_CALLER: limit,
-    GRPC_MAX_CONCURRENT_STREAMS_PER_CONNECTION: limit
+    GRPC_MAX_CONCURRENT_STREAMS_PER_CONNECTION: String(Math.max(1000, perChannel))
   }
+}
+
+interface ChildOptions {
+  readonly nodeArgs?: ReadonlyArray<string>
+  /** Names other than the run's own (the quorum phase's per queue type). */
+  readonly names?: BenchNames
+  /** Added to (and overriding) the child's environment. */
+  readonly env?: Record<string, string>
+  /** The child's label in logs and log file names; the phase by default. */
+  readonly label?: string
 }
 
 const hrtimeUs = () => Number(process.hrtime.bigint() / 1000n)
@@ -98,32 +123,35 @@ class Bench {
   readonly names: BenchNames = makeNames()
   admin: Admin | undefined
   readonly children = new Set<ProxyChild>()
+  /** Clean-ups of other names (the quorum phase's, on the cluster) to run on an interrupt too. */
+  readonly extraCleanups = new Set<() => Promise<ReadonlyArray<string>>>()
   private shutdownStarted: Promise<void> | undefined
   benchRssMax = 0
   benchHeapUsedMax = 0
 
   constructor(readonly settings: Settings) {}
 
-  connectionName(phase: Phase): string {
-    return `messaging-proxy ${this.names.prefix} ${phase}`
+  connectionName(phase: Phase, names: BenchNames = this.names): string {
+    return `messaging-proxy ${names.prefix} ${phase}`
   }
 
   get stopping(): boolean {
     return this.shutdownStarted !== undefined
   }
 
-  async startChild(phase: Phase, nodeArgs: ReadonlyArray<string> = []): Promise<ProxyChild> {
+  async startChild(phase: Phase, options: ChildOptions = {}): Promise<ProxyChild> {
     if (this.stopping) throw new Error("the benchmark is stopping")
+    const names = options.names ?? this.names
     const child = await ProxyChild.start({
-      label: phase,
+      label: options.label ?? phase,
       env: {
-        ...proxyEnv(this.names, this.connectionName(phase)),
+        ...proxyEnv(names, this.connectionName(phase, names)),
         RABBITMQ_PREFETCH: String(this.settings.prefetch),
-        // The stream limits (default 1000 per caller and per connection) must not be what the
-        // many-streams phase measures: all its calls come from one caller on one connection.
-        ...streamLimits(this.settings.streams)
+        // The stream limits must not be what the many-streams phase measures.
+        ...streamLimits(this.settings.streams, this.settings.streamsPerChannel),
+        ...options.env
       },
-      nodeArgs: [...this.settings.proxyNodeArgs, ...nodeArgs],
+      nodeArgs: [...this.settings.proxyNodeArgs, ...(options.nodeArgs ?? [])],
       main: this.settings.proxyMain
     })
     this.children.add(child)
@@ -145,18 +173,19 @@ class Bench {
   async phase<A>(
     phase: Phase,
     run: (child: ProxyChild) => Promise<A>,
-    nodeArgs: ReadonlyArray<string> = []
+    options: ChildOptions = {}
   ): Promise<PhaseOutcome<A>> {
-    log(`phase ${phase}: starting proxy child`)
+    const label = options.label ?? phase
+    log(`phase ${label}: starting proxy child`)
     let child: ProxyChild | undefined
     try {
-      child = await this.startChild(phase, nodeArgs)
-      log(`phase ${phase}: proxy pid ${child.pid} on port ${child.port}`)
+      child = await this.startChild(phase, options)
+      log(`phase ${label}: proxy pid ${child.pid} on port ${child.port}`)
       const result = await run(child)
       const exitCode = await this.stopChild(child)
       return { result, proxy: { exitCode, logLines: child.logLines, warnings: child.warnings, problems: child.problems } }
     } catch (error) {
-      log(`phase ${phase} failed: ${errorText(error)}`)
+      log(`phase ${label} failed: ${errorText(error)}`)
       const exitCode = child ? await this.stopChild(child) : null
       return {
         error: errorText(error),
@@ -178,6 +207,10 @@ class Bench {
         const problems = await this.admin.cleanup().catch((error: unknown) => [errorText(error)])
         for (const problem of problems) log(`cleanup: ${problem}`)
         await this.admin.close()
+      }
+      for (const cleanup of [...this.extraCleanups]) {
+        const problems = await cleanup().catch((error: unknown) => [errorText(error)])
+        for (const problem of problems) log(`cleanup: ${problem}`)
       }
     })()
     return this.shutdownStarted
@@ -201,6 +234,22 @@ const main = async () => {
     bench.benchHeapUsedMax = Math.max(bench.benchHeapUsedMax, m.heapUsed)
   }, 500)
   memoryTimer.unref()
+  // Tests and the chaos script share this 2-core machine: note any that ran during a phase.
+  let currentPhase = "start"
+  const competitors = new Map<string, Set<string>>()
+  let scanning = false
+  const competitorTimer = setInterval(() => {
+    if (scanning) return
+    scanning = true
+    void competingProcesses().then((found) => {
+      if (found.length > 0) {
+        const seen = competitors.get(currentPhase) ?? new Set<string>()
+        for (const name of found) seen.add(name)
+        competitors.set(currentPhase, seen)
+      }
+    }).finally(() => { scanning = false })
+  }, 2_000)
+  competitorTimer.unref()
 
   await access(s.proxyMain).catch(() => {
     throw new Error(`proxy entry point ${s.proxyMain} not found: build first (npm run build) or set BENCH_PROXY_MAIN`)
@@ -224,6 +273,7 @@ const main = async () => {
     const admin = bench.admin
     for (const phase of s.phases) {
       if (bench.stopping) break
+      currentPhase = phase
       switch (phase) {
         case "throughput":
           results["throughput"] = await bench.phase("throughput", (proxy) =>
@@ -259,9 +309,13 @@ const main = async () => {
               proxy,
               connectionName: bench.connectionName("streams"),
               streams: s.streams,
+              streamsPerChannel: s.streamsPerChannel,
               messages: s.streamsMessages,
               bodyBytes: s.bodyBytes
             }))
+          break
+        case "quorum":
+          results["quorum"] = await runQuorumPhase(bench, s)
           break
         case "cancel":
           results["cancel"] = await bench.phase("cancel", (proxy) =>
@@ -273,6 +327,7 @@ const main = async () => {
     await bench.shutdown()
   }
 
+  clearInterval(competitorTimer)
   const othersAfter = await listBrokerConnections()
   const report = {
     startedAt: startedAt.toISOString(),
@@ -283,7 +338,9 @@ const main = async () => {
       loadavgAtEnd: loadavg(),
       otherBrokerConnectionsAtEnd: othersAfter?.length ?? null,
       benchRssMax: bench.benchRssMax,
-      benchHeapUsedMax: bench.benchHeapUsedMax
+      benchHeapUsedMax: bench.benchHeapUsedMax,
+      /** Test runners or chaos scripts seen running during each phase (checked every 2 s). */
+      competingProcesses: Object.fromEntries([...competitors].map(([phase, names]) => [phase, [...names]]))
     },
     targets: TARGETS,
     ...results
@@ -294,6 +351,18 @@ const main = async () => {
   const file = join(s.resultsDir, "latest.json")
   await writeFile(file, JSON.stringify(report, null, 2) + "\n")
   log(`wrote ${file} (${report.durationSeconds.toFixed(0)} s in all)`)
+}
+
+/** Test runners (vitest) and chaos scripts running on this machine now, by a short name. */
+const competingProcesses = async (): Promise<Array<string>> => {
+  const found = new Set<string>()
+  for (const entry of await readdir("/proc").catch(() => [] as Array<string>)) {
+    if (!/^\d+$/.test(entry) || Number(entry) === process.pid) continue
+    const cmdline = (await readFile(`/proc/${entry}/cmdline`, "utf8").catch(() => "")).split("\0").join(" ")
+    const match = /\b(vitest|chaos[\w.-]*)/.exec(cmdline)
+    if (match?.[1] !== undefined && !cmdline.includes("vitest-watchdog")) found.add(match[1].replace(/\.js$/, ""))
+  }
+  return [...found]
 }
 
 interface ProfilePhaseResult {
@@ -325,7 +394,7 @@ const runProfilePhase = async (bench: Bench, admin: Admin, s: Settings): Promise
     } finally {
       client.close()
     }
-  }, ["--cpu-prof", `--cpu-prof-dir=${s.profileDir}`, `--cpu-prof-name=${name}`])
+  }, { nodeArgs: ["--cpu-prof", `--cpu-prof-dir=${s.profileDir}`, `--cpu-prof-name=${name}`] })
   if (outcome.error !== undefined || window === undefined) return { error: outcome.error ?? "no drain window" }
   // The child writes the profile on exit (phase() has stopped it); give the file a moment.
   for (let i = 0; i < 50; i++) {
@@ -351,11 +420,55 @@ const runProfilePhase = async (bench: Bench, admin: Admin, s: Settings): Promise
   }
 }
 
+/** The quorum phase: one proxy child per queue type on the local cluster (quorum.ts). */
+const runQuorumPhase = async (bench: Bench, s: Settings): Promise<PhaseOutcome<QuorumResult>> => {
+  try {
+    const result = await runQuorum({
+      prefix: bench.names.prefix,
+      prefetch: s.prefetch,
+      bodyBytes: s.bodyBytes,
+      withChild: (label, names, env, body) => bench.phase("quorum", body, { label, names, env }),
+      track: (cleanup) => {
+        bench.extraCleanups.add(cleanup)
+        return () => { bench.extraCleanups.delete(cleanup) }
+      }
+    }, { messages: s.quorumMessages, repetitions: s.quorumRepetitions, warmupMessages: s.quorumWarmupMessages })
+    return { result }
+  } catch (error) {
+    log(`phase quorum failed: ${errorText(error)}`)
+    return { error: errorText(error) }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rendering
 // ---------------------------------------------------------------------------------------------
 
 const verdict = (ok: boolean | null) => (ok === null ? "n/a" : ok ? "PASS" : "FAIL")
+
+/** One row per drain of the throughput method (the throughput and quorum phases). */
+const runRows = (runs: ReadonlyArray<RunRecord>, prefix = ""): Array<Array<string>> => {
+  const rows: Array<Array<string>> = [["run", "drain msg/s", "drain s", "publish s", "proxy CPU µs/msg", "client CPU µs/msg", "broker CPU µs/msg", "all CPU µs/msg", "cores busy", "proxy peak RSS", "proxy GC", "left", "note"]]
+  for (const run of runs) {
+    rows.push([
+      `${prefix}${MODE_LABEL[run.mode]} #${run.repetition}`,
+      fmtInt(run.msgPerSec),
+      fmt(run.seconds, 2),
+      fmt(run.publishSeconds, 1),
+      fmt(run.proxyCpuUsPerMsg, 1),
+      fmt(run.clientCpuUsPerMsg, 1),
+      fmt(run.brokerCpuUsPerMsg, 1),
+      fmt(run.machineCpuUsPerMsg, 1),
+      fmt(run.machineCoresBusy, 2),
+      run.proxyRssMax === null ? "" : mb(run.proxyRssMax),
+      run.proxyGcPercent === null ? "" : `${fmt(run.proxyGcPercent, 1)}%`,
+      run.leftInQueue === null ? "?" : String(run.leftInQueue),
+      [run.error ?? "", run.malformed ? `malformed ${run.malformed}` : "", run.redelivered ? `redelivered ${run.redelivered}` : "",
+        run.settleErrors ? `settle errors ${run.settleErrors}` : ""].filter((x) => x).join("; ")
+    ])
+  }
+  return rows
+}
 
 const render = (report: { environment: Record<string, unknown>; durationSeconds: number }, results: Record<string, unknown>) => {
   const out: Array<string> = []
@@ -365,32 +478,17 @@ const render = (report: { environment: Record<string, unknown>; durationSeconds:
   out.push(`load average at start ${loads("loadavgAtStart")}, at end ${loads("loadavgAtEnd")}; ` +
     `broker connections (all users) at start ${String(env["otherBrokerConnectionsAtStart"])}, at end ${String(env["otherBrokerConnectionsAtEnd"])}`)
   out.push(`bench process: peak RSS ${mb(env["benchRssMax"] as number)}, peak heap used ${mb(env["benchHeapUsedMax"] as number)}`)
+  const competing = Object.entries(env["competingProcesses"] as Record<string, ReadonlyArray<string>>)
+  out.push(competing.length === 0
+    ? "no test runner or chaos script seen running during the phases"
+    : `WARNING: busy machine: ${competing.map(([phase, names]) => `${names.join(", ")} during ${phase}`).join("; ")}`)
 
   const summary: Array<Array<string>> = [["metric", "result", "target", ""]]
   const t = results["throughput"] as PhaseOutcome<Awaited<ReturnType<typeof runThroughput>>> | undefined
   if (t?.result) {
     const r = t.result
     out.push("", `1. Throughput: ${fmtInt(r.messages)} × ${r.bodyBytes} B messages, prefetch ${r.prefetch}, ${r.repetitions} repetitions (a,b,c alternating) after an untimed warm-up drain of ${fmtInt(r.warmupMessages)} through each`)
-    const rows: Array<Array<string>> = [["run", "drain msg/s", "drain s", "publish s", "proxy CPU µs/msg", "client CPU µs/msg", "broker CPU µs/msg", "all CPU µs/msg", "cores busy", "proxy peak RSS", "proxy GC", "left", "note"]]
-    for (const run of r.runs) {
-      rows.push([
-        `${MODE_LABEL[run.mode]} #${run.repetition}`,
-        fmtInt(run.msgPerSec),
-        fmt(run.seconds, 2),
-        fmt(run.publishSeconds, 1),
-        fmt(run.proxyCpuUsPerMsg, 1),
-        fmt(run.clientCpuUsPerMsg, 1),
-        fmt(run.brokerCpuUsPerMsg, 1),
-        fmt(run.machineCpuUsPerMsg, 1),
-        fmt(run.machineCoresBusy, 2),
-        run.proxyRssMax === null ? "" : mb(run.proxyRssMax),
-        run.proxyGcPercent === null ? "" : `${fmt(run.proxyGcPercent, 1)}%`,
-        run.leftInQueue === null ? "?" : String(run.leftInQueue),
-        [run.error ?? "", run.malformed ? `malformed ${run.malformed}` : "", run.redelivered ? `redelivered ${run.redelivered}` : "",
-          run.settleErrors ? `settle errors ${run.settleErrors}` : ""].filter((x) => x).join("; ")
-      ])
-    }
-    out.push(table(rows))
+    out.push(table(runRows(r.runs)))
     if (!r.subscribe.available) out.push(`(c) n/a: ${r.subscribe.reason}`)
     for (const mode of MODES) {
       summary.push([`throughput ${MODE_LABEL[mode]} (median)`, `${fmtInt(r.medianMsgPerSec[mode])} msg/s`, "", ""])
@@ -447,30 +545,44 @@ const render = (report: { environment: Record<string, unknown>; durationSeconds:
   const st = results["streams"] as PhaseOutcome<Awaited<ReturnType<typeof runStreams>>> | undefined
   if (st?.result) {
     const r = st.result
-    const ch = (c: typeof r.channelsIdle) => (c === null ? "n/a" : `${c.channels} channels on ${c.connections} connection(s)`)
-    out.push("", `3. Many streams: ${r.streams} StreamSchemaMessages calls on one queue, ${r.messages} messages`)
+    const ch = (c: typeof r.channelsIdle) =>
+      c === null
+        ? "n/a (rabbitmqctl)"
+        : `${fmtInt(c.channels)} channels on ${c.connections} connection(s)` +
+          (c.byName.length ? ` (${c.byName.map((x) => `${x.role} ${x.channels}`).join(", ")})` : "")
+    const allArrived = r.received === r.messages && r.duplicates === 0
+    out.push("", `3. Many streams: ${fmtInt(r.streams)} StreamSchemaMessages calls on one queue over ${r.grpcChannels} gRPC connection(s), ${fmtInt(r.messages)} messages`)
     out.push(table([
       ["what", "value"],
-      ["all consumers registered after", `${fmt(r.openAllSeconds, 2)} s`],
+      ["all calls started on the client in", `${fmt(r.startCallsSeconds, 2)} s`],
+      ["all consumers registered (opened) after", r.openAllSeconds === null ? `not all: ${fmtInt(r.consumersOpen)} consumers` : `${fmt(r.openAllSeconds, 2)} s`],
       ["all messages arrived after", r.deliverAllSeconds === null ? "not all arrived" : `${fmt(r.deliverAllSeconds, 2)} s`],
-      ["received / duplicates", `${r.received} / ${r.duplicates}`],
-      ["streams that got ≥ 1 message / max per stream", `${r.streamsWithMessages} / ${r.maxPerStream}`],
+      ["received / duplicates", `${fmtInt(r.received)} / ${r.duplicates}`],
+      ["streams that got ≥ 1 message / max per stream", `${fmtInt(r.streamsWithMessages)} / ${r.maxPerStream}`],
       ["stream errors", r.streamErrors ? `${r.streamErrors} (first: ${r.firstStreamError})` : "0"],
       ["proxy RSS idle → peak", `${mb(r.proxyRssIdle)} → ${mb(r.proxyRssPeak)}`],
+      ["proxy RSS per open stream ((peak − idle) / streams)", r.proxyRssPerStream === null ? "n/a" : `${fmt(r.proxyRssPerStream / 1e3, 1)} kB`],
       ["proxy heap used peak", mb(r.proxyHeapUsedPeak)],
+      ["proxy event-loop delay max", r.proxyLoopDelayMaxMs === null ? "n/a" : `${fmt(r.proxyLoopDelayMaxMs, 0)} ms`],
       ["proxy log lines per stream", fmt(r.proxyLogLinesPerStream, 1)],
-      ["broker: proxy connection idle", ch(r.channelsIdle)],
+      ["broker: proxy connections idle", ch(r.channelsIdle)],
       ["broker: with all streams open", ch(r.channelsOpen)],
       ["broker: after cancel", ch(r.channelsAfterCancel) + (r.channelsZeroAfterMs === null ? "" : ` (seen by check #${r.channelsChecks}, done ${fmt(r.channelsZeroAfterMs, 0)} ms after the cancel)`)],
       ["cancel all → 0 consumers", r.cancelToZeroConsumersMs === null ? "timed out" : `${fmt(r.cancelToZeroConsumersMs, 0)} ms`],
       ["ready messages left in the queue", r.leftInQueue === null ? "?" : String(r.leftInQueue)]
     ]))
-    summary.push([`${r.streams} streams: all ${r.messages} messages arrived`, `${r.received}/${r.messages}`, "all", verdict(r.received === r.messages && r.duplicates === 0)])
-    summary.push([`${r.streams} streams: proxy peak RSS`, mb(r.proxyRssPeak), `< ${mb(TARGETS.rssBytes)}`,
-      verdict(r.proxyRssPeak === null ? null : r.proxyRssPeak < TARGETS.rssBytes)])
-    summary.push([`${r.streams} streams: cancel all → 0 consumers`, r.cancelToZeroConsumersMs === null ? "timed out" : `${fmt(r.cancelToZeroConsumersMs, 0)} ms`, "", ""])
-    summary.push([`${r.streams} streams: proxy channels after cancel`, r.channelsAfterCancel === null ? "n/a" : String(r.channelsAfterCancel.channels), "0",
+    const n = fmtInt(r.streams)
+    summary.push([`${n} streams: opened (all consumers on the broker)`, r.openAllSeconds === null ? `not all (${fmtInt(r.consumersOpen)})` : `${fmt(r.openAllSeconds, 2)} s`, "all",
+      verdict(r.openAllSeconds !== null)])
+    summary.push([`${n} streams: all ${fmtInt(r.messages)} messages arrived, none twice`, `${fmtInt(r.received)}/${fmtInt(r.messages)}, ${r.duplicates} dups`, "all", verdict(allArrived)])
+    const target = rssTarget(r.streams)
+    summary.push([`${n} streams: proxy peak RSS`, mb(r.proxyRssPeak), `< ${mb(target)}`,
+      verdict(r.proxyRssPeak === null ? null : r.proxyRssPeak < target)])
+    summary.push([`${n} streams: proxy connections used (with all open)`, r.channelsOpen === null ? "n/a" : String(r.channelsOpen.connections), "", ""])
+    summary.push([`${n} streams: proxy channels open / after cancel`,
+      `${r.channelsOpen === null ? "n/a" : fmtInt(r.channelsOpen.channels)} / ${r.channelsAfterCancel === null ? "n/a" : fmtInt(r.channelsAfterCancel.channels)}`, "… / 0",
       verdict(r.channelsAfterCancel === null ? null : r.channelsAfterCancel.channels === 0)])
+    summary.push([`${n} streams: cancel all → 0 consumers`, r.cancelToZeroConsumersMs === null ? "timed out" : `${fmt(r.cancelToZeroConsumersMs, 0)} ms`, "", ""])
   } else if (st?.error) summary.push(["many streams", `failed: ${st.error}`, "", "FAIL"])
 
   const c = results["cancel"] as PhaseOutcome<Awaited<ReturnType<typeof runCancel>>> | undefined
@@ -486,9 +598,63 @@ const render = (report: { environment: Record<string, unknown>; durationSeconds:
       verdict(r.cancelMs.p50 <= TARGETS.cancelMs)])
   } else if (c?.error) summary.push(["cancel latency", `failed: ${c.error}`, "", "FAIL"])
 
+  const q = results["quorum"] as PhaseOutcome<QuorumResult> | undefined
+  const outcomes: Array<[string, PhaseOutcome<unknown>]> = Object.entries(results)
+    .filter(([phase]) => phase !== "quorum")
+    .map(([phase, o]) => [phase, o as PhaseOutcome<unknown>])
+  if (q?.result) {
+    const r = q.result
+    const cl = r.cluster
+    out.push("", `5. Quorum vs classic queue on the local 3-node cluster (${cl.nodes.join(", ")}; ` +
+      `${cl.wasUp ? "was up" : "started"}, cluster.sh start took ${fmt(cl.startSeconds, 1)} s): ` +
+      `${fmtInt(r.messages)} messages, (a) and (b) alternating, ${r.repetitions} repetitions after a warm-up drain of ${fmtInt(r.warmupMessages)} through each; ` +
+      `broker CPU = the 3 nodes' beam.smp (${cl.pids.length} seen)`)
+    const rows: Array<Array<string>> = [["queue type", "proxy/admin/direct node", "queue leader", "(a) direct msg/s", "(b) stream msg/s", "b/a", "publish msg/s (confirmed)",
+      "proxy CPU µs/msg (b)", "broker CPU µs/msg (a / b)", "all CPU µs/msg (a / b)", "cores busy (a / b)"]]
+    const runs: Array<Array<string>> = []
+    for (const type of QUEUE_TYPES) {
+      const o = r.byType[type]
+      if (o === undefined) continue
+      outcomes.push([`quorum (${type} queue)`, o])
+      if (!o.result) {
+        rows.push([type, `failed: ${o.error ?? "?"}`])
+        summary.push([`${type} queue drains`, `failed: ${o.error ?? "?"}`, "", "FAIL"])
+        continue
+      }
+      const t = o.result.throughput
+      const med = (pick: (run: RunRecord) => number | null, mode: "direct" | "stream") => {
+        const values = t.runs.filter((x) => x.mode === mode).map(pick).filter((v): v is number => v !== null).sort((a, b) => a - b)
+        if (values.length === 0) return null
+        const mid = Math.floor(values.length / 2)
+        return values.length % 2 ? values[mid]! : (values[mid - 1]! + values[mid]!) / 2
+      }
+      const placement = o.result.placement
+      rows.push([
+        type,
+        o.result.node,
+        placement === null ? "?" : `${placement.leader ?? "n/a"}${placement.members.length > 1 ? ` (${placement.members.length} members)` : ""}`,
+        fmtInt(t.medianMsgPerSec.direct),
+        fmtInt(t.medianMsgPerSec.stream),
+        fmt(t.ratioStreamToDirect, 3),
+        fmtInt(o.result.publishMsgPerSec),
+        fmt(t.medianProxyCpuUsPerMsg.stream, 1),
+        `${fmt(med((x) => x.brokerCpuUsPerMsg, "direct"), 1)} / ${fmt(med((x) => x.brokerCpuUsPerMsg, "stream"), 1)}`,
+        `${fmt(t.medianMachineCpuUsPerMsg.direct, 1)} / ${fmt(t.medianMachineCpuUsPerMsg.stream, 1)}`,
+        `${fmt(t.medianMachineCoresBusy.direct, 2)} / ${fmt(t.medianMachineCoresBusy.stream, 2)}`
+      ])
+      runs.push(...runRows(t.runs, `${type} `).slice(runs.length === 0 ? 0 : 1))
+      summary.push([`${type} queue (a) direct / (b) stream (median)`, `${fmtInt(t.medianMsgPerSec.direct)} / ${fmtInt(t.medianMsgPerSec.stream)} msg/s`, "", ""])
+      summary.push([`${type} queue ratio b/a`, fmt(t.ratioStreamToDirect, 3), `≥ ${TARGETS.ratio}`,
+        verdict(t.ratioStreamToDirect === null ? null : t.ratioStreamToDirect >= TARGETS.ratio)])
+    }
+    rows.push(["quorum / classic", "", "", fmt(r.quorumToClassic.direct, 3), fmt(r.quorumToClassic.stream, 3)])
+    out.push(table(rows))
+    if (runs.length > 0) out.push(table(runs))
+    summary.push(["quorum / classic msg/s ((a) / (b))", `${fmt(r.quorumToClassic.direct, 3)} / ${fmt(r.quorumToClassic.stream, 3)}`, "", ""])
+  } else if (q?.error) summary.push(["quorum vs classic", `failed: ${q.error}`, "", "FAIL"])
+
   if (summary.length > 1) out.push("", "Summary", table(summary))
-  for (const [phase, outcome] of Object.entries(results)) {
-    const o = outcome as PhaseOutcome<unknown>
+  for (const [phase, o] of outcomes) {
     if (o.proxy && (o.proxy.warnings > 0 || (o.proxy.exitCode !== 0 && o.proxy.exitCode !== null))) {
       out.push(`note: ${phase} proxy child exited ${String(o.proxy.exitCode)} with ${o.proxy.warnings} warning/error log lines` +
         (o.proxy.problems.length ? `: ${o.proxy.problems.map((p) => JSON.stringify(p)).join(", ")}` : ""))

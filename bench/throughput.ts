@@ -6,7 +6,7 @@
 import type * as amqp from "amqplib"
 import type { MessagingServiceClient } from "../gen/messaging.js"
 import { schemaBody } from "./bodies.js"
-import { type Admin, connect } from "./broker.js"
+import { type Admin, type BrokerEndpoint, connect } from "./broker.js"
 import {
   type Availability,
   type DrainOutcome,
@@ -84,6 +84,14 @@ export interface ThroughputOptions {
   readonly repetitions: number
   /** Drained once through each path before the timed runs, so every path runs JIT-compiled code. */
   readonly warmupMessages: number
+  /** The paths to run (all three by default); the quorum phase runs (a) and (b). */
+  readonly modes?: ReadonlyArray<Mode>
+  /** Where the direct consumer (a) connects; the machine's broker by default. */
+  readonly directEndpoint?: BrokerEndpoint
+  /** The broker processes whose CPU is counted as the broker's; the machine's broker by default. */
+  readonly brokerPids?: ReadonlyArray<number>
+  /** Prefix of the progress lines ("throughput" by default). */
+  readonly label?: string
 }
 
 /** Bodies of one size, differing only in the id: the template is rendered once. */
@@ -117,26 +125,40 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
   const { admin, proxy, messages, prefetch } = options
   const { names } = admin
   const body = bodyFactory(options.bodyBytes)
-  const direct: amqp.ChannelModel = await connect(`bench-direct ${names.prefix}`)
+  const label = options.label ?? "throughput"
+  const modes = options.modes ?? MODES
+  const direct: amqp.ChannelModel = await connect(`bench-direct ${names.prefix}`, options.directEndpoint)
   const client: MessagingServiceClient = await makeClient(proxy.port)
   const runs: Array<RunRecord> = []
   // The broker's own CPU shows what the machine's two cores are shared with.
-  const brokerPid = await findBrokerPid()
-  let subscribe: Availability = { available: true }
+  const brokerPids: ReadonlyArray<number> = options.brokerPids ?? [await findBrokerPid()].filter((p): p is number => p !== undefined)
+  const brokerCpuSeconds = async (): Promise<number | undefined> => {
+    if (brokerPids.length === 0) return undefined
+    let sum = 0
+    for (const pid of brokerPids) {
+      const seconds = await processCpuSeconds(pid)
+      if (seconds === undefined) return undefined
+      sum += seconds
+    }
+    return sum
+  }
+  let subscribe: Availability = modes.includes("subscribe") ? { available: true } : { available: false, reason: "not run" }
   try {
-    subscribe = await probeSubscribe(client)
-    await admin.waitQueue(names.schemas, (s) => s.consumerCount === 0, 10_000, 5)
-    if (!subscribe.available) log(`SubscribeSchemaMessages not available (${subscribe.reason}): (c) is n/a`)
+    if (modes.includes("subscribe")) {
+      subscribe = await probeSubscribe(client)
+      await admin.waitQueue(names.schemas, (s) => s.consumerCount === 0, 10_000, 5)
+      if (!subscribe.available) log(`SubscribeSchemaMessages not available (${subscribe.reason}): (c) is n/a`)
+    }
     if (options.warmupMessages > 0) {
-      for (const mode of MODES) {
+      for (const mode of modes) {
         if (mode === "subscribe" && !subscribe.available) continue
         const warm = await runOne(mode, 0, options.warmupMessages)
-        log(`throughput warm-up ${MODE_LABEL[mode]}: ${warm.error ?? `${Math.round(warm.msgPerSec ?? 0)} msg/s (not counted)`}`)
+        log(`${label} warm-up ${MODE_LABEL[mode]}: ${warm.error ?? `${Math.round(warm.msgPerSec ?? 0)} msg/s (not counted)`}`)
       }
     }
 
     for (let repetition = 1; repetition <= options.repetitions; repetition++) {
-      for (const mode of MODES) {
+      for (const mode of modes) {
         if (mode === "subscribe" && !subscribe.available) continue
         const record = await runOne(mode, repetition)
         runs.push(record)
@@ -144,7 +166,7 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
           subscribe = { available: false, reason: record.error }
         }
         log(
-          `throughput ${MODE_LABEL[mode]} #${repetition}: ` +
+          `${label} ${MODE_LABEL[mode]} #${repetition}: ` +
             (record.msgPerSec === null ? `failed: ${record.error}` : `${Math.round(record.msgPerSec)} msg/s`) +
             ` (publish ${record.publishSeconds.toFixed(1)} s, left ${record.leftInQueue})`
         )
@@ -197,7 +219,7 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
     const viaProxy = mode !== "direct"
     const sampler = viaProxy ? new ResourceSampler(proxy) : undefined
     const proxyCpuBefore = await proxy.cpuSeconds()
-    const brokerCpuBefore = brokerPid === undefined ? undefined : await processCpuSeconds(brokerPid)
+    const brokerCpuBefore = await brokerCpuSeconds()
     const machineBefore = await machineCpuSeconds()
     const clientCpuBefore = process.cpuUsage()
     let outcome: DrainOutcome
@@ -215,7 +237,7 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
     }
     const clientCpu = cpuSecondsOf(process.cpuUsage(clientCpuBefore))
     const machineAfter = await machineCpuSeconds()
-    const brokerCpuAfter = brokerPid === undefined ? undefined : await processCpuSeconds(brokerPid)
+    const brokerCpuAfter = await brokerCpuSeconds()
     const proxyCpuAfter = await proxy.cpuSeconds()
     const resources = await sampler?.stop()
     const left = await settle()

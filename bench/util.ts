@@ -102,3 +102,16 @@ export const table = (rows: ReadonlyArray<ReadonlyArray<string>>): string => {
 export const log = (message: string): void => {
   process.stderr.write(`[bench ${new Date().toISOString().slice(11, 23)}] ${message}\n`)
 }
+
+/** What a phase (or one proxy child's part of it) came to: a result or an error, and how the proxy child fared. */
+export interface PhaseOutcome<A> {
+  readonly result?: A
+  readonly error?: string
+  readonly proxy?: {
+    readonly exitCode: number | null
+    readonly logLines: number
+    readonly warnings: number
+    readonly problems: ReadonlyArray<string>
+    readonly tail?: ReadonlyArray<string>
+  }
+}
