@@ -29,6 +29,31 @@ export class GrpcServer extends Context.Service<GrpcServer, {
 
 class BindError extends AmqpError {}
 
+/**
+ * Node's HTTP/2 flood limits, sized for real clients. A grpcio client that opens and cancels
+ * 2,000 calls at once on one connection trips two of them, and then Node closes the whole
+ * session: every other call on that connection dies with `UNAVAILABLE: Socket closed`.
+ * - `streamResetBurst`/`streamResetRate` (defaults 1,000 and 33/s): streams the client reset, the
+ *   rapid-reset mitigation of CVE-2023-44487;
+ * - `maxSessionRejectedStreams` (default 100): streams Node refused because cancelled ones were
+ *   not yet cleaned up and its own count of open streams was at the HTTP/2 limit.
+ * Both become 4 × the HTTP/2 max concurrent streams (4,400 by default: a connection may cancel
+ * every stream it may have open four times over at once), and resets refill at 200/s, so a client
+ * that keeps resetting streams still loses its session; beyond those, calls are refused one by
+ * one (our per-connection limit answers RESOURCE_EXHAUSTED). grpc-js (1.14.7) does not expose
+ * these options: they go into the options object it hands to `http2.createServer` when the
+ * server binds (its `commonServerOptions`). Measured: test/originalClient.test.ts fails with
+ * Node's defaults (the long call ends) and passes with these.
+ * Source: Node.js http2 docs, `http2.createServer` options.
+ */
+const allowStreamResetBurst = (server: grpc.Server, http2MaxConcurrentStreams: number) => {
+  const internals = server as unknown as { commonServerOptions?: Record<string, unknown> }
+  if (internals.commonServerOptions === undefined) throw new Error("grpc-js no longer has Server.commonServerOptions")
+  internals.commonServerOptions["streamResetBurst"] = 4 * http2MaxConcurrentStreams
+  internals.commonServerOptions["streamResetRate"] = 200
+  internals.commonServerOptions["maxSessionRejectedStreams"] = 4 * http2MaxConcurrentStreams
+}
+
 const make = Effect.gen(function*() {
   const settings = yield* ProxyConfig
   const broker = yield* Broker
@@ -50,6 +75,7 @@ const make = Effect.gen(function*() {
   }
 
   const { grpc: limits } = settings
+  const http2MaxConcurrentStreams = limits.maxConcurrentStreamsPerConnection + 100
   const server = new grpc.Server({
     "grpc.max_receive_message_length": limits.maxMessageBytes,
     "grpc.max_send_message_length": limits.maxMessageBytes,
@@ -60,8 +86,9 @@ const make = Effect.gen(function*() {
     "grpc.http2.min_ping_interval_without_data_ms": 10_000,
     // Our own per-connection stream limit answers RESOURCE_EXHAUSTED first; HTTP/2's is a backstop
     // with headroom for unary calls, since above it clients queue instead of getting an error.
-    "grpc.max_concurrent_streams": limits.maxConcurrentStreamsPerConnection + 100
+    "grpc.max_concurrent_streams": http2MaxConcurrentStreams
   })
+  allowStreamResetBurst(server, http2MaxConcurrentStreams)
   server.addService(MessagingServiceDefinition, guardHandlers(makeHandlers(settings, run), access, observer))
   // The server ("" and the service) follows the broker connections; each declared queue has an
   // entry of its own, named by the queue, that is also NOT_SERVING while that queue is unavailable.

@@ -9,7 +9,9 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import { fileURLToPath } from "node:url"
+import { spawn } from "node:child_process"
 import { randomBytes } from "node:crypto"
+import { createInterface } from "node:readline"
 import { validationBody } from "./fixtures/bodies.js"
 import { makeTestEnv, publishJson, waitForQueue } from "./support/harness.js"
 import { compilePythonProto, python, runOk } from "./support/python.js"
@@ -19,7 +21,60 @@ const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/original/${n
 /** A valid validation body whose file_data is `bytes` random bytes in hex (as the API writes files). */
 const fileBody = (id: string, bytes: number) => ({ ...validationBody(id), file_data: randomBytes(bytes).toString("hex") })
 
+/** A child process spoken to line by line: `line()` is its next stdout line, `send` writes one. */
+const interactive = (command: string, args: ReadonlyArray<string>) =>
+  Effect.acquireRelease(
+    Effect.sync(() => {
+      const child = spawn(command, args, { stdio: ["pipe", "pipe", "pipe"] })
+      const lines: Array<string> = []
+      const waiting: Array<(line: string) => void> = []
+      let stderr = ""
+      child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()))
+      createInterface({ input: child.stdout }).on("line", (l) => {
+        const waiter = waiting.shift()
+        if (waiter) waiter(l)
+        else lines.push(l)
+      })
+      const line = Effect.callback<string, Error>((resume) => {
+        const ready = lines.shift()
+        if (ready !== undefined) return resume(Effect.succeed(ready))
+        waiting.push((l) => resume(Effect.succeed(l)))
+        child.once("exit", (code) => resume(Effect.fail(new Error(`${command} exited ${code}: ${stderr}`))))
+      })
+      return { child, line, send: (text: string) => Effect.sync(() => void child.stdin.write(`${text}\n`)) }
+    }),
+    ({ child }) => Effect.sync(() => child.kill("SIGKILL"))
+  )
+
 describe("the original clients (Python grpcio + pika, original proto)", () => {
+  it.live("2,000 calls opened and cancelled at once on one grpcio connection leave its other call alive (issue 10, fault 9)", () =>
+    Effect.gen(function*() {
+      const { names, port, admin } = yield* makeTestEnv()
+      const pb2 = yield* compilePythonProto(fixture("messaging.proto"))
+      const client = yield* interactive(python, [fixture("cancel_flood.py"), pb2, `127.0.0.1:${port}`, "2000", "wait"])
+      assert.strictEqual(yield* client.line, "opened")
+      // As many as the per-connection limit lets in (1,000 streams, the long one included).
+      yield* waitForQueue(admin, names.validations, (q) => q.consumerCount === 1, 30_000)
+      yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 999, 30_000)
+      yield* client.send("cancel")
+      assert.strictEqual(yield* client.line, "cancelled")
+      yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0, 30_000)
+      yield* publishJson(admin, names.exchange, "validation.*", validationBody("after-flood"))
+      assert.deepStrictEqual(JSON.parse(yield* client.line), { id: "after-flood" })
+    }), 120_000)
+
+  it.live("2,000 calls each cancelled right after it opens (a rapid-reset pattern) on one grpcio connection leave its other call alive (issue 10, fault 9)", () =>
+    Effect.gen(function*() {
+      const { names, port, admin } = yield* makeTestEnv()
+      const pb2 = yield* compilePythonProto(fixture("messaging.proto"))
+      const client = yield* interactive(python, [fixture("cancel_flood.py"), pb2, `127.0.0.1:${port}`, "2000", "immediate"])
+      assert.strictEqual(yield* client.line, "cancelled")
+      yield* waitForQueue(admin, names.validations, (q) => q.consumerCount === 1, 30_000)
+      yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0, 30_000)
+      yield* publishJson(admin, names.exchange, "validation.*", validationBody("after-resets"))
+      assert.deepStrictEqual(JSON.parse(yield* client.line), { id: "after-resets" })
+    }), 120_000)
+
   it.live("a message larger than a default client accepts (4 MiB) is dead-lettered, not sent; the client gets the next one (issue 10, fault 1)", () =>
     Effect.gen(function*() {
       const { names, port, admin } = yield* makeTestEnv()
