@@ -144,6 +144,11 @@ export const serveSubscription = <A>(
     // across the channels a subscription goes through when the broker connection is re-made.
     const pending = new Map<string, Delivery>()
     let nextId = 1n
+    /**
+     * The highest delivery id the client settled: it had read every delivery up to it (a gRPC
+     * stream is ordered). What lies beyond it and the one after it may never have been read.
+     */
+    let highestSettled = 0n
 
     const pump = admittedDeliveries({
       queue: spec.queue,
@@ -195,6 +200,7 @@ export const serveSubscription = <A>(
           else {
             pending.delete(id)
             found.push([id, delivery])
+            if (BigInt(id) > highestSettled) highestSettled = BigInt(id)
           }
         }
         yield* settleError(unknown, "unknown or already settled delivery id")
@@ -313,14 +319,20 @@ export const serveSubscription = <A>(
       })
 
     const pumpFiber = yield* Effect.forkScoped(pump)
-    // A client that leaves (cancel, crash, half-close) holding deliveries gave them back: count
-    // that, so a message that kills its consumers reaches the requeue limit. This finalizer runs
-    // before the pump's channel closes. On shutdown or a lost connection the broker requeues them
-    // itself, flagged but uncounted: those are not the message's fault.
+    // A client that leaves (cancel, crash, half-close) holding deliveries it had gave them back:
+    // count that, so a message that kills its consumers reaches the requeue limit. "Had" means
+    // every unsettled delivery up to the highest id it settled, plus the next one (the one it was
+    // most likely working on when it left: a poison message at the head is counted every time).
+    // The rest may never have been read (written into the call, buffered on the way, never taken
+    // by the client app): they go back uncounted with the channel's close, flagged `redelivered`,
+    // so a slow client that leaves often does not dead-letter messages nobody read. This
+    // finalizer runs before the pump's channel closes. On shutdown or a lost connection the broker
+    // requeues all of them itself, flagged but uncounted: those are not the message's fault.
     yield* Effect.addFinalizer((exit) => {
       if (pending.size === 0 || !(call.cancelled || Exit.isSuccess(exit))) return Effect.void
-      const unsettled = [...pending.values()]
+      const unsettled = [...pending].filter(([id]) => BigInt(id) <= highestSettled + 1n).map(([, delivery]) => delivery)
       pending.clear()
+      if (unsettled.length === 0) return Effect.void
       const note = `unsettled when ${consumerName || "a subscriber"} left`
       // Stop the broker pushing first (on every channel involved), or it could hand a requeued
       // copy straight back to us.

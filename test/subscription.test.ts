@@ -145,6 +145,28 @@ describe("acknowledged subscriptions", () => {
       assert.strictEqual(source.messageCount, 0, "not looping in the source queue")
     }))
 
+  it.live("a subscriber that leaves holding what it never settled does not dead-letter it: 10 rounds of 32 in flight, one ack each (issue 10, fault 3)", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      const ids = Array.from({ length: 40 }, (_, i) => `r-${i}`)
+      yield* publishSchemas(env, ids)
+      const acked: Array<string> = []
+      for (let round = 0; round < 10; round++) {
+        const sub = yield* subscribeSchemas(env.client, { maxInFlight: 32 })
+        const got = yield* sub.deliveries(Math.min(32, 40 - round))
+        yield* sub.ack(got[0]!.info!.deliveryId)
+        yield* sub.settled
+        acked.push(got[0]!.message!.id)
+        // The client leaves (its deadline, a restart) holding the rest, unsettled.
+        sub.call.cancel()
+        yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 0 && q.messageCount === 39 - round)
+      }
+      // Only the delivery after the last one settled was counted each round (the one the client
+      // was presumably working on): nothing reached the requeue limit, nothing was dead-lettered.
+      assert.strictEqual((yield* waitForQueue(env.admin, env.names.schemasDead)).messageCount, 0)
+      assert.strictEqual(new Set(acked).size, 10)
+    }))
+
   it.live("max_in_flight bounds what the proxy holds; an ack lets the next one through", () =>
     Effect.gen(function*() {
       const env = yield* makeTestEnv()
