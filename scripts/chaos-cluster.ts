@@ -35,11 +35,7 @@
  * by default), CLUSTER_BASE_PORT (as for cluster.sh: 5681).
  */
 import type * as amqp from "amqplib"
-import { mkdirSync } from "node:fs"
-import { tmpdir } from "node:os"
 import { join } from "node:path"
-import { fileURLToPath } from "node:url"
-import { schemaBody } from "../test/fixtures/bodies.js"
 import { makeNames, proxyEnv, type TestNames } from "../test/support/harness.js"
 import {
   type ClusterNode,
@@ -57,110 +53,63 @@ import {
   runPublisher
 } from "./chaos-nodes.js"
 import {
-  type AckedLine,
-  type ClientEvent,
-  type ClientProcess,
+  chaosProxyTimeouts,
+  ClientPool,
+  makeClock,
+  makeLogDir,
+  messageBody,
+  messageId,
+  messageIdOf,
+  newRunState,
+  parseFaultKinds,
+  proxyLogSink,
+  proxyMain,
+  queueAfterClients,
+  readSettings,
+  runFaultLoop,
+  type RunState,
+  signalAndRestartProxy,
+  stopProxy,
+  Supervisor,
+  waitForEnd,
+  waitQueueEmpty,
+  writeReport
+} from "./chaos-run.js"
+import {
   envNumber,
   errorText,
   formatTally,
   freePort,
   type ProxyInstance,
-  type ProxyLogLine,
   sleep,
-  startClientProcess,
   startProxyProcess,
   Tally,
-  truncate,
-  within
+  truncate
 } from "./chaos-support.js"
 
 // ---- settings ----------------------------------------------------------------------------------
 
-const settings = (() => {
-  const hold = (process.env["CHAOS_HOLD_MS"] ?? "20-300").split("-").map(Number)
-  return {
-    n: Math.floor(envNumber("CHAOS_N", 10_000, 1)),
-    timeoutMs: envNumber("CHAOS_TIMEOUT_SECONDS", 120, 1) * 1000,
-    clients: Math.floor(envNumber("CHAOS_CLIENTS", 6, 1)),
-    publishMs: envNumber("CHAOS_PUBLISH_SECONDS", 60, 0) * 1000,
-    faultIntervalMs: envNumber("CHAOS_FAULT_INTERVAL_SECONDS", 4, 0.5) * 1000,
-    nodeDownMs: envNumber("CHAOS_NODE_DOWN_SECONDS", 8, 0) * 1000,
-    maxInFlight: Math.floor(envNumber("CHAOS_MAX_IN_FLIGHT", 32, 1)),
-    holdMin: Number.isFinite(hold[0]) ? hold[0]! : 20,
-    holdMax: Number.isFinite(hold[1]) ? hold[1]! : Number.isFinite(hold[0]) ? hold[0]! : 300
-  }
-})()
+const settings = readSettings({ clients: 6, publishSeconds: 60 }, () => ({
+  nodeDownMs: envNumber("CHAOS_NODE_DOWN_SECONDS", 8, 0) * 1000
+}))
 
 type FaultKind = "kill-leader" | "kill-follower" | "kill-proxy" | "term-proxy" | "cancel-call" | "kill-client"
 const allFaultKinds: ReadonlyArray<FaultKind> = ["kill-leader", "kill-follower", "kill-proxy", "term-proxy", "cancel-call", "kill-client"]
 const defaultFaultKinds: ReadonlyArray<FaultKind> = allFaultKinds.filter((k) => k !== "term-proxy")
 const isNodeFault = (kind: FaultKind): kind is "kill-leader" | "kill-follower" => kind === "kill-leader" || kind === "kill-follower"
 
-const parseFaultKinds = (): ReadonlyArray<FaultKind> => {
-  const raw = process.env["CHAOS_FAULTS"]
-  if (raw === undefined || raw.trim() === "") return defaultFaultKinds
-  const picked = raw.split(",").map((k) => k.trim()).filter((k) => k !== "")
-  const unknown = picked.filter((k) => !allFaultKinds.some((f) => f === k))
-  if (unknown.length > 0 || picked.length === 0) {
-    process.stderr.write(`chaos --cluster: CHAOS_FAULTS: unknown fault(s) ${unknown.join(", ")}; known: ${allFaultKinds.join(", ")}\n`)
-    process.exit(2)
-  }
-  return allFaultKinds.filter((k) => picked.includes(k))
-}
+const parseClusterFaultKinds = (): ReadonlyArray<FaultKind> => parseFaultKinds("chaos --cluster", allFaultKinds, defaultFaultKinds)
 
-const proxyMain = fileURLToPath(new URL("../src/main.js", import.meta.url))
-const clientScript = fileURLToPath(new URL("./chaos-client.js", import.meta.url))
-const t0 = Date.now()
-const elapsed = (at = Date.now()): string => `+${((at - t0) / 1000).toFixed(1)}s`
-const progress = (text: string): void => void process.stderr.write(`[chaos --cluster ${elapsed()}] ${text}\n`)
+const clock = makeClock("chaos --cluster")
+const { t0, elapsed, progress } = clock
 
 // ---- bookkeeping -------------------------------------------------------------------------------
 
-interface FaultRecord {
-  readonly at: number
-  readonly kind: FaultKind | "restart-node" | "unexpected"
-  detail: string
-}
-
-interface State {
-  readonly published: Map<string, number> // id -> confirm time
-  readonly received: Map<string, number> // id -> times reported
-  lines: number
-  lastProgressAt: number
-  redeliveredFlag: number
-  readonly deliveryCounts: Tally
-  readonly perClient: Tally
-  readonly settleErrors: Tally
-  readonly callEnds: Tally
-  readonly faults: Array<FaultRecord>
-  readonly proxyNotable: Tally
-  readonly proxySamples: Map<string, ProxyLogLine>
-  readonly subscriptionEnds: Tally
-  readonly proxyRaw: Array<string>
-  readonly garbage: Array<string>
+interface State extends RunState<FaultKind | "restart-node"> {
   readonly publisherEvents: Array<string>
 }
 
-const newState = (): State => ({
-  published: new Map(),
-  received: new Map(),
-  lines: 0,
-  lastProgressAt: Date.now(),
-  redeliveredFlag: 0,
-  deliveryCounts: new Tally(),
-  perClient: new Tally(),
-  settleErrors: new Tally(),
-  callEnds: new Tally(),
-  faults: [],
-  proxyNotable: new Tally(),
-  proxySamples: new Map(),
-  subscriptionEnds: new Tally(),
-  proxyRaw: [],
-  garbage: [],
-  publisherEvents: []
-})
-
-const quietLevels = new Set(["INFO", "DEBUG", "TRACE"])
+const newState = (): State => ({ ...newRunState<FaultKind | "restart-node">(), publisherEvents: [] })
 
 /** One of the two proxies: a fixed port, and the instances that served on it one after another. */
 interface ProxySlot {
@@ -185,9 +134,8 @@ const run = async (
   state: State,
   cleanup: Array<() => Promise<void>>
 ): Promise<number> => {
-  const faultKinds = parseFaultKinds()
-  const logDir = join(tmpdir(), `messaging-proxy-chaos-${names.prefix}`)
-  mkdirSync(logDir, { recursive: true })
+  const faultKinds = parseClusterFaultKinds()
+  const logDir = makeLogDir(names.prefix)
   const nodeName = (label: unknown): string => {
     const port = Number(String(label).split(":").pop())
     return nodes.find((n) => n.port === port)?.name ?? String(label)
@@ -209,30 +157,16 @@ const run = async (
       RABBITMQ_HOSTS: hosts,
       RABBITMQ_QUEUE_TYPE: "quorum",
       RABBITMQ_CONNECTION_NAME: `messaging-proxy ${names.prefix} #${slot.slot}`,
-      MESSAGING_SHUTDOWN_TIMEOUT_SECONDS: "2",
-      RABBITMQ_RECONNECT_MAX_DELAY_SECONDS: "2"
+      ...chaosProxyTimeouts
     })
   let instanceCount = 0
   const historyOf = new Map<number, ProxySlot["history"][number]>()
-  let shuttingDown = false
-  let unexpectedRestarts = 0
-  const sink = {
-    onLog: (line: ProxyLogLine) => {
-      const entry = historyOf.get(line.instance)
-      if (line.text === "connected to broker" && entry !== undefined) entry.nodes.push(nodeName(line.fields["node"]))
-      if (line.text === "broker connection lost, reconnecting" && entry !== undefined) entry.connectionLosses++
-      if (line.text === "subscription ended") {
-        state.subscriptionEnds.add(String(line.fields["reason"] ?? "?").replaceAll(names.prefix, "<prefix>"))
-      }
-      if (quietLevels.has(line.level)) return
-      const key = `${line.level} ${line.text}`
-      state.proxyNotable.add(key)
-      if (!state.proxySamples.has(key)) state.proxySamples.set(key, line)
-    },
-    onRaw: (instance: number, stream: "stdout" | "stderr", line: string) => {
-      if (state.proxyRaw.length < 200) state.proxyRaw.push(`proxy#${instance} ${stream}: ${line}`)
-    }
-  }
+  const supervisor = new Supervisor(state, progress)
+  const sink = proxyLogSink(state, names.prefix, (line) => {
+    const entry = historyOf.get(line.instance)
+    if (line.text === "connected to broker" && entry !== undefined) entry.nodes.push(nodeName(line.fields["node"]))
+    if (line.text === "broker connection lost, reconnecting" && entry !== undefined) entry.connectionLosses++
+  })
   const startProxy = async (slot: ProxySlot): Promise<ProxyInstance> => {
     const number = ++instanceCount
     const instance = startProxyProcess(number, proxyMain, envOf(slot), join(logDir, `proxy-${slot.slot}-${number}.log`), sink)
@@ -242,28 +176,14 @@ const run = async (
     slot.current = instance
     void instance.exited.then((exit) => {
       entry.exit = exit.signal ?? `code ${exit.code}`
-      if (instance.expectedExit || shuttingDown) return
-      state.faults.push({
-        at: exit.at,
-        kind: "unexpected",
-        detail: `proxy #${number} (port ${slot.port}) pid=${instance.pid} exited on its own: code=${exit.code} signal=${exit.signal}`
-      })
-      if (slot.current !== instance) return
-      if (++unexpectedRestarts > 10) return progress(`UNEXPECTED: proxy #${number} exited; too many restarts, giving up`)
-      progress(`UNEXPECTED: proxy #${number} exited (code=${exit.code} signal=${exit.signal}); restarting`)
-      void sleep(500).then(() => startProxy(slot)).catch((e) => progress(errorText(e)))
     })
+    supervisor.watchProxy(instance, ` (port ${slot.port})`, () => slot.current === instance, () => startProxy(slot))
     await instance.ready
     return instance
   }
   cleanup.push(async () => {
-    shuttingDown = true
-    await Promise.all(slots.map(async (slot) => {
-      const p = slot.current
-      if (p === undefined) return
-      p.kill("SIGTERM")
-      if ((await within(p.exited, 8_000)) === undefined) p.kill("SIGKILL")
-    }))
+    supervisor.shuttingDown = true
+    await Promise.all(slots.map((slot) => stopProxy(slot.current)))
   })
   await Promise.all(slots.map(startProxy))
   progress(`proxies connected: ${slots.map((s) => `#${s.current?.number} on port ${s.port} via ${s.history.at(-1)?.nodes[0] ?? "?"}`).join(", ")}`)
@@ -272,78 +192,21 @@ const run = async (
   await admin.use("check the schemas queue", (ch) => ch.checkQueue(names.schemas), 15_000, 10)
 
   // -- consumers, spread over both proxies, supervised the same way.
-  const clients = new Map<string, ClientProcess>()
-  const clientSlot = new Map<string, ProxySlot>()
-  const pendingCancels = new Map<string, FaultRecord>()
-  let clientCount = 0
-  const clientSink = {
-    onAcked: (client: string, line: AckedLine) => {
-      state.lines++
-      const before = state.received.get(line.id) ?? 0
-      state.received.set(line.id, before + 1)
-      if (before === 0) state.lastProgressAt = Date.now()
-      if (line.redelivered) state.redeliveredFlag++
-      state.deliveryCounts.add(String(line.deliveryCount))
-      state.perClient.add(client)
-    },
-    onEvent: (event: ClientEvent) => {
-      if (event.event === "callEnded") {
-        const by = event["endedBy"]
-        state.callEnds.add(
-          by === "cancel" ? "CANCELLED by the client (fault)"
-          : by === "stop" ? `${String(event["code"])} after the client's half-close (end of run)`
-          : `${String(event["code"])}: ${String(event["details"]).replaceAll(names.prefix, "<prefix>").replace(/ \(\d{4}-[^)]*\)/g, "")}`
-        )
-      } else if (event.event === "cancelling") {
-        const entry = pendingCancels.get(event.client)
-        pendingCancels.delete(event.client)
-        if (entry !== undefined) entry.detail += `; it held ${String(event["held"])} unacked deliveries on call #${String(event["call"])}`
-      } else if (event.event === "settleError") {
-        const ids = Array.isArray(event["ids"]) ? event["ids"].length : 0
-        state.settleErrors.add(String(event["reason"]), ids)
-      }
-    },
-    onGarbage: (client: string, line: string) => {
-      if (state.garbage.length < 50) state.garbage.push(`${client}: ${line}`)
-    }
-  }
-  const startClient = (slot: ProxySlot): ClientProcess => {
-    const name = `chaos-${++clientCount}`
-    const client = startClientProcess(
-      clientScript,
-      name,
-      [String(slot.port), String(settings.maxInFlight), String(settings.holdMin), String(settings.holdMax)],
-      join(logDir, `client-${name}.log`),
-      clientSink
-    )
-    clients.set(name, client)
-    clientSlot.set(name, slot)
-    void client.exited.then((exit) => {
-      clients.delete(name)
-      if (client.expectedExit || shuttingDown) return
-      state.faults.push({
-        at: exit.at,
-        kind: "unexpected",
-        detail: `${name} pid=${client.pid} exited on its own: code=${exit.code} signal=${exit.signal}; replaced`
-      })
-      if (++unexpectedRestarts > 10) return progress(`UNEXPECTED: ${name} exited; too many restarts, giving up`)
-      progress(`UNEXPECTED: ${name} exited (code=${exit.code} signal=${exit.signal}); starting a replacement`)
-      void sleep(500).then(() => {
-        if (!shuttingDown) startClient(slot)
-      })
-    })
-    return client
-  }
-  cleanup.push(async () => {
-    shuttingDown = true
-    const all = [...clients.values()]
-    for (const c of all) c.kill("SIGKILL")
-    await Promise.all(all.map((c) => c.exited))
+  const clients = new ClientPool<FaultKind | "restart-node", ProxySlot>({
+    state,
+    supervisor,
+    settings,
+    logDir,
+    prefix: names.prefix,
+    port: (slot) => slot.port,
+    where: (slot) => ` (proxy port ${slot.port})`,
+    replacementNote: " on the same proxy"
   })
-  for (let i = 0; i < settings.clients; i++) startClient(slots[i % 2]!)
+  cleanup.push(() => clients.killAll())
+  for (let i = 0; i < settings.clients; i++) clients.start(slots[i % 2]!)
 
   // -- the publisher, failing over among the nodes by itself.
-  const ids = Array.from({ length: settings.n }, (_, i) => `${names.prefix}-${String(i).padStart(6, "0")}`)
+  const ids = Array.from({ length: settings.n }, (_, i) => messageId(names.prefix, i))
   const stopPublisher = new AbortController()
   let publishDone = false
   let publisherResult: PublisherResult | undefined
@@ -353,7 +216,7 @@ const run = async (
     exchange: names.exchange,
     routingKey: "schemas.chaos",
     ids,
-    body: (id) => Buffer.from(JSON.stringify(schemaBody(id))),
+    body: messageBody,
     spreadMs: settings.publishMs,
     confirmTimeoutMs: 20_000,
     giveUpMs: settings.timeoutMs,
@@ -375,34 +238,13 @@ const run = async (
 
   // -- faults
   const stopFaults = new AbortController()
-  const doneKinds = new Set<FaultKind>()
-  const record = (kind: FaultRecord["kind"], detail: string): FaultRecord => {
-    const entry: FaultRecord = { at: Date.now(), kind, detail }
-    state.faults.push(entry)
-    progress(`fault ${kind}: ${detail}`)
-    return entry
-  }
-  const pickClient = (): ClientProcess | undefined => {
-    const alive = [...clients.values()].filter((c) => c.alive && !c.expectedExit)
-    return alive[Math.floor(Math.random() * alive.length)]
-  }
+  const record = (kind: FaultKind | "restart-node" | "unexpected", detail: string) => supervisor.record(kind, detail)
   const restartProxy = async (signal: "SIGKILL" | "SIGTERM"): Promise<void> => {
     const slot = slots[Math.floor(Math.random() * slots.length)]!
     const old = slot.current
     if (old === undefined) return
     const entry = record(signal === "SIGKILL" ? "kill-proxy" : "term-proxy", `proxy #${old.number} (port ${slot.port}, on ${slot.history.at(-1)?.nodes.at(-1) ?? "?"}) pid=${old.pid} ${signal}`)
-    const killedAt = Date.now()
-    old.kill(signal)
-    const exit = await within(old.exited, 10_000)
-    if (exit === undefined) {
-      entry.detail += "; still running 10 s later (SUSPICIOUS), SIGKILLed"
-      old.kill("SIGKILL")
-      await old.exited
-    } else {
-      entry.detail += `; exited code=${exit.code} signal=${exit.signal} after ${exit.at - killedAt} ms`
-      if (signal === "SIGTERM" && exit.code !== 0) entry.detail += " (SUSPICIOUS: expected exit code 0)"
-    }
-    const next = await startProxy(slot)
+    const { next, killedAt } = await signalAndRestartProxy(old, signal, entry, () => startProxy(slot))
     entry.detail += `; proxy #${next.number} on the same port connected via ${slot.history.at(-1)?.nodes[0] ?? "?"} ${Date.now() - killedAt} ms after the kill`
   }
 
@@ -478,30 +320,12 @@ const run = async (
       case "kill-leader":
       case "kill-follower":
         return startNodeFault(kind)
-      case "cancel-call": {
-        const c = pickClient()
-        if (c === undefined) {
-          record(kind, "no live client")
-          return true
-        }
-        pendingCancels.set(c.name, record(kind, `${c.name} (proxy port ${clientSlot.get(c.name)?.port}) told to cancel its call and open a new one`))
-        c.send("cancel")
+      case "cancel-call":
+        clients.cancelCall((detail) => record(kind, detail))
         return true
-      }
-      case "kill-client": {
-        const c = pickClient()
-        if (c === undefined) {
-          record(kind, "no live client")
-          return true
-        }
-        const slot = clientSlot.get(c.name) ?? slots[0]!
-        const entry = record(kind, `${c.name} (proxy port ${slot.port}) pid=${c.pid} SIGKILL`)
-        c.kill("SIGKILL")
-        const exit = await c.exited
-        const replacement = startClient(slot)
-        entry.detail += `; exited signal=${exit.signal}; replacement ${replacement.name} started on the same proxy`
+      case "kill-client":
+        await clients.killClient((detail) => record(kind, detail))
         return true
-      }
       case "kill-proxy":
         await restartProxy("SIGKILL")
         return true
@@ -510,30 +334,19 @@ const run = async (
         return true
     }
   }
-  const faultLoop = (async () => {
-    await sleep(Math.min(3_000, settings.faultIntervalMs), stopFaults.signal)
-    let round: Array<FaultKind> = []
-    while (!stopFaults.signal.aborted) {
-      if (publishDone && doneKinds.size === faultKinds.length) break
-      if (round.length === 0) round = [...faultKinds].sort(() => Math.random() - 0.5)
-      // A node fault waits while another one is in progress (never two nodes down).
-      const index = round.findIndex((k) => !isNodeFault(k) || nodeFault === undefined)
-      if (index < 0) {
-        await Promise.race([nodeFault, sleep(60_000, stopFaults.signal)])
-        continue
-      }
-      const kind = round.splice(index, 1)[0]!
-      let done = true
-      try {
-        done = await runFault(kind)
-      } catch (error) {
-        record(kind, `FAILED: ${errorText(error)}`)
-      }
-      if (done) doneKinds.add(kind)
-      else round.push(kind)
-      await sleep(settings.faultIntervalMs * (0.75 + Math.random() * 0.5), stopFaults.signal)
+  const faultLoop = runFaultLoop({
+    kinds: faultKinds,
+    intervalMs: settings.faultIntervalMs,
+    stop: stopFaults.signal,
+    publishDone: () => publishDone,
+    run: runFault,
+    record,
+    // A node fault waits while another one is in progress (never two nodes down).
+    hold: {
+      blocked: (kind) => isNodeFault(kind) && nodeFault !== undefined,
+      wait: () => Promise.race([nodeFault, sleep(60_000, stopFaults.signal)])
     }
-  })()
+  })
   /** Waits for the node fault in progress, then makes sure every node runs again. */
   const allNodesUp = async (): Promise<void> => {
     while (nodeFault !== undefined) await nodeFault
@@ -572,39 +385,20 @@ const run = async (
   })
 
   // -- wait until everything arrived, or nothing new did for CHAOS_TIMEOUT_SECONDS.
-  let outcome = "all published ids received"
-  let lastReport = 0
-  let lastQueueCheck = 0
-  while (true) {
-    await sleep(100)
-    const now = Date.now()
-    if (now - lastReport >= 5_000) {
-      lastReport = now
-      progress(
-        `published=${state.published.size} received-unique=${state.received.size} lines=${state.lines} ` +
-          `clients=${clients.size} proxies=${slots.map((s) => `#${s.current?.number ?? "-"}`).join(",")} ` +
-          `down=${[...down].map((i) => `mpc${i}`).join(",") || "none"} faults=${state.faults.length}`
-      )
-    }
-    if (publishDone && state.received.size >= state.published.size) break
-    if (now - state.lastProgressAt > settings.timeoutMs) {
-      outcome = `no new id for ${settings.timeoutMs / 1000} s`
-      break
-    }
-    // Everything not received is in the dead-letter queue and nothing is waiting: no point waiting.
-    if (publishDone && now - state.lastProgressAt > 10_000 && now - lastQueueCheck > 2_000) {
-      lastQueueCheck = now
-      const counts = await Promise.all([names.schemas, names.schemasDead].map((q) =>
-        admin.use(`check ${q}`, (ch) => ch.checkQueue(q)).catch(() => undefined)
-      ))
-      const [queue, dead] = counts
-      if (queue !== undefined && dead !== undefined && queue.messageCount === 0 && state.received.size + dead.messageCount >= state.published.size) {
-        outcome = "the ids not received are all in the dead-letter queue"
-        break
-      }
-    }
-  }
-  progress(`done: ${outcome}`)
+  const check = (queue: string) => admin.use(`check ${queue}`, (ch) => ch.checkQueue(queue))
+  const outcome = await waitForEnd({
+    state,
+    timeoutMs: settings.timeoutMs,
+    publishDone: () => publishDone,
+    status: () =>
+      `clients=${clients.size} proxies=${slots.map((s) => `#${s.current?.number ?? "-"}`).join(",")} ` +
+      `down=${[...down].map((i) => `mpc${i}`).join(",") || "none"} faults=${state.faults.length}`,
+    queueCounts: async () => {
+      const [queue, dead] = await Promise.all([names.schemas, names.schemasDead].map((q) => check(q).catch(() => undefined)))
+      return queue === undefined || dead === undefined ? undefined : { queue: queue.messageCount, dead: dead.messageCount }
+    },
+    progress
+  })
   stopFaults.abort()
   await faultLoop
   stopPublisher.abort()
@@ -612,37 +406,11 @@ const run = async (
   await allNodesUp()
 
   // -- drain: let the consumers take the duplicates still queued, then stop them gracefully.
-  let emptySince: number | undefined
-  const drainStarted = Date.now()
-  while (Date.now() - drainStarted < 15_000) {
-    const q = await admin.use("check queue", (ch) => ch.checkQueue(names.schemas)).catch(() => undefined)
-    if (q?.messageCount === 0) {
-      emptySince ??= Date.now()
-      if (Date.now() - emptySince >= 1_500) break
-    } else emptySince = undefined
-    await sleep(250)
-  }
-  shuttingDown = true
-  const stopping = [...clients.values()]
-  for (const c of stopping) {
-    c.expectedExit = true
-    c.send("stop")
-  }
-  await within(Promise.all(stopping.map((c) => c.exited)), 8_000)
-  for (const c of stopping) if (c.alive) c.kill("SIGKILL")
-  await Promise.all(stopping.map((c) => c.exited))
-  await sleep(200) // the last stdout lines
+  await waitQueueEmpty(async () => (await admin.use("check queue", (ch) => ch.checkQueue(names.schemas)).catch(() => undefined))?.messageCount)
+  await clients.stopAll()
 
   // -- what is left in the broker, once the proxies hold no consumer any more.
-  let queueDetail = ""
-  const checkStarted = Date.now()
-  const check = (queue: string) => admin.use(`check ${queue}`, (ch) => ch.checkQueue(queue))
-  let q = await check(names.schemas)
-  while (q.consumerCount > 0 && Date.now() - checkStarted < 10_000) {
-    await sleep(100)
-    q = await check(names.schemas)
-  }
-  if (q.consumerCount > 0) queueDetail += ` (SUSPICIOUS: still ${q.consumerCount} consumer(s) 10 s after the clients stopped)`
+  const { queue: q, detail: queueDetail } = await queueAfterClients(() => check(names.schemas))
   const dead = await check(names.schemasDead)
   const left = await drainMessages(admin, names.schemas)
   const deadMessages = await drainMessages(admin, names.schemasDead)
@@ -658,20 +426,15 @@ const run = async (
   const nodeLogs = copyNodeLogs(nodes, logDir)
 
   // -- report
-  const lost = [...state.published.keys()].filter((id) => !state.received.has(id))
-  const duplicates = state.lines - state.received.size
-  const leftIds = left.map((m) => m.id)
-  const deadIds = deadMessages.map((m) => m.id)
-  const out: Array<string> = []
-  out.push(`published=${state.published.size} received-unique=${state.received.size} lost=${lost.length} duplicates=${duplicates}`)
-  out.push(
+  const head: Array<string> = []
+  head.push(
     `outcome: ${outcome}; ${((Date.now() - t0) / 1000).toFixed(1)} s; ${instanceCount} proxy instance(s) on 2 ports, ` +
-      `${clientCount} client process(es)`
+      `${clients.count} client process(es)`
   )
-  out.push(`nodes: ${nodes.map((n) => `${n.name} 127.0.0.1:${n.port}`).join(", ")}; queue type quorum; schemas queue members now: ` +
+  head.push(`nodes: ${nodes.map((n) => `${n.name} 127.0.0.1:${n.port}`).join(", ")}; queue type quorum; schemas queue members now: ` +
     (members === undefined ? "unknown" : `leader ${members.leader}, online ${members.online.join(" ")}`))
   for (const slot of slots) {
-    out.push(
+    head.push(
       `proxy port ${slot.port}: ` +
         slot.history.map((h) =>
           `#${h.instance.number} pid=${h.instance.pid} on ${h.nodes.join(" -> ") || "?"}` +
@@ -682,58 +445,35 @@ const run = async (
   }
   const pr = publisherResult
   if (pr !== undefined) {
-    out.push(
+    head.push(
       `publisher: ${pr.attempts} publishes for ${pr.confirmed} confirmed ids; ${pr.attempts - pr.confirmed} published again ` +
         `(${pr.cut} cut short by a closed channel, ${pr.nacked} nacked, ${pr.returned} returned, ${pr.timedOut} unconfirmed in time); ` +
         `connections: ${pr.connections.map((c) => c.split(" ")[1]).join(" -> ")}`
     )
-    if (pr.unconfirmed.length > 0) out.push(`  NEVER CONFIRMED (not counted as published): ${pr.unconfirmed.length}: ${truncate(pr.unconfirmed.slice(0, 10).join(", "), 400)}`)
-    for (const e of pr.errors.slice(0, 8)) out.push(`  publisher: ${truncate(e.replaceAll(names.prefix, "<prefix>"), 240)}`)
+    if (pr.unconfirmed.length > 0) head.push(`  NEVER CONFIRMED (not counted as published): ${pr.unconfirmed.length}: ${truncate(pr.unconfirmed.slice(0, 10).join(", "), 400)}`)
+    for (const e of pr.errors.slice(0, 8)) head.push(`  publisher: ${truncate(e.replaceAll(names.prefix, "<prefix>"), 240)}`)
   }
-  out.push(`faults (${state.faults.length}):`)
-  for (const f of state.faults) out.push(`  ${elapsed(f.at)} ${new Date(f.at).toISOString()} ${f.kind}: ${f.detail}`)
-  const missingKinds = faultKinds.filter((k) => !state.faults.some((f) => f.kind === k && !f.detail.includes("FAILED")))
-  if (missingKinds.length > 0) out.push(`  NOT EXERCISED: ${missingKinds.join(", ")}`)
-  out.push(`queue ${names.schemas}: ${q.messageCount} message(s) left${queueDetail}` + describeIds(leftIds, state))
-  out.push(`dead-letter queue ${names.schemasDead}: ${dead.messageCount} message(s)` + describeIds(deadIds, state))
   const deadWhy = new Tally()
   for (const m of deadMessages) deadWhy.add(`${state.received.has(m.id) ? "received too" : "never received"}: ${m.why}`)
-  if (deadWhy.size > 0) out.push(`  why dead-lettered: ${formatTally(deadWhy)}`)
-  out.push(`other queues: ${others.join(", ")}`)
-  if (lost.length > 0) {
-    out.push(`LOST ids (${lost.length}; first 50, with confirm time):`)
-    for (const id of lost.slice(0, 50)) {
-      const at = state.published.get(id) ?? t0
-      const where = deadIds.includes(id) ? " [in the dead-letter queue]" : leftIds.includes(id) ? " [still in the queue]" : ""
-      out.push(`  ${id} confirmed ${elapsed(at)} ${new Date(at).toISOString()}${where}`)
-    }
-  }
-  out.push(
-    `deliveries: ${state.lines} acked lines, ${state.redeliveredFlag} flagged redelivered, delivery_count ` +
-      state.deliveryCounts.entries().sort((a, b) => Number(a[0]) - Number(b[0])).map(([k, v]) => `${k}:${v}`).join(" ")
-  )
-  // A publish whose confirm was lost with its node may still have reached the queue.
-  const foreign = [...state.received.keys()].filter((id) => !state.published.has(id))
-  if (foreign.length > 0) out.push(`received ids never confirmed as published: ${foreign.length}: ${truncate(foreign.slice(0, 10).join(", "), 400)}`)
-  out.push(`acked lines per client: ${state.perClient.entries().sort((a, b) => a[0].localeCompare(b[0], "en", { numeric: true })).map(([k, v]) => `${k}:${v}`).join(" ")}`)
-  out.push(`settle errors seen by clients: ${formatTally(state.settleErrors)}`)
-  out.push(`client calls ended: ${formatTally(state.callEnds)}`)
-  out.push(`proxy "subscription ended" reasons: ${formatTally(state.subscriptionEnds)}`)
-  out.push(`proxy log lines above INFO:${state.proxyNotable.size === 0 ? " none" : ""}`)
-  for (const [key, count] of state.proxyNotable.entries()) {
-    const sample = state.proxySamples.get(key)
-    const fields = sample === undefined ? "" : ` e.g. proxy#${sample.instance} ${sample.timestamp} ${truncate(JSON.stringify(sample.fields).replaceAll(names.prefix, "<prefix>"), 300)}`
-    out.push(`  ${count} x ${key}${fields}`)
-  }
-  if (state.proxyRaw.length > 0) {
-    out.push(`proxy non-JSON output (${state.proxyRaw.length}${state.proxyRaw.length >= 200 ? "+" : ""} lines, first 20):`)
-    for (const line of state.proxyRaw.slice(0, 20)) out.push(`  ${truncate(line, 300)}`)
-  }
-  if (state.garbage.length > 0) out.push(`unparsed client stdout: ${state.garbage.slice(0, 5).join(" | ")}`)
-  out.push(`logs: ${logDir} (proxies, clients${nodeLogs.length > 0 ? `, ${nodeLogs.length} node logs` : ""})`)
-  out.push(lost.length > 0 ? "RESULT: FAIL (messages lost)" : "RESULT: PASS (no message lost)")
-  process.stdout.write(out.join("\n") + "\n")
-  return lost.length > 0 ? 1 : 0
+  return writeReport({
+    state,
+    clock,
+    head,
+    // A fault that FAILED does not count as exercised.
+    missingKinds: faultKinds.filter((k) => !state.faults.some((f) => f.kind === k && !f.detail.includes("FAILED"))),
+    queue: { name: names.schemas, messageCount: q.messageCount, ids: left.map((m) => m.id) },
+    queueDetail,
+    dead: { name: names.schemasDead, messageCount: dead.messageCount, ids: deadMessages.map((m) => m.id) },
+    afterQueues: [
+      ...(deadWhy.size > 0 ? [`  why dead-lettered: ${formatTally(deadWhy)}`] : []),
+      `other queues: ${others.join(", ")}`
+    ],
+    publishedAs: { noun: "confirm", verb: "confirmed" },
+    foreignNote: "",
+    afterForeign: [],
+    maskSample: (fields) => fields.replaceAll(names.prefix, "<prefix>"),
+    logs: `logs: ${logDir} (proxies, clients${nodeLogs.length > 0 ? `, ${nodeLogs.length} node logs` : ""})`
+  })
 }
 
 const headerText = (value: unknown): string => {
@@ -763,8 +503,7 @@ const drainMessages = async (admin: FailoverAdmin, queue: string): Promise<Array
       while (true) {
         const message = await channel.get(queue, { noAck: true })
         if (message === false) return
-        const id = String(message.properties.messageId ?? JSON.parse(message.content.toString()).id)
-        drained.push({ id, why: whyDead(message) })
+        drained.push({ id: messageIdOf(message), why: whyDead(message) })
       }
     }, 120_000)
   } catch (error) {
@@ -773,17 +512,10 @@ const drainMessages = async (admin: FailoverAdmin, queue: string): Promise<Array
   return drained
 }
 
-const describeIds = (ids: ReadonlyArray<string>, state: State): string => {
-  if (ids.length === 0) return ""
-  const received = ids.filter((id) => state.received.has(id)).length
-  return ` — ${received} of them already received (duplicates), ${ids.length - received} never received; ids: ` +
-    truncate(ids.slice(0, 20).join(", "), 600)
-}
-
 // ---- entry point (called by chaos.ts for --cluster) --------------------------------------------
 
 export const runClusterChaos = async (): Promise<number> => {
-  parseFaultKinds() // a bad CHAOS_FAULTS fails before anything starts
+  parseClusterFaultKinds() // a bad CHAOS_FAULTS fails before anything starts
   const nodes = clusterNodes()
   progress(`cluster: ${await ensureCluster(progress)} (${nodes.map((n) => `${n.name}=127.0.0.1:${n.port}`).join(", ")})`)
   const names = makeNames("chaos")

@@ -1,7 +1,8 @@
 /**
- * Process plumbing for the chaos run (chaos.ts): the proxy as a restartable child process on a
- * fixed port, consumer child processes (chaos-client.ts) and small helpers. Every child still alive
- * when the run's process exits is SIGKILLed.
+ * Process plumbing for the chaos runs (chaos.ts, chaos-cluster.ts): the proxy as a restartable
+ * child process on a fixed port, consumer child processes (chaos-client.ts) and small helpers. Every
+ * child still alive when the run's process exits is SIGKILLed. What the runs share beyond the
+ * processes (bookkeeping, supervision, faults, report) is in chaos-run.ts.
  */
 import { type ChildProcess, spawn } from "node:child_process"
 import { createWriteStream, type WriteStream } from "node:fs"

@@ -20,7 +20,7 @@ import { ProxyLive } from "../src/app.js"
 import { GrpcServer } from "../src/grpcServer.js"
 import { MetricsServer } from "../src/metrics.js"
 import { schemaBody, validationBody } from "./fixtures/bodies.js"
-import { clusterNodes, ensureCluster, killNode, nodeAmqpUrl, restartNode } from "./support/cluster.js"
+import { clusterNodes, ensureCluster, killNode, nodeAmqpUrl, rabbitmqctl, restartNode } from "./support/cluster.js"
 import {
   type Admin,
   grpcClient,
@@ -33,7 +33,7 @@ import {
   waitForQueue
 } from "./support/harness.js"
 import { dippedAndRecovered, healthClient, NOT_SERVING, recordHealth, SERVING, waitForHealth } from "./support/health.js"
-import { sample, scrapeUntil } from "./support/metrics.js"
+import { sample, scrape, scrapeUntil } from "./support/metrics.js"
 import { subscribeSchemas } from "./support/subscriber.js"
 
 const allNodes = clusterNodes.map((n) => `127.0.0.1:${n.port}`).join(",")
@@ -180,6 +180,48 @@ describe("on a 3-node cluster", () => {
       assert.strictEqual(JSON.parse(dead.content.toString()).id, "poison")
       assert.strictEqual(dead.properties.headers?.["x-dead-letter-reason"], "requeued more than 1 times")
     }), 120_000)
+
+  it.live("the broker closing one consumer's channel (its consumer timeout) ends only that call; nothing is sent on the closed channel, so the connection and the other calls stay (issue 10, fault 4)", () =>
+    Effect.gen(function*() {
+      yield* ensureCluster
+      // On this cluster's own nodes only, restored afterwards (3.10's default is 30 minutes).
+      // Channels read it when they open, and check it on their tick (every 60 s).
+      const consumerTimeout = (ms: number) =>
+        Effect.forEach([1, 2, 3], (n) => rabbitmqctl(n, "eval", `application:set_env(rabbit, consumer_timeout, ${ms}).`), {
+          discard: true
+        })
+      yield* Effect.acquireRelease(consumerTimeout(5_000), () => Effect.orDie(consumerTimeout(1_800_000)))
+      const names = makeNames()
+      const admin = yield* makeAdmin(names, nodeAmqpUrl(1))
+      const { port, metricsPort } = yield* startClusterProxy(names, { RABBITMQ_HOSTS: allNodes })
+      yield* waitForQueue(admin, names.validationsDead)
+      const client = yield* grpcClient(port)
+      const reconnects = Effect.map(scrape(metricsPort), ({ body }) =>
+        sample(body, "messaging_proxy_broker_reconnects_total", { connection: "consumers" }))
+
+      const survivor = quiet(client.streamValidationMessages({}))
+      yield* Effect.addFinalizer(() => Effect.sync(() => survivor.cancel()))
+      const streamed: Array<string> = []
+      survivor.on("data", (m: ValidationMessageResponse) => streamed.push(m.id))
+      yield* waitForQueue(admin, names.validations, (q) => q.consumerCount === 1)
+      const before = yield* reconnects
+
+      const holder = yield* subscribeSchemas(client, { maxInFlight: 1 })
+      yield* publishJson(admin, names.exchange, "schemas.*", schemaBody("held"))
+      const [held] = yield* holder.deliveries(1)
+      assert.strictEqual(held?.message?.id, "held")
+      // Never settled: the broker closes the subscription's channel (406 PRECONDITION_FAILED).
+      const ended = yield* holder.status
+      assert.strictEqual(ended.code, grpc.status.ABORTED, ended.details)
+      assert.match(ended.details, /PRECONDITION_FAILED - delivery acknowledgement on channel \d+ timed out/)
+
+      // The held message is back; the other call and the connection never noticed.
+      yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 1 && q.consumerCount === 0)
+      yield* publishJson(admin, names.exchange, "validation.*", validationBody("still-here"))
+      yield* waitForQueue(admin, names.validations, (q) => q.messageCount === 0 && streamed.length === 1)
+      assert.deepStrictEqual(streamed, ["still-here"])
+      assert.strictEqual(yield* reconnects, before)
+    }), 180_000)
 
   it.live("GetMessagingParams: host and port are the first configured node, `nodes` lists all in order", () =>
     Effect.gen(function*() {
