@@ -8,7 +8,7 @@ import * as amqp from "amqplib"
 import { execFile } from "node:child_process"
 import { once } from "node:events"
 import { randomBytes } from "node:crypto"
-import type { TestNames } from "../test/support/harness.js"
+import { namesUnder as testNamesUnder, type TestNames } from "../test/support/harness.js"
 import { errorText, now, sleep } from "./util.js"
 
 export interface BenchNames extends TestNames {
@@ -20,14 +20,7 @@ export interface BenchNames extends TestNames {
 
 /** The names the tests use (test/support/harness.ts), under `prefix`, plus the benchmark's own copy queue. */
 export const namesUnder = (prefix: string): BenchNames => ({
-  prefix,
-  exchange: `${prefix}.exchange`,
-  schemas: `${prefix}.schemas.queue`,
-  validations: `${prefix}.validations.queue`,
-  schemaResults: `${prefix}.schemas.results.queue`,
-  validationResults: `${prefix}.validation.results.queue`,
-  schemasDead: `${prefix}.schemas.queue.dead`,
-  validationsDead: `${prefix}.validations.queue.dead`,
+  ...testNamesUnder(prefix),
   directCopy: `${prefix}.direct-copy.queue`,
   schemasRoutingKey: "schemas.*"
 })

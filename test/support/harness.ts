@@ -26,8 +26,10 @@ export interface TestNames {
 }
 
 /** Names under a random prefix (`test.<hex>` unless another kind of run is named). */
-export const makeNames = (kind = "test"): TestNames => {
-  const prefix = `${kind}.${randomBytes(4).toString("hex")}`
+export const makeNames = (kind = "test"): TestNames => namesUnder(`${kind}.${randomBytes(4).toString("hex")}`)
+
+/** The proxy's queue and exchange names under `prefix`, as the tests configure them. */
+export const namesUnder = (prefix: string): TestNames => {
   return {
     prefix,
     exchange: `${prefix}.exchange`,
