@@ -356,8 +356,9 @@ export interface OpenSubscription {
   /**
    * The largest message this client accepts (its max receive message length), in bytes; 0 = the
    * server default (GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES, gRPC's 4 MiB). A message whose
-   * delivery event would be larger is dead-lettered with a reason instead of being sent. At most
-   * GRPC_MAX_MESSAGE_BYTES.
+   * delivery event would be larger is dead-lettered with a reason instead of being sent. Between
+   * the server default (a smaller limit would take messages other subscribers can read out of the
+   * queue) and GRPC_MAX_MESSAGE_BYTES.
    */
   maxMessageBytes: number;
 }

@@ -181,7 +181,10 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
             }).pipe(
               // A publish cut short by a lost connection is not a failure of this message: the
               // broker requeues the original, and the consumer re-attaches.
-              Effect.mapError((error) => channelClosed ? new ConnectionLost({ reason: error.message }) : error),
+              // (Not when the broker closed the channel itself: that ends the call, see 'close'.)
+              Effect.mapError((error) =>
+                channelClosed && closedByBroker === undefined ? new ConnectionLost({ reason: error.message }) : error
+              ),
               Effect.andThen(Effect.sync(() => settle(() => channel.ack(message)))),
               Effect.asVoid
             )
@@ -205,7 +208,9 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
               }))).pipe(
                 // A cut during the declaration is a lost connection too: re-attach, don't fail.
                 Effect.mapError((error) =>
-                  channelClosed && error._tag === "AmqpError" ? new ConnectionLost({ reason: error.message }) : error
+                  channelClosed && closedByBroker === undefined && error._tag === "AmqpError"
+                    ? new ConnectionLost({ reason: error.message })
+                    : error
                 )
               )
           }

@@ -228,6 +228,11 @@ class PublishChannel {
   /** Nacked once: no new publishes; closed when the last pending confirm arrives. */
   private retired = false
 
+  /** Whether new publishes may go out on it (not closed, not retired after a nack). */
+  get usable(): boolean {
+    return !this.closed && !this.retired
+  }
+
   constructor(private readonly channel: amqp.ConfirmChannel, private readonly onClosed: () => void) {
     // Listeners in the same tick: an unheard 'error' would escalate and crash the process.
     channel.on("error", (error: Error) => {
@@ -459,7 +464,7 @@ export const publishBatch = (
       }
       idBytes += size
       // Looked up once per batch, again only when it has closed (then what was in flight failed).
-      if (channel === undefined || channel.closed) {
+      if (channel === undefined || !channel.usable) {
         channel = yield* publishChannel.pipe(Effect.catch((error) => settleAll.pipe(Effect.andThen(stop(error)))))
       }
       const confirmed = yield* sendOn(channel, rabbit.exchange, message).pipe(

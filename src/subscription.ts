@@ -83,11 +83,14 @@ const openOptions = (
     return Effect.fail(new CallRejected(grpc.status.INVALID_ARGUMENT, "the first message must be `open`"))
   }
   const { maxInFlight, consumerName, maxMessageBytes } = request.action.value
-  if (maxMessageBytes > spec.serverMaxMessageBytes || (maxMessageBytes !== 0 && maxMessageBytes < minMessageBytes)) {
+  // Only upwards: a message over the limit is dead-lettered out of the queue every subscriber
+  // shares, so one client's smaller limit must not take messages its peers can read.
+  const floor = Math.max(minMessageBytes, Math.min(spec.defaultClientMaxMessageBytes, spec.serverMaxMessageBytes))
+  if (maxMessageBytes !== 0 && (maxMessageBytes < floor || maxMessageBytes > spec.serverMaxMessageBytes)) {
     return Effect.fail(
       new CallRejected(
         grpc.status.INVALID_ARGUMENT,
-        `max_message_bytes must be 0 (the server default) or between ${minMessageBytes} and ${spec.serverMaxMessageBytes} (GRPC_MAX_MESSAGE_BYTES), got ${maxMessageBytes}`
+        `max_message_bytes must be 0 (the server default) or between ${floor} (GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES) and ${spec.serverMaxMessageBytes} (GRPC_MAX_MESSAGE_BYTES), got ${maxMessageBytes}`
       )
     )
   }

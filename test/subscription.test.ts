@@ -217,12 +217,12 @@ describe("acknowledged subscriptions", () => {
       const refused = yield* tooMany.status
       assert.strictEqual(refused.code, grpc.status.INVALID_ARGUMENT)
       assert.match(refused.details, /max_in_flight must be at most 1024 \(MESSAGING_MAX_IN_FLIGHT\), got 70000/)
-      for (const maxMessageBytes of [100, 16 * 1024 * 1024 + 1]) {
+      for (const maxMessageBytes of [100, 4 * 1024 * 1024 - 1, 16 * 1024 * 1024 + 1]) {
         const badSize = yield* (yield* subscribeSchemas(env.client, { maxMessageBytes })).status
         assert.strictEqual(badSize.code, grpc.status.INVALID_ARGUMENT)
         assert.strictEqual(
           badSize.details,
-          `max_message_bytes must be 0 (the server default) or between 256 and 16777216 (GRPC_MAX_MESSAGE_BYTES), got ${maxMessageBytes}`
+          `max_message_bytes must be 0 (the server default) or between 4194304 (GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES) and 16777216 (GRPC_MAX_MESSAGE_BYTES), got ${maxMessageBytes}`
         )
       }
     }))

@@ -13,9 +13,9 @@
  * `unavailableQueues` says which and why.
  */
 import type * as amqp from "amqplib"
-import { Context, Deferred, Effect, Exit, Layer, Option, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
+import { Context, Deferred, Duration, Effect, Exit, Layer, Option, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
 import { ProxyConfig } from "../config.js"
-import type { AmqpError } from "../errors.js"
+import { AmqpError } from "../errors.js"
 import { amqpTlsOptions } from "../tls.js"
 import { type Live, supervise, whenLive } from "./connection.js"
 import { shuffled } from "./nodes.js"
@@ -63,10 +63,16 @@ const make = Effect.gen(function*() {
         }))
       )
 
-  /** Declares `queues`; records which failed (and says when one comes back). */
-  const declareAndRecord = (connection: amqp.ChannelModel, queues: ReadonlyArray<string>) =>
+  /**
+   * Declares `queues`; records which failed (and says when one comes back). Failures because the
+   * connection itself closed meanwhile say nothing about the queues: that is a failed setup.
+   */
+  const declareAndRecord = ({ connection, isOpen }: Live, queues: ReadonlyArray<string>) =>
     Effect.gen(function*() {
       const failed = yield* declareQueues(connection, rabbit, queues, warnDiffers)
+      if (!isOpen()) {
+        return yield* new AmqpError({ operation: "declare the queues", cause: "the connection closed meanwhile" })
+      }
       const before = yield* SubscriptionRef.get(unavailable)
       const after = new Map(before)
       for (const queue of queues) {
@@ -82,15 +88,21 @@ const make = Effect.gen(function*() {
       return after
     })
 
-  /** While some queue is unavailable, declare it again: 1 s, then doubling up to the reconnect cap. */
-  const retryUnavailable = (connection: amqp.ChannelModel) =>
+  /**
+   * While some queue is unavailable, declare it again: 1 s, doubling up to the reconnect cap (at
+   * least 1 s). Ends with the connection (its session's scope), or once every queue is back.
+   */
+  const retryUnavailable = (live: Live) =>
     Effect.gen(function*() {
       const still = yield* SubscriptionRef.get(unavailable)
       if (still.size === 0) return
-      const after = yield* declareAndRecord(connection, [...still.keys()])
+      const after = yield* declareAndRecord(live, [...still.keys()])
       if (after.size > 0) return yield* Effect.fail("still unavailable")
     }).pipe(
-      Effect.retry(Schedule.min([Schedule.exponential("1 second", 2), Schedule.spaced(rabbit.reconnectMaxDelay)])),
+      Effect.retry(Schedule.min([
+        Schedule.exponential("1 second", 2),
+        Schedule.spaced(Duration.max(rabbit.reconnectMaxDelay, Duration.seconds(1)))
+      ])),
       Effect.ignore
     )
 
@@ -101,14 +113,14 @@ const make = Effect.gen(function*() {
     startAt: 0,
     label: "consumers",
     connectionName: rabbit.connectionName,
-    prepare: ({ connection }) =>
-      declareExchange(connection, rabbit).pipe(
-        Effect.andThen(declareAndRecord(connection, declaredQueues(rabbit))),
+    prepare: (live) =>
+      declareExchange(live.connection, rabbit).pipe(
+        Effect.andThen(declareAndRecord(live, declaredQueues(rabbit))),
         Effect.andThen(Effect.logDebug("topology declared", { exchange: rabbit.exchange }))
       ),
-    onConnected: ({ connection }) =>
+    onConnected: (live) =>
       Deferred.done(topologyDeclared, Exit.void).pipe(
-        Effect.andThen(Effect.forkScoped(retryUnavailable(connection))),
+        Effect.andThen(Effect.forkScoped(retryUnavailable(live))),
         Effect.asVoid
       ),
     connectedLine: "connected to broker",
@@ -154,10 +166,17 @@ const make = Effect.gen(function*() {
       Stream.changes
     ),
     openChannel: pool.openChannel,
-    ensureQueue: (queue) =>
-      Effect.flatMap(connection, (conn) => declareQueue(conn, rabbit, queue)).pipe(
+    ensureQueue: (queue) => {
+      // On the primary, which may not be the caller's connection: when the primary goes away
+      // meanwhile, declare again on the next one rather than fail a call whose own channel is fine.
+      const attempt = Effect.flatMap(whenLive(primary), (live) =>
+        declareQueue(live.connection, rabbit, queue).pipe(Effect.mapError((error) => ({ error, live }))))
+      return attempt.pipe(
+        Effect.retry({ while: ({ live }) => !live.isOpen(), times: 5 }),
+        Effect.mapError(({ error }) => error),
         Effect.flatMap((declared) => declared === "declared" ? Effect.void : warnDiffers(queue, declared.existingDiffers))
-      ),
+      )
+    },
     unavailableQueueChanges: SubscriptionRef.changes(unavailable),
     unavailableQueues: SubscriptionRef.get(unavailable)
   })

@@ -11,6 +11,7 @@ import { isIP } from "node:net"
 import type { BrokerNode, ProxySettings } from "../config.js"
 import { AmqpError } from "../errors.js"
 import * as Metrics from "../metrics.js"
+import { negotiatedChannelMax } from "./channels.js"
 import { nodeCursor, nodeLabel } from "./nodes.js"
 
 type Rabbit = ProxySettings["rabbit"]
@@ -21,19 +22,13 @@ export interface Live {
   readonly node: BrokerNode
   /** channel_max as negotiated in connection.tune (RabbitMQ's default is 2047). */
   readonly channelMax: number
+  /** False once the connection has closed (before the supervisor has noticed, too). */
+  readonly isOpen: () => boolean
 }
 
 interface Session extends Live {
   /** Completes with the reason once the connection closes. */
   readonly closed: Deferred.Deferred<string>
-}
-
-/** amqplib keeps the tuned channel_max on the connection's internal `connection` object. */
-const negotiatedChannelMax = (model: amqp.ChannelModel): number => {
-  const inner: unknown = (model as unknown as { connection?: unknown }).connection
-  const value = typeof inner === "object" && inner !== null && "channelMax" in inner ? inner.channelMax : undefined
-  // 0 (or absent) means "no limit" in AMQP; amqplib then uses 65535 itself.
-  return typeof value === "number" && value > 0 ? value : 0xffff
 }
 
 const connectOnce = (rabbit: Rabbit, node: BrokerNode, tls: amqp.SocketOptions | undefined, connectionName: string) =>
@@ -70,10 +65,12 @@ const connectOnce = (rabbit: Rabbit, node: BrokerNode, tls: amqp.SocketOptions |
       connection.on("blocked", (reason: string) => {
         lastError = `broker blocked the connection: ${reason}`
       })
+      let open = true
       connection.on("close", (error?: Error) => {
+        open = false
         Deferred.doneUnsafe(closed, Exit.succeed(error?.message ?? lastError))
       })
-      return { connection, node, channelMax: negotiatedChannelMax(connection), closed }
+      return { connection, node, channelMax: negotiatedChannelMax(connection), isOpen: () => open, closed }
     },
     catch: (cause) =>
       new AmqpError({ operation: `connect to ${tls ? "amqps" : "amqp"}://${nodeLabel(node)}`, cause })
@@ -109,6 +106,8 @@ export const supervise = (options: SuperviseOptions) =>
     const current = yield* SubscriptionRef.make<Option.Option<Live>>(Option.none())
     const connectionMetrics = yield* Metrics.trackBrokerConnection(label)
     const cursor = nodeCursor(options.order, options.startAt)
+    // A series from the start, at 0: a proxy that never reaches the broker still exports one.
+    yield* connectionMetrics.lost(nodeLabel(cursor.current()))
 
     const backoff = Schedule.min([
       Schedule.exponential("200 millis", 2),

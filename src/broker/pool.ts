@@ -3,16 +3,22 @@
  * and RabbitMQ allows `channel_max` channels per connection (2047 by default, negotiated in
  * connection.tune), so one connection caps a process at about 2,000 streams. The pool hands out
  * channels from the first live connection with room, and opens another connection (supervised
- * like the first, starting at the next node of the order) when all are full. Members are never
- * closed while the pool lives: a connection with no channels costs one socket and heartbeats.
+ * like the first, starting at the next node of the order) when every member is live and full.
+ * Members are never closed while the pool lives: a connection with no channels costs one socket
+ * and heartbeats.
  *
  * The first member is the primary: topology, declarations and queue probes use it, so it keeps
- * `primaryReserve` channels free for those short-lived channels.
+ * `reserveFor(channelMax)` channels free for those short-lived channels (channels.ts).
+ *
+ * Waiting (for the broker, for a new member) is always interruptible and never holds a lock: a
+ * client that cancels, or a shutdown, ends the wait at once, and a member that never connects
+ * only makes the calls that need room wait, never those a live member can serve.
  */
 import type * as amqp from "amqplib"
-import { Effect, Option, Scope, Semaphore, SubscriptionRef } from "effect"
+import { Effect, Option, Scope, Semaphore, Stream, SubscriptionRef } from "effect"
 import { AmqpError } from "../errors.js"
-import { type Live, whenLive } from "./connection.js"
+import { reserveFor } from "./channels.js"
+import type { Live } from "./connection.js"
 
 interface Member {
   readonly current: SubscriptionRef.SubscriptionRef<Option.Option<Live>>
@@ -20,12 +26,6 @@ interface Member {
   inUse: number
   readonly reserve: (channelMax: number) => number
 }
-
-/**
- * Channels the primary keeps free for declarations, dead-letter queue checks and GetQueueInfo
- * probes: 32, or a quarter of a small channel_max.
- */
-const primaryReserve = (channelMax: number) => Math.min(32, Math.floor(channelMax / 4))
 
 export interface ChannelPool {
   /** A confirm channel on a live member with room, closed with the caller's scope. */
@@ -43,59 +43,73 @@ export const makeChannelPool = (
   addMember: (index: number) => Effect.Effect<SubscriptionRef.SubscriptionRef<Option.Option<Live>>, never, Scope.Scope>
 ): Effect.Effect<ChannelPool, never, Scope.Scope> =>
   Effect.gen(function*() {
-    const scope = yield* Effect.scope
-    const members: Array<Member> = [{ current: primary, inUse: 0, reserve: primaryReserve }]
-    // Choosing a member and counting the channel happen under one permit, so concurrent opens
-    // never overfill a connection, and only one of them grows the pool.
-    const choosing = yield* Semaphore.make(1)
+    const poolScope = yield* Effect.scope
+    const members: Array<Member> = []
+    // Bumped whenever a member connects or drops, or a channel is given back: what a waiter waits for.
+    const version = yield* SubscriptionRef.make(0)
+    const bump = SubscriptionRef.update(version, (v) => v + 1)
+    const join = (current: SubscriptionRef.SubscriptionRef<Option.Option<Live>>, reserve: Member["reserve"]) =>
+      Effect.gen(function*() {
+        members.push({ current, inUse: 0, reserve })
+        yield* SubscriptionRef.changes(current).pipe(Stream.runForEach(() => bump), Effect.forkIn(poolScope))
+      })
+    yield* join(primary, reserveFor)
 
-    const liveWithRoom = Effect.gen(function*() {
+    /** A live member with room, counted at once (no await between the look and the count); fails when none. */
+    const take = Effect.gen(function*() {
       for (const member of members) {
         const live = yield* SubscriptionRef.get(member.current)
-        if (Option.isSome(live) && member.inUse < live.value.channelMax - member.reserve(live.value.channelMax)) return Option.some({ member, live: live.value })
+        if (Option.isSome(live) && member.inUse < live.value.channelMax - member.reserve(live.value.channelMax)) {
+          member.inUse++
+          return { member, live: live.value }
+        }
       }
-      return Option.none<{ member: Member; live: Live }>()
+      return yield* Effect.fail("no room" as const)
     })
 
-    const choose: Effect.Effect<{ member: Member; live: Live }> = Effect.gen(function*() {
+    // Looking and adding under one permit, so concurrent callers add one member, not one each.
+    // Nothing waits for a connection under it.
+    const growing = yield* Semaphore.make(1)
+    /** Every member live and full: grow. While one is connecting (or reconnecting), wait for it instead. */
+    const growIfAllFull = growing.withPermits(1)(Effect.gen(function*() {
+      for (const member of members) {
+        const live = yield* SubscriptionRef.get(member.current)
+        if (Option.isNone(live) || member.inUse < live.value.channelMax - member.reserve(live.value.channelMax)) return
+      }
+      yield* join(yield* addMember(members.length).pipe(Scope.provide(poolScope)), () => 0)
+      yield* Effect.logInfo("consumer connection pool grows", { connections: members.length })
+    }))
+
+    const waitForChange = (seen: number) =>
+      SubscriptionRef.changes(version).pipe(Stream.filter((v) => v !== seen), Stream.runHead, Effect.asVoid)
+
+    /** Takes a member with room, growing or waiting (interruptibly) as needed; released with the scope. */
+    const reserveChannel: Effect.Effect<{ member: Member; live: Live }, never, Scope.Scope> = Effect.gen(function*() {
       while (true) {
-        const found = yield* liveWithRoom
-        if (Option.isSome(found)) {
-          found.value.member.inUse++
-          return found.value
-        }
-        const primaryLive = yield* SubscriptionRef.get(primary)
-        if (Option.isNone(primaryLive)) {
-          // The broker is away: wait for the primary rather than open members that cannot connect.
-          yield* whenLive(primary)
-          continue
-        }
-        // Every live member is full: grow, and wait for the new member to connect.
-        const current = yield* addMember(members.length).pipe(Scope.provide(scope))
-        const member: Member = { current, inUse: 0, reserve: () => 0 }
-        members.push(member)
-        yield* Effect.logInfo("consumer connection pool grows", { connections: members.length })
-        yield* whenLive(current)
+        const seen = yield* SubscriptionRef.get(version)
+        // Taking and registering the release happen together, uninterruptibly, without waiting.
+        const taken = yield* Effect.acquireRelease(take, ({ member }) =>
+          Effect.sync(() => {
+            member.inUse--
+          }).pipe(Effect.andThen(bump))).pipe(Effect.option)
+        if (Option.isSome(taken)) return taken.value
+        yield* growIfAllFull
+        yield* waitForChange(seen)
       }
     })
 
-    const openChannel = Effect.acquireRelease(
-      choosing.withPermits(1)(choose),
-      ({ member }) => Effect.sync(() => { member.inUse-- })
-    ).pipe(
-      Effect.flatMap(({ live }) =>
-        Effect.acquireRelease(
-          Effect.tryPromise({
-            try: () => live.connection.createConfirmChannel(),
-            catch: (cause) => new AmqpError({ operation: "create channel", cause })
-          }),
-          // Bounded: a close racing a dying connection can hang in amqplib.
-          (channel) => Effect.promise(() => channel.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
-        )
-      ),
-      // A default listener so a channel error can never escalate into a process crash.
-      Effect.tap((channel) => Effect.sync(() => channel.on("error", () => undefined)))
-    )
+    const openChannel = Effect.flatMap(reserveChannel, ({ live }) =>
+      Effect.acquireRelease(
+        Effect.tryPromise({
+          try: () => live.connection.createConfirmChannel(),
+          catch: (cause) => new AmqpError({ operation: "create channel", cause })
+        }),
+        // Bounded: a close racing a dying connection can hang in amqplib.
+        (channel) => Effect.promise(() => channel.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
+      )).pipe(
+        // A default listener so a channel error can never escalate into a process crash.
+        Effect.tap((channel) => Effect.sync(() => channel.on("error", () => undefined)))
+      )
 
     return { openChannel, size: Effect.sync(() => members.length) }
   })

@@ -11,6 +11,7 @@ import type * as amqp from "amqplib"
 import { Effect } from "effect"
 import { contractQueues, deadLetterQueue, type ProxySettings } from "../config.js"
 import { AmqpError, describe, replyCode } from "../errors.js"
+import { onThrowawayChannel } from "./channels.js"
 
 type Rabbit = ProxySettings["rabbit"]
 
@@ -45,13 +46,6 @@ export const queueOptions = (rabbit: Rabbit, queue: string): amqp.Options.Assert
   }
 }
 
-/** Close, waiting at most 2 s: amqplib never settles a close that races a dying connection. */
-const closeWithin = (channel: amqp.Channel) =>
-  Promise.race([
-    channel.close().catch(() => undefined),
-    new Promise<void>((resolve) => setTimeout(resolve, 2_000).unref())
-  ])
-
 /** How a declaration went: as asked, or an existing queue that has other arguments (used as it is). */
 export type Declared = "declared" | { readonly existingDiffers: string }
 
@@ -60,25 +54,6 @@ export type Declared = "declared" | { readonly existingDiffers: string }
  * type, a length limit, …) answers PRECONDITION_FAILED: it is taken as it is, and the answer says
  * how it differs. A declaration that fails closes its channel, hence a channel per declaration.
  */
-/**
- * Runs `use` on a channel of its own: an operation the broker refuses (404, 406) closes its
- * channel, and must not take a shared one with it. The channel is closed afterwards unless the
- * broker already did (a second close would make it close the whole connection).
- */
-export const onThrowawayChannel = async <A>(connection: amqp.ChannelModel, use: (channel: amqp.Channel) => Promise<A>) => {
-  const channel = await connection.createChannel()
-  channel.on("error", () => undefined)
-  let open = true
-  channel.on("close", () => {
-    open = false
-  })
-  try {
-    return await use(channel)
-  } finally {
-    if (open) await closeWithin(channel)
-  }
-}
-
 const declareQueueAsync = (connection: amqp.ChannelModel, rabbit: Rabbit, queue: string): Promise<Declared> =>
   onThrowawayChannel(connection, (channel) =>
     channel.assertQueue(queue, queueOptions(rabbit, queue)).then(
@@ -94,41 +69,27 @@ const brokerReason = (message: string): string => /with message "(.*)"$/.exec(me
 
 const timeoutMs = 10_000
 
-/** `declareQueueAsync` as an Effect, bounded (a broker that never answers must not hang a reconnect). */
-export const declareQueue = (connection: amqp.ChannelModel, rabbit: Rabbit, queue: string) =>
-  Effect.tryPromise({
-    try: () => declareQueueAsync(connection, rabbit, queue),
-    catch: (cause) => new AmqpError({ operation: `declare '${queue}'`, cause })
-  }).pipe(
+/** A broker that never answers must not hang a reconnect: every topology step is bounded. */
+const bounded = <A>(operation: string, run: () => Promise<A>) =>
+  Effect.tryPromise({ try: run, catch: (cause) => new AmqpError({ operation, cause }) }).pipe(
     Effect.timeoutOrElse({
       duration: timeoutMs,
-      orElse: () => Effect.fail(new AmqpError({ operation: `declare '${queue}'`, cause: `no answer within ${timeoutMs / 1000} s` }))
+      orElse: () => Effect.fail(new AmqpError({ operation, cause: `no answer within ${timeoutMs / 1000} s` }))
     })
   )
 
+/** `declareQueueAsync` as an Effect, bounded. */
+export const declareQueue = (connection: amqp.ChannelModel, rabbit: Rabbit, queue: string) =>
+  bounded(`declare '${queue}'`, () => declareQueueAsync(connection, rabbit, queue))
+
 /** The exchange every contract queue is bound to; without it nothing works, so its failure fails the whole. */
 export const declareExchange = (connection: amqp.ChannelModel, rabbit: Rabbit) =>
-  Effect.acquireUseRelease(
-    Effect.tryPromise({
-      try: () => connection.createChannel(),
-      catch: (cause) => new AmqpError({ operation: "create topology channel", cause })
-    }),
-    (channel) =>
-      Effect.tryPromise({
-        try: async () => {
-          channel.on("error", () => undefined)
-          await channel.assertExchange(rabbit.exchange, rabbit.exchangeType, { durable: true })
-        },
-        catch: (cause) => new AmqpError({ operation: `declare exchange '${rabbit.exchange}'`, cause })
-      }),
-    (channel) => Effect.promise(() => closeWithin(channel))
-  )
+  bounded(`declare exchange '${rabbit.exchange}'`, () =>
+    onThrowawayChannel(connection, (channel) => channel.assertExchange(rabbit.exchange, rabbit.exchangeType, { durable: true })))
 
 const bindQueue = (connection: amqp.ChannelModel, rabbit: Rabbit, queue: string, routingKey: string) =>
-  Effect.tryPromise({
-    try: () => onThrowawayChannel(connection, (channel) => channel.bindQueue(queue, rabbit.exchange, routingKey)),
-    catch: (cause) => new AmqpError({ operation: `bind '${queue}' to '${rabbit.exchange}' with '${routingKey}'`, cause })
-  })
+  bounded(`bind '${queue}' to '${rabbit.exchange}' with '${routingKey}'`, () =>
+    onThrowawayChannel(connection, (channel) => channel.bindQueue(queue, rabbit.exchange, routingKey)))
 
 /**
  * Declares (and binds, for a contract queue) each of `queues`, one by one. Answers which failed,

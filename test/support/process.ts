@@ -11,11 +11,15 @@ export interface Exited {
   readonly stderr: string
 }
 
-/** Runs the built proxy; `whenUp` is called once its output includes `marker`. */
+/**
+ * Runs the built proxy; `whenUp` is called once its output includes `marker`, and `onOutput`
+ * (if any) after every chunk of stdout, with everything so far.
+ */
 export const runProxy = (
   env: Record<string, string>,
   whenUp?: (kill: () => void, stdout: string) => void,
-  marker = "connected to broker"
+  marker = "connected to broker",
+  onOutput?: (stdout: string, kill: () => void) => void
 ) =>
   Effect.callback<Exited>((resume) => {
     const child = spawn(process.execPath, [mainScript], {
@@ -31,6 +35,7 @@ export const runProxy = (
         whenUp = undefined
         up(() => child.kill("SIGTERM"), stdout)
       }
+      onOutput?.(stdout, () => child.kill("SIGTERM"))
     })
     child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()))
     child.on("exit", (code) => resume(Effect.succeed({ code, stdout, stderr })))
