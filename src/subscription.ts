@@ -333,15 +333,22 @@ export const serveSubscription = <A>(
     // requeues all of them itself, flagged but uncounted: those are not the message's fault.
     yield* Effect.addFinalizer((exit) => {
       if (pending.size === 0 || !(call.cancelled || Exit.isSuccess(exit))) return Effect.void
-      const unsettled = [...pending].filter(([id]) => BigInt(id) <= highestSettled + 1n).map(([, delivery]) => delivery)
+      const had = (id: string) => BigInt(id) <= highestSettled + 1n
+      const unsettled = [...pending].filter(([id]) => had(id)).map(([, delivery]) => delivery)
+      const unread = [...pending].filter(([id]) => !had(id)).map(([, delivery]) => delivery)
       pending.clear()
-      if (unsettled.length === 0) return Effect.void
       const note = `unsettled when ${consumerName || "a subscriber"} left`
       // Stop the broker pushing first (on every channel involved), or it could hand a requeued
       // copy straight back to us.
-      const channels = new Map(unsettled.map((delivery) => [delivery.channel, delivery.stopConsuming] as const))
+      const channels = new Map([...unsettled, ...unread].map((delivery) => [delivery.channel, delivery.stopConsuming] as const))
       const stop = Effect.forEach(channels.values(), (stopConsuming) => stopConsuming, { discard: true })
-      return Effect.andThen(stop, Effect.forEach(unsettled, (delivery) =>
+      // The unread go back at once (uncounted), not after the counted copies' confirms: a node that
+      // dies meanwhile must not take them with it. On a 3.10 quorum queue, what a consumer on a
+      // node that died held can stay checked out to it long after (a chaos run lost 5 this way).
+      const giveBackUnread = Effect.sync(() => {
+        for (const delivery of unread) delivery.nack(true)
+      })
+      return Effect.andThen(Effect.andThen(stop, giveBackUnread), Effect.forEach(unsettled, (delivery) =>
         requeueCounted(delivery, spec, note).pipe(
           Effect.tap((outcome) => Effect.sync(() => outcome === "Requeued" ? counts.requeued++ : counts.deadLettered++)),
           Effect.ignore
