@@ -260,10 +260,10 @@ describe("Publish", () => {
       yield* publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("d-1")))
       yield* relay.setRefusing(true)
       yield* relay.sever
-      const started = performance.now()
+      // "broker not connected" is the answer after the short grace wait (unaryCall.ts), not a
+      // confirm timeout: the status itself shows it failed fast, with no clock in the test.
       const status = yield* failure(publish(client, request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("d-2"))))
       assert.deepStrictEqual(status, { code: grpc.status.UNAVAILABLE, details: "broker not connected" })
-      assert.isBelow(performance.now() - started, 4_000)
       const info = yield* failure(queueInfo(client))
       assert.deepStrictEqual(info, { code: grpc.status.UNAVAILABLE, details: "broker not connected" })
       const batch = yield* failure(publishBatch(client, [request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("d-b"))]))
