@@ -9,7 +9,7 @@
  *   send schema|validation|schema-result|validation-result --file F|-
  *                                            publish a JSON body through the proxy (Publish RPC: validated,
  *                                            answered after the broker's confirm) [--routing-key K]
- *   queues                                   GetQueueInfo: message and consumer counts of the six queues
+ *   queues                                   GetQueueInfo: message and consumer counts of the six queues, and whether each is available
  *
  * Shared flags: --host, --port (env MESSAGING_CONNECTION_HOST / _PORT), --timeout (unary deadline, seconds).
  * Output is JSON on stdout (one object per line for streams). Failures are one `error: ...` line on
@@ -296,11 +296,14 @@ const queues = Command.make("queues", {}, Effect.fn("cli.queues")(function*() {
   const response = yield* (yield* ProxyClient).getQueueInfo
   // Fields spelled out: toJSON would drop zero counts, and 0 is often the interesting answer here.
   yield* printJson({
-    queues: response.queues.map(({ queue, role, messageCount, consumerCount }) => ({
+    queues: response.queues.map(({ queue, role, messageCount, consumerCount, available, unavailableReason }) => ({
       queue,
       role,
       messageCount,
-      consumerCount
+      consumerCount,
+      available,
+      // Only when there is one: an available queue has none.
+      ...(available ? {} : { unavailableReason })
     }))
   })
 })).pipe(
