@@ -10,8 +10,14 @@
     in {
       devShells = forAll (pkgs: {
         default = pkgs.mkShell {
-          packages = [ pkgs.nodejs_22 pkgs.rabbitmq-server pkgs.buf pkgs.openssl ];
+          packages = [
+            pkgs.nodejs_22 pkgs.rabbitmq-server pkgs.buf pkgs.openssl
+            # The compatibility tests' third-party clients (test/support/python.ts).
+            pkgs.protobuf
+            (pkgs.python3.withPackages (ps: [ ps.grpcio ps.pika ps.protobuf ]))
+          ];
           shellHook = ''
+            export TEST_PYTHON=$(command -v python3)
             export RABBITMQ_MNESIA_BASE=$PWD/.rabbitmq/mnesia RABBITMQ_LOG_BASE=$PWD/.rabbitmq/log
             echo "messaging-proxy dev shell: node $(node --version); start a broker with 'rabbitmq-server -detached'"
           '';
