@@ -63,18 +63,6 @@ describe("the original clients (Python grpcio + pika, original proto)", () => {
       assert.deepStrictEqual(JSON.parse(yield* client.line), { id: "after-flood" })
     }), 120_000)
 
-  it.live("2,000 calls each cancelled right after it opens (a rapid-reset pattern) on one grpcio connection leave its other call alive (issue 10, fault 9)", () =>
-    Effect.gen(function*() {
-      const { names, port, admin } = yield* makeTestEnv()
-      const pb2 = yield* compilePythonProto(fixture("messaging.proto"))
-      const client = yield* interactive(python, [fixture("cancel_flood.py"), pb2, `127.0.0.1:${port}`, "2000", "immediate"])
-      assert.strictEqual(yield* client.line, "cancelled")
-      yield* waitForQueue(admin, names.validations, (q) => q.consumerCount === 1, 30_000)
-      yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0, 30_000)
-      yield* publishJson(admin, names.exchange, "validation.*", validationBody("after-resets"))
-      assert.deepStrictEqual(JSON.parse(yield* client.line), { id: "after-resets" })
-    }), 120_000)
-
   it.live("a message larger than a default client accepts (4 MiB) is dead-lettered, not sent; the client gets the next one (issue 10, fault 1)", () =>
     Effect.gen(function*() {
       const { names, port, admin } = yield* makeTestEnv()
