@@ -154,6 +154,12 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
             Queue.failCauseUnsafe(queue, Cause.fail(new ConnectionLost({ reason: "channel closed" })))
           }
         })
+        /**
+         * The channel went with its connection (not closed by the broker on its own): a publish
+         * cut short then is no failure of the message; the broker requeues the original and the
+         * consumer re-attaches.
+         */
+        const lostWithConnection = () => channelClosed && closedByBroker === undefined
         yield* Effect.tryPromise({
           try: () => channel.prefetch(options.prefetch),
           catch: (cause) => new AmqpError({ operation: "set prefetch", cause })
@@ -181,10 +187,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
             }).pipe(
               // A publish cut short by a lost connection is not a failure of this message: the
               // broker requeues the original, and the consumer re-attaches.
-              // (Not when the broker closed the channel itself: that ends the call, see 'close'.)
-              Effect.mapError((error) =>
-                channelClosed && closedByBroker === undefined ? new ConnectionLost({ reason: error.message }) : error
-              ),
+              Effect.mapError((error) => lostWithConnection() ? new ConnectionLost({ reason: error.message }) : error),
               Effect.andThen(Effect.sync(() => settle(() => channel.ack(message)))),
               Effect.asVoid
             )
@@ -208,9 +211,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
               }))).pipe(
                 // A cut during the declaration is a lost connection too: re-attach, don't fail.
                 Effect.mapError((error) =>
-                  channelClosed && closedByBroker === undefined && error._tag === "AmqpError"
-                    ? new ConnectionLost({ reason: error.message })
-                    : error
+                  lostWithConnection() && error._tag === "AmqpError" ? new ConnectionLost({ reason: error.message }) : error
                 )
               )
           }

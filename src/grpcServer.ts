@@ -104,10 +104,7 @@ const make = Effect.gen(function*() {
   health.addToServer(server)
   makeReflectionService().addToServer(server)
 
-  const sameKeys = (a: ReadonlyMap<string, string>, b: ReadonlyMap<string, string>) =>
-    a.size === b.size && [...a.keys()].every((k) => b.has(k))
   yield* Stream.zipLatest(broker.connectedChanges, broker.unavailableQueueChanges).pipe(
-    Stream.changesWith(([c1, u1], [c2, u2]) => c1 === c2 && sameKeys(u1, u2)),
     Stream.runForEach(([connected, unavailable]) =>
       Effect.sync(() => {
         const status = connected ? "SERVING" : "NOT_SERVING"

@@ -134,8 +134,6 @@ const make = Effect.gen(function*() {
     startAt: 0,
     label: "publishers",
     connectionName: `${rabbit.connectionName} (publishing)`,
-    prepare: () => Effect.void,
-    onConnected: () => Effect.void,
     connectedLine: "publishing connection to broker open",
     lostLine: "publishing connection to broker lost, reconnecting"
   })
@@ -149,8 +147,6 @@ const make = Effect.gen(function*() {
       startAt: index,
       label: `consumers-${index + 1}`,
       connectionName: `${rabbit.connectionName} (consumers ${index + 1})`,
-      prepare: () => Effect.void,
-      onConnected: () => Effect.void,
       connectedLine: "pooled consumers' connection open",
       lostLine: "pooled consumers' connection lost, reconnecting"
     }))
@@ -177,7 +173,10 @@ const make = Effect.gen(function*() {
         Effect.flatMap((declared) => declared === "declared" ? Effect.void : warnDiffers(queue, declared.existingDiffers))
       )
     },
-    unavailableQueueChanges: SubscriptionRef.changes(unavailable),
+    // Watchers (health) hear when the set of unavailable queues changes, not of every retry.
+    unavailableQueueChanges: SubscriptionRef.changes(unavailable).pipe(
+      Stream.changesWith((a, b) => a.size === b.size && [...a.keys()].every((queue) => b.has(queue)))
+    ),
     unavailableQueues: SubscriptionRef.get(unavailable)
   })
 })

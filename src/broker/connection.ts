@@ -91,9 +91,9 @@ export interface SuperviseOptions {
   /** Shown in the broker's management UI and `rabbitmqctl list_connections`. */
   readonly connectionName: string
   /** Runs on each new connection before it is published; a failure closes it and moves on. */
-  readonly prepare: (live: Live) => Effect.Effect<void, AmqpError>
+  readonly prepare?: (live: Live) => Effect.Effect<void, AmqpError>
   /** Runs after each successful connect (and `prepare`), inside the connection's lifetime. */
-  readonly onConnected: (live: Live) => Effect.Effect<void, never, Scope.Scope>
+  readonly onConnected?: (live: Live) => Effect.Effect<void, never, Scope.Scope>
   /** The INFO line once connected; operators and scripts wait for the primary's "connected to broker". */
   readonly connectedLine: string
   readonly lostLine: string
@@ -130,7 +130,9 @@ export const supervise = (options: SuperviseOptions) =>
     )
 
     const open = Effect.suspend(() => connectOnce(rabbit, cursor.current(), tls, options.connectionName)).pipe(
-      Effect.tap((session) => options.prepare(session).pipe(Effect.onError(() => closeQuietly(session.connection)))),
+      Effect.tap((session) =>
+        options.prepare ? options.prepare(session).pipe(Effect.onError(() => closeQuietly(session.connection))) : Effect.void
+      ),
       // Whatever failed (node down, refused, declaration), the next attempt goes to the next node.
       Effect.tapError(() => Effect.sync(cursor.advance))
     )
@@ -142,7 +144,7 @@ export const supervise = (options: SuperviseOptions) =>
       const node = nodeLabel(live.node)
       yield* Effect.addFinalizer(() => closeQuietly(live.connection))
       yield* SubscriptionRef.set(current, Option.some<Live>(live))
-      yield* options.onConnected(live)
+      if (options.onConnected) yield* options.onConnected(live)
       yield* connectionMetrics.connected(node)
       yield* Effect.logInfo(options.connectedLine, {
         connection: label,

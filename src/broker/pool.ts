@@ -30,8 +30,6 @@ interface Member {
 export interface ChannelPool {
   /** A confirm channel on a live member with room, closed with the caller's scope. */
   readonly openChannel: Effect.Effect<amqp.ConfirmChannel, AmqpError, Scope.Scope>
-  /** How many connections the pool holds (live or reconnecting). */
-  readonly size: Effect.Effect<number>
 }
 
 /**
@@ -55,11 +53,13 @@ export const makeChannelPool = (
       })
     yield* join(primary, reserveFor)
 
+    const hasRoom = (member: Member, live: Live) => member.inUse < live.channelMax - member.reserve(live.channelMax)
+
     /** A live member with room, counted at once (no await between the look and the count); fails when none. */
     const take = Effect.gen(function*() {
       for (const member of members) {
         const live = yield* SubscriptionRef.get(member.current)
-        if (Option.isSome(live) && member.inUse < live.value.channelMax - member.reserve(live.value.channelMax)) {
+        if (Option.isSome(live) && hasRoom(member, live.value)) {
           member.inUse++
           return { member, live: live.value }
         }
@@ -74,7 +74,7 @@ export const makeChannelPool = (
     const growIfAllFull = growing.withPermits(1)(Effect.gen(function*() {
       for (const member of members) {
         const live = yield* SubscriptionRef.get(member.current)
-        if (Option.isNone(live) || member.inUse < live.value.channelMax - member.reserve(live.value.channelMax)) return
+        if (Option.isNone(live) || hasRoom(member, live.value)) return
       }
       yield* join(yield* addMember(members.length).pipe(Scope.provide(poolScope)), () => 0)
       yield* Effect.logInfo("consumer connection pool grows", { connections: members.length })
@@ -111,5 +111,5 @@ export const makeChannelPool = (
         Effect.tap((channel) => Effect.sync(() => channel.on("error", () => undefined)))
       )
 
-    return { openChannel, size: Effect.sync(() => members.length) }
+    return { openChannel }
   })
