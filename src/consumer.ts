@@ -21,13 +21,25 @@ export interface Delivery {
   readonly nack: (requeue: boolean) => boolean
   /**
    * Publish a copy (same body and properties, plus `headers`) to `queue` through the default
-   * exchange on this delivery's channel, wait for the broker's confirm, then ack this delivery:
-   * the message is never in neither place. Used to dead-letter and to requeue with a delivery
-   * count.
+   * exchange on the publishers' connection, wait for the broker's confirm (no timeout), then ack
+   * this delivery: the message is never in neither place, and in two only if a connection is lost
+   * with the copy unconfirmed. Used to dead-letter and to requeue with a delivery count. While
+   * copies cannot go out (the publishers' connection is blocked by an alarm, or away), a move to
+   * the delivery's own queue is a plain basic.nack(requeue), uncounted, and any other waits.
+   * Fails with ConnectionLost when this delivery's channel or the publishers' connection went
+   * away meanwhile, and with AmqpError when the broker refused the copy; either way this delivery
+   * is then still unacked (or already back in the queue). See broker/copies.ts.
    */
   readonly moveTo: (queue: string, headers: Record<string, unknown>) => Effect.Effect<void, AmqpError | ConnectionLost>
-  /** Stops the broker pushing more on this delivery's channel (the consumer is cancelled). */
+  /** Stops the broker pushing more on this delivery's channel (its consumers are cancelled). */
   readonly stopConsuming: Effect.Effect<void>
+  /**
+   * Adds a consumer of the same queue on this delivery's channel, with a prefetch (messages) of
+   * its own: more deliveries in flight without touching the existing consumers, whose prefetch
+   * RabbitMQ fixes when they start (basic.qos with global=false applies to later consumers
+   * only). The queue hands messages out in order, and one channel carries them in that order.
+   */
+  readonly addConsumer: (prefetch: number) => Effect.Effect<void, AmqpError>
   /** `moveTo` the dead-letter queue with the reason and where the message came from. */
   readonly deadLetter: (
     reason: string,
@@ -60,6 +72,14 @@ const settle = (operation: () => void): boolean => {
   }
 }
 
+/**
+ * Acks delivery `deliveryTag` and every earlier unacked delivery of `channel`, in one frame, from
+ * the tag alone (so a caller need not keep the message body). False once the channel is gone.
+ */
+export const ackThrough = (channel: amqp.Channel, deliveryTag: number): boolean =>
+  // amqplib reads only `fields.deliveryTag` of the message it is given to ack.
+  settle(() => channel.ack({ fields: { deliveryTag } } as unknown as amqp.Message, true))
+
 /** Publishing properties worth keeping on the dead-lettered copy (no expiration, no user id check). */
 const keptProperties = (message: amqp.ConsumeMessage): amqp.Options.Publish => {
   const p = message.properties
@@ -76,12 +96,13 @@ const keptProperties = (message: amqp.ConsumeMessage): amqp.Options.Publish => {
 }
 
 /**
- * The headers a copy keeps: all but quorum queues' `x-delivery-count`, which belongs to the
- * broker and counts deliveries of the original; a copy starts again from none.
+ * The headers a copy keeps: all but quorum queues' `x-delivery-count` (and, from RabbitMQ 4.3,
+ * `x-acquired-count`), which belong to the broker and count deliveries of the original; a copy
+ * starts again from none.
  */
 const withoutBrokerCount = (headers: amqp.MessagePropertyHeaders | undefined): Record<string, unknown> => {
   if (headers === undefined) return {}
-  const { "x-delivery-count": _counted, ...kept } = headers
+  const { "x-delivery-count": _counted, "x-acquired-count": _acquired, ...kept } = headers
   return kept
 }
 
@@ -90,32 +111,6 @@ const cancelQuietly = (channel: amqp.Channel, consumerTag: string) =>
   Effect.promise(() => channel.cancel(consumerTag).catch(() => undefined)).pipe(
     Effect.timeoutOption("2 seconds"),
     Effect.asVoid
-  )
-
-const confirmTimeout = "30 seconds"
-
-const publishConfirmed = (
-  channel: amqp.ConfirmChannel,
-  queue: string,
-  content: Buffer,
-  options: amqp.Options.Publish
-) =>
-  Effect.callback<void, AmqpError>((resume) => {
-    try {
-      channel.publish("", queue, content, options, (error: unknown) => {
-        resume(
-          error == null ? Effect.void : Effect.fail(new AmqpError({ operation: `publish to '${queue}'`, cause: error }))
-        )
-      })
-    } catch (cause) {
-      resume(Effect.fail(new AmqpError({ operation: `publish to '${queue}'`, cause })))
-    }
-  }).pipe(
-    // A blocked broker (memory or disk alarm) may hold confirms back: give up, the original stays unacked.
-    Effect.timeoutOrElse({
-      duration: confirmTimeout,
-      orElse: () => Effect.fail(new AmqpError({ operation: `publish to '${queue}'`, cause: `no confirm within ${confirmTimeout}` }))
-    })
   )
 
 export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, ConsumeError, Broker> =>
@@ -160,42 +155,40 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
          * consumer re-attaches.
          */
         const lostWithConnection = () => channelClosed && closedByBroker === undefined
-        yield* Effect.tryPromise({
-          try: () => channel.prefetch(options.prefetch),
-          catch: (cause) => new AmqpError({ operation: "set prefetch", cause })
-        })
-
-        // Set once the consumer exists; bounded, since a close racing a dead connection can hang.
-        const consumer = { tag: undefined as string | undefined }
+        // Every consumer on this channel (the first and any added), cancelled together; each
+        // cancel is bounded, since a close racing a dead connection can hang.
+        const consumerTags: Array<string> = []
         const stopConsuming = Effect.suspend(() =>
-          consumer.tag === undefined ? Effect.void : cancelQuietly(channel, consumer.tag)
+          Effect.forEach(consumerTags, (tag) => cancelQuietly(channel, tag), { discard: true })
         )
         const toDelivery = (message: amqp.ConsumeMessage): Delivery => {
-          // The copy goes out on this delivery's own channel: once that channel is gone (and the
-          // broker has requeued the original), the publish fails too instead of adding a second
-          // copy. The price: during a memory alarm these rare copies block this connection.
+          // The copy goes out on the publishers' connection, never on this one (copies.ts): a
+          // publish during a memory alarm would make the broker block this connection, and with it
+          // every stream's deliveries and acks. A requeue to its own queue while copies cannot go
+          // out is a plain nack (uncounted); a dead-letter then waits for them.
           const moveTo = (target: string, headers: Record<string, unknown>) =>
-            publishConfirmed(channel, target, message.content, {
-              ...keptProperties(message),
-              headers: {
-                // Copies travel through the default exchange: keep where the message first came from.
-                "x-original-exchange": message.fields.exchange,
-                "x-original-routing-key": message.fields.routingKey,
-                ...withoutBrokerCount(message.properties.headers),
-                ...headers
-              }
-            }).pipe(
-              // A publish cut short by a lost connection is not a failure of this message: the
-              // broker requeues the original, and the consumer re-attaches.
-              Effect.mapError((error) => lostWithConnection() ? new ConnectionLost({ reason: error.message }) : error),
-              Effect.andThen(Effect.sync(() => settle(() => channel.ack(message)))),
-              Effect.asVoid
-            )
+            broker.copies.move({
+              original: { channel, message, held: () => !channelClosed && closedByBroker === undefined },
+              target,
+              content: message.content,
+              options: {
+                ...keptProperties(message),
+                headers: {
+                  // Copies travel through the default exchange: keep where the message first came from.
+                  "x-original-exchange": message.fields.exchange,
+                  "x-original-routing-key": message.fields.routingKey,
+                  ...withoutBrokerCount(message.properties.headers),
+                  ...headers
+                }
+              },
+              whenBlocked: target === options.queue ? "requeue" : "hold"
+            }).pipe(Effect.asVoid)
           return {
             message,
             channel,
-            ackUpTo: () => settle(() => channel.ack(message, true)),
+            ackUpTo: () => ackThrough(channel, message.fields.deliveryTag),
             stopConsuming,
+            addConsumer: (prefetch) => startConsumer(prefetch),
             ack: () => settle(() => channel.ack(message)),
             nack: (requeue) => settle(() => channel.nack(message, false, requeue)),
             moveTo,
@@ -217,30 +210,38 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
           }
         }
 
-        yield* Effect.acquireRelease(
-          Effect.tryPromise({
-            try: () =>
-              channel.consume(options.queue, (message) => {
-                if (message === null) {
-                  // basic.cancel from the broker: the queue was deleted or the node went away.
-                  Queue.failCauseUnsafe(
-                    queue,
-                    Cause.fail(
-                      new ConsumerClosedByBroker({ queue: options.queue, reason: "consumer cancelled by the broker" })
-                    )
-                  )
-                  return
-                }
-                // Prefetch bounds what the broker sends unacked, and the buffer holds that many,
-                // so this cannot overflow; if it ever did, hand the message back rather than drop it.
-                if (!Queue.offerUnsafe(queue, toDelivery(message))) settle(() => channel.nack(message, false, true))
-              }, { noAck: false, ...(options.consumerTag ? { consumerTag: options.consumerTag } : {}) }),
+        const onMessage = (message: amqp.ConsumeMessage | null) => {
+          if (message === null) {
+            // basic.cancel from the broker: the queue was deleted or the node went away.
+            Queue.failCauseUnsafe(
+              queue,
+              Cause.fail(new ConsumerClosedByBroker({ queue: options.queue, reason: "consumer cancelled by the broker" }))
+            )
+            return
+          }
+          // The consumers' prefetch bounds what the broker sends unacked, and the buffer is not
+          // bounded below that; if an offer ever failed, hand the message back rather than drop it.
+          if (!Queue.offerUnsafe(queue, toDelivery(message))) settle(() => channel.nack(message, false, true))
+        }
+        // basic.qos then basic.consume: the prefetch applies to this consumer only.
+        function startConsumer(prefetch: number): Effect.Effect<void, AmqpError> {
+          const tag = options.consumerTag === undefined
+            ? {}
+            : { consumerTag: consumerTags.length === 0 ? options.consumerTag : `${options.consumerTag}-${consumerTags.length + 1}` }
+          return Effect.tryPromise({
+            try: async () => {
+              await channel.prefetch(prefetch)
+              const { consumerTag } = await channel.consume(options.queue, onMessage, { noAck: false, ...tag })
+              consumerTags.push(consumerTag)
+            },
             catch: (cause) => new AmqpError({ operation: `consume from '${options.queue}'`, cause })
-          }).pipe(Effect.tap(({ consumerTag }) => Effect.sync(() => { consumer.tag = consumerTag }))),
-          ({ consumerTag }) => cancelQuietly(channel, consumerTag)
-        )
+          })
+        }
+
+        yield* Effect.acquireRelease(startConsumer(options.prefetch), () => stopConsuming)
       }),
-    { bufferSize: options.prefetch, strategy: "suspend" }
+    // Unbounded here: what the broker may push unacked (the consumers' prefetch) bounds it.
+    { bufferSize: Number.POSITIVE_INFINITY, strategy: "suspend" }
   )
 
 /**

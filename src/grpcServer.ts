@@ -1,6 +1,6 @@
 /**
  * The gRPC server as a scoped Layer: MessagingService, grpc.health.v1 (following the broker
- * connection) and reflection. On release it marks itself NOT_SERVING, interrupts the open
+ * connections, the queues, and whether the broker blocks publishing) and reflection. On release it marks itself NOT_SERVING, interrupts the open
  * streams (they end with UNAVAILABLE), then shuts down, forcing it after the shutdown timeout.
  */
 import * as grpc from "@grpc/grpc-js"
@@ -19,6 +19,8 @@ import { recordRpc } from "./metrics.js"
 import { serverCredentials } from "./tls.js"
 
 const serviceName = "messaging.MessagingService"
+/** The health entry of publishing: Publish/PublishBatch, and the copies behind requeues and dead-letters. */
+export const publishingEntry = "publishing"
 
 export class GrpcServer extends Context.Service<GrpcServer, {
   /** The bound port (differs from the configured one when that is 0). */
@@ -97,22 +99,33 @@ const make = Effect.gen(function*() {
   server.addService(MessagingServiceDefinition, guardHandlers(makeHandlers(settings, run), access, observer))
   // The server ("" and the service) follows the broker connections; each declared queue has an
   // entry of its own, named by the queue, that is also NOT_SERVING while that queue is unavailable.
+  // `publishing` is NOT_SERVING also while the broker blocks the publishers' connection (a memory
+  // or disk alarm): Publish waits, and so do the copies behind dead-letters. The others stay
+  // SERVING then, since streams, subscriptions, acks and nacks go on (the consumers' connections
+  // never publish, so the broker never blocks them). An alarm blocks publishers on every node of
+  // the cluster at once, so a readiness probe on "" that followed it would take every replica
+  // out of service together, and with them the consumers that drain the queues, which is what
+  // ends a memory alarm.
   const queues = declaredQueues(settings.rabbit)
-  const health = new HealthImplementation(
-    Object.fromEntries(["", serviceName, ...queues].map((name) => [name, "NOT_SERVING" as const]))
-  )
+  const entries = ["", serviceName, publishingEntry, ...queues]
+  const health = new HealthImplementation(Object.fromEntries(entries.map((name) => [name, "NOT_SERVING" as const])))
   health.addToServer(server)
   makeReflectionService().addToServer(server)
 
-  yield* Stream.zipLatest(broker.connectedChanges, broker.unavailableQueueChanges).pipe(
-    Stream.runForEach(([connected, unavailable]) =>
+  yield* Stream.zipLatest(
+    Stream.zipLatest(broker.connectedChanges, broker.publishingBlockedChanges),
+    broker.unavailableQueueChanges
+  ).pipe(
+    Stream.runForEach(([[connected, blocked], unavailable]) =>
       Effect.sync(() => {
         const status = connected ? "SERVING" : "NOT_SERVING"
         health.setStatus("", status)
         health.setStatus(serviceName, status)
+        health.setStatus(publishingEntry, connected && Option.isNone(blocked) ? "SERVING" : "NOT_SERVING")
         for (const queue of queues) health.setStatus(queue, connected && !unavailable.has(queue) ? "SERVING" : "NOT_SERVING")
       }).pipe(Effect.andThen(Effect.logInfo("health", {
         status: connected ? "SERVING" : "NOT_SERVING",
+        ...(Option.isSome(blocked) ? { publishing: "NOT_SERVING", publishingBlocked: blocked.value } : {}),
         ...(unavailable.size > 0 ? { unavailableQueues: [...unavailable.keys()] } : {})
       })))
     ),
@@ -128,7 +141,7 @@ const make = Effect.gen(function*() {
     }),
     () =>
       Effect.gen(function*() {
-        for (const name of ["", serviceName, ...queues]) health.setStatus(name, "NOT_SERVING")
+        for (const name of entries) health.setStatus(name, "NOT_SERVING")
         yield* Effect.logInfo("shutting down: ending open streams")
         // Stop taking new calls first; tryShutdown then waits for the open ones to end.
         const stopped = Deferred.makeUnsafe<void>()

@@ -16,6 +16,7 @@ import {
   type ValidationSubscriptionEvent
 } from "../gen/messaging.js"
 import type { Broker } from "./broker/Broker.js"
+import { queueOptions } from "./broker/topology.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
 import { contractQueues, deadLetterQueue, type ProxySettings, type QueueBinding } from "./config.js"
 import { publishBatchHandler, publishHandler } from "./publishing.js"
@@ -53,9 +54,12 @@ const queueSpec = <A>(
   queue: binding.queue,
   deadLetterQueue: deadLetterQueue(settings.rabbit, binding.queue),
   prefetch: settings.rabbit.prefetch,
+  clientReadAheadBytes: settings.grpc.clientReadAheadBytes,
+  quietStreamAckAfter: settings.limits.quietStreamAckAfter,
   defaultMaxInFlight: Math.min(settings.rabbit.prefetch, settings.limits.maxInFlight),
   maxInFlightLimit: settings.limits.maxInFlight,
   maxRequeues: settings.maxRequeues,
+  declaredAs: queueOptions(settings.rabbit, binding.queue),
   decode,
   encode,
   // Streams send the message itself: the smaller of what grpc-js may send and what clients take.

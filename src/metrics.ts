@@ -21,7 +21,7 @@ import { describe } from "./errors.js"
 const prefix = "messaging_proxy_"
 
 /** Why a message went to the dead-letter queue. */
-export type DeadLetterKind = "malformed" | "rejected" | "requeue_limit" | "too_large"
+export type DeadLetterKind = "delivery_limit" | "malformed" | "rejected" | "requeue_limit" | "too_large"
 
 /** One metric instance per attribute set, built on first use. */
 const perKey = <M>(make: (key: string) => M): (key: string) => M => {
@@ -48,7 +48,7 @@ const counter = (name: string, description: string, attributes?: Metric.Metric.A
 
 const deliveredMetric = perKey((key) => {
   const [queue, rpc] = split2(key)
-  return counter("messages_delivered_total", "messages written to a client (streams: taken by grpc-js and acked)", { queue, rpc })
+  return counter("messages_delivered_total", "messages a client took and the proxy acked (streams: shown read, or written before the stream went quiet)", { queue, rpc })
 })
 const ackedMetric = perKey((queue) => counter("messages_acked_total", "subscription deliveries acked by the client", { queue }))
 const nackedMetric = perKey((queue) =>
@@ -68,6 +68,13 @@ const brokerConnectedMetric = perKey((key) => {
   const [connection, node] = split2(key)
   return Metric.gauge(prefix + "broker_connected", {
     description: "1 while the broker connection is up on that node (0 for a node it was on before)",
+    attributes: { connection, node }
+  })
+})
+const brokerBlockedMetric = perKey((key) => {
+  const [connection, node] = split2(key)
+  return Metric.gauge(prefix + "broker_blocked", {
+    description: "1 while the broker blocks that connection (connection.blocked: a memory or disk alarm), else 0",
     attributes: { connection, node }
   })
 })
@@ -132,13 +139,17 @@ export const recordRpc = (method: string, code: string, durationSeconds: number)
 }
 
 /**
- * One broker connection's gauge and reconnect counter (label `connection`; the gauge also names
+ * One broker connection's gauges and reconnect counter (label `connection`; the gauges also name
  * the `node`): `connected(node)` after each (re)connect (every one after the first counts as a
- * reconnect), `lost(node)` when it drops. Gauges read 0 from here on and again when the scope
- * closes.
+ * reconnect), `blocked(node, on)` when the broker blocks or unblocks it, `lost(node)` when it
+ * drops. Gauges read 0 from here on and again when the scope closes.
  */
 export const trackBrokerConnection = (connection: string): Effect.Effect<
-  { readonly connected: (node: string) => Effect.Effect<void>; readonly lost: (node: string) => Effect.Effect<void> },
+  {
+    readonly connected: (node: string) => Effect.Effect<void>
+    readonly blocked: (node: string, on: boolean) => Effect.Effect<void>
+    readonly lost: (node: string) => Effect.Effect<void>
+  },
   never,
   Scope.Scope
 > =>
@@ -146,7 +157,10 @@ export const trackBrokerConnection = (connection: string): Effect.Effect<
     let connectedBefore = false
     const nodesSeen = new Set<string>()
     const reconnects = brokerReconnectsMetric(connection)
-    const lost = (node: string) => Metric.update(brokerConnectedMetric(connection + sep + node), 0)
+    const blocked = (node: string, on: boolean) => Metric.update(brokerBlockedMetric(connection + sep + node), on ? 1 : 0)
+    // A connection that is gone is blocked no more: its next one starts unblocked.
+    const lost = (node: string) =>
+      Metric.update(brokerConnectedMetric(connection + sep + node), 0).pipe(Effect.andThen(blocked(node, false)))
     yield* Metric.update(reconnects, 0) // present from the start, at 0
     yield* Effect.addFinalizer(() => Effect.forEach([...nodesSeen], lost, { discard: true }))
     const connected = (node: string) =>
@@ -158,7 +172,7 @@ export const trackBrokerConnection = (connection: string): Effect.Effect<
           Effect.andThen(reconnect ? Metric.update(reconnects, 1) : Effect.void)
         )
       })
-    return { connected, lost }
+    return { connected, blocked, lost }
   })
 
 // --- exporter -------------------------------------------------------------------------------------

@@ -9,11 +9,18 @@
  * kills its consumers cannot loop forever. Redeliveries the broker makes after the proxy itself
  * went away or lost the connection (messages a client may never have seen) are flagged but not
  * counted. Past `maxRequeues` the message goes to the dead-letter queue with its history.
+ *
+ * A queue with a delivery limit (quorum queues: `x-delivery-limit`, 20 by default since RabbitMQ
+ * 4.0) has the broker drop, or dead-letter elsewhere, a message it has delivered too often, the
+ * proxy's own restarts included. So the broker's last delivery of a message is dead-lettered here
+ * instead, with the reason, and never handed to a client (broker/deliveryLimit.ts).
  */
+import type * as amqp from "amqplib"
 import { Effect, Result, Stream } from "effect"
 import type { NonEmptyReadonlyArray } from "effect/Array"
 import type { BodyRejected } from "./codec.js"
-import type { Broker } from "./broker/Broker.js"
+import { Broker } from "./broker/Broker.js"
+import { noLimits, type QueueLimits, queueLimitsOrDeclared } from "./broker/deliveryLimit.js"
 import { consume, type ConsumeError, type ConsumeOptions, type Delivery, reattachOnConnectionLoss } from "./consumer.js"
 import { type AmqpError, type ConnectionLost, describe } from "./errors.js"
 import * as Metrics from "./metrics.js"
@@ -32,6 +39,12 @@ export interface AdmissionPolicy<A> {
   readonly maxEncodedBytes: number
   /** What sets `maxEncodedBytes`, for the dead-letter reason (a variable, or the subscription's `open`). */
   readonly maxEncodedBytesSource: string
+  /**
+   * How the proxy declares `queue` (topology.ts `queueOptions`): where reading the queue's
+   * arguments starts, and what is assumed when they cannot be read. From them the broker's
+   * delivery limit, if any, is learned on every (re)attach.
+   */
+  readonly declaredAs: amqp.Options.AssertQueue
 }
 
 /** A delivery that passed the checks, ready to hand to a client. */
@@ -66,14 +79,15 @@ const historyOf = (delivery: Delivery): Array<string> => {
 const deadLetterLines = {
   malformed: "malformed body dead-lettered",
   too_large: "message too large for gRPC dead-lettered",
-  requeue_limit: "poison message dead-lettered"
+  requeue_limit: "poison message dead-lettered",
+  delivery_limit: "message at the broker's delivery limit dead-lettered"
 } as const
 
 /** Dead-letters with the reason, counts it, and says so in one WARN line. */
 const deadLetterLogged = (
   delivery: Delivery,
   queue: string,
-  kind: "malformed" | "too_large" | "requeue_limit",
+  kind: keyof typeof deadLetterLines,
   reason: string,
   headers?: Record<string, unknown>
 ) =>
@@ -107,15 +121,26 @@ export const requeueCounted = (
   return delivery.moveTo(policy.queue, headers).pipe(Effect.as("Requeued" as const))
 }
 
+/** A count header the broker sets (absent on a first delivery): 0 when absent or not a count. */
+const brokerHeader = (delivery: Delivery, header: string): number => {
+  const raw: unknown = delivery.message.properties.headers?.[header]
+  const count = typeof raw === "number" ? raw : typeof raw === "string" ? Number(raw) : Number.NaN
+  return Number.isSafeInteger(count) && count > 0 ? count : 0
+}
+
+/** The broker's `x-delivery-count` of this copy: what its delivery limit is measured on (deliveryLimit.ts). */
+export const brokerDeliveryCountOf = (delivery: Delivery): number => brokerHeader(delivery, "x-delivery-count")
+
 /**
  * Redeliveries of this copy that the broker counted: quorum queues set `x-delivery-count` on
- * every redelivery (RabbitMQ 3.8+); classic queues keep no count, only the `redelivered` flag,
- * which stands for at least one.
+ * every redelivery (RabbitMQ 3.8 to 4.2); from 4.3 that counts failed deliveries only and
+ * `x-acquired-count` counts every earlier delivery to a consumer (rabbitmq-website PR #2508), so
+ * the larger of the two. Classic queues keep no count, only the `redelivered` flag, which stands
+ * for at least one.
  */
 export const brokerRedeliveriesOf = (delivery: Delivery): number => {
-  const raw: unknown = delivery.message.properties.headers?.["x-delivery-count"]
-  const count = typeof raw === "number" ? raw : typeof raw === "string" ? Number(raw) : Number.NaN
-  if (Number.isSafeInteger(count) && count > 0) return count
+  const count = Math.max(brokerDeliveryCountOf(delivery), brokerHeader(delivery, "x-acquired-count"))
+  if (count > 0) return count
   return delivery.message.fields.redelivered ? 1 : 0
 }
 
@@ -141,10 +166,24 @@ const deliverable = (delivery: Delivery, encoded: Uint8Array, queue: string): Ad
 /** A body ready to send (decoded, encoded, within the size limit), or why it cannot be sent. */
 type Checked = Result.Result<
   { readonly encoded: Uint8Array },
-  { readonly kind: "malformed" | "too_large"; readonly reason: string }
+  { readonly kind: "malformed" | "too_large" | "delivery_limit"; readonly reason: string }
 >
 
-const check = <A>(delivery: Delivery, policy: AdmissionPolicy<A>): Checked => {
+const check = <A>(delivery: Delivery, policy: AdmissionPolicy<A>, limits: QueueLimits): Checked => {
+  // The broker's last delivery of this message (x-delivery-count >= limit, measured on 3.10.8, see
+  // QueueLimits.deliveryLimit): if it came back once more, the broker would drop it (no dead-letter
+  // exchange) or dead-letter it without a reason. Counted before the body: it goes either way.
+  const limit = limits.deliveryLimit
+  if (limit !== undefined) {
+    const count = brokerDeliveryCountOf(delivery)
+    if (count >= limit) {
+      return Result.fail({
+        kind: "delivery_limit",
+        reason: `at the broker's delivery limit: x-delivery-count ${count}, delivery limit ${limit} ` +
+          `(${limits.deliveryLimitSource}); the broker would ${limits.deadLetterExchange === undefined ? "drop" : "dead-letter"} it if it came back once more`
+      })
+    }
+  }
   // Admission is total: a decoder that throws (whatever the body) dead-letters that body; it
   // must never end the calls on the queue and leave the body at its head.
   let decoded: Result.Result<A, BodyRejected>
@@ -187,18 +226,20 @@ const decided = (
  */
 export const admitAll = <A>(
   deliveries: NonEmptyReadonlyArray<Delivery>,
-  policy: AdmissionPolicy<A>
+  policy: AdmissionPolicy<A>,
+  /** The queue's limits as learned from the broker (none known by default). */
+  limits: QueueLimits = noLimits(policy.queue)
 ): Effect.Effect<NonEmptyReadonlyArray<Admission>, AmqpError | ConnectionLost> => {
   // Same length as `deliveries`, hence non-empty.
   const admissions = [] as unknown as [Admission, ...Array<Admission>]
   for (let i = 0; i < deliveries.length; i++) {
     const delivery = deliveries[i]!
-    const checked = check(delivery, policy)
+    const checked = check(delivery, policy, limits)
     if (Result.isFailure(checked)) {
       return Effect.gen(function*() {
         for (let j = i; j < deliveries.length; j++) {
           const rest = deliveries[j]!
-          admissions.push(yield* decided(rest, j === i ? checked : check(rest, policy), policy.queue))
+          admissions.push(yield* decided(rest, j === i ? checked : check(rest, policy, limits), policy.queue))
         }
         return admissions
       })
@@ -217,10 +258,18 @@ export const deadLetteredIn = (admissions: ReadonlyArray<Admission>): number => 
 /**
  * The queue's deliveries, each admitted (or dead-lettered) on the channel it came from; consuming
  * and admitting re-attach together after a lost connection, since a cut can land in the middle
- * of a dead-letter publish.
+ * of a dead-letter publish. Each (re)attach first learns the queue's limits on the primary
+ * connection (read once per connection, usually already at start-up by the topology).
  */
 export const admittedDeliveries = <A>(
   options: ConsumeOptions,
   policy: AdmissionPolicy<A>
 ): Stream.Stream<Admission, ConsumeError, Broker> =>
-  reattachOnConnectionLoss(options.queue, consume(options).pipe(Stream.mapArrayEffect((chunk) => admitAll(chunk, policy))))
+  reattachOnConnectionLoss(
+    options.queue,
+    Stream.unwrap(Effect.gen(function*() {
+      const connection = yield* (yield* Broker).connection
+      const limits = yield* queueLimitsOrDeclared(connection, policy.queue, policy.declaredAs)
+      return consume(options).pipe(Stream.mapArrayEffect((chunk) => admitAll(chunk, policy, limits)))
+    }))
+  )

@@ -7,7 +7,7 @@
  * once that many deliveries are unsettled, so the proxy holds at most that many per subscription.
  */
 import * as grpc from "@grpc/grpc-js"
-import { Cause, Effect, Exit, Fiber, Queue, Stream } from "effect"
+import { Cause, Effect, Exit, Fiber, FiberSet, Queue, Stream } from "effect"
 import type { DeliveryInfo, SettleError, SubscriptionOpened, SubscriptionRequest } from "../gen/messaging.js"
 import type { Broker } from "./broker/Broker.js"
 import { batchWrites, CallRejected, finishCall, writeAllWithBackpressure, writeWithBackpressure } from "./callLifecycle.js"
@@ -210,23 +210,42 @@ export const serveSubscription = <A>(
         return found
       })
 
-    /** Settles each delivery; ids whose channel died with a lost connection are reported. */
+    /**
+     * Deliveries being moved (a nack's counted requeue, a reject's dead-letter): claimed, so no
+     * request settles them twice, but unacked on their channel until the broker confirms the copy,
+     * which during a memory alarm is when the alarm clears (broker/copies.ts). A multiple-ack must
+     * not cover them.
+     */
+    const moving = new Set<Delivery>()
+    // Ended with the call; a copy already published settles its original regardless (copies.ts).
+    const moves = yield* FiberSet.make()
+
+    /**
+     * Settles each delivery in the background, so one waiting for its copy's confirm holds up
+     * neither the requests after it (acks) nor the deliveries; ids that could not be settled are
+     * reported.
+     */
     const settleEach = (
       ids: ReadonlyArray<string>,
       settle: (delivery: Delivery) => Effect.Effect<boolean, unknown>
     ) =>
       Effect.gen(function*() {
-        const lost: Array<string> = []
         for (const [id, delivery] of yield* claim(ids)) {
-          const ok = yield* settle(delivery).pipe(Effect.catch(() => Effect.succeed(false)))
-          if (!ok) {
-            lost.push(id)
-            // The move failed but the original may still be unacked on a live channel: hand it
-            // back now, so a later multiple-ack can never settle it (no-op if the channel is gone).
-            delivery.nack(true)
-          }
+          moving.add(delivery)
+          yield* settle(delivery).pipe(
+            Effect.catch(() => Effect.succeed(false)),
+            Effect.flatMap((ok) =>
+              ok ? Effect.void : Effect.andThen(
+                // The move failed but the original may still be unacked on a live channel: hand it
+                // back now, so a later multiple-ack can never settle it (no-op if the channel is gone).
+                Effect.sync(() => delivery.nack(true)),
+                settleError([id], "could not settle (broker channel gone or the broker refused); the message will be redelivered")
+              )
+            ),
+            Effect.ensuring(Effect.sync(() => moving.delete(delivery))),
+            FiberSet.run(moves)
+          )
         }
-        yield* settleError(lost, "could not settle (broker channel gone or the broker refused); the message will be redelivered")
       })
 
     /**
@@ -247,7 +266,7 @@ export const serveSubscription = <A>(
         for (const [channel, group] of byChannel) {
           const highest = group.reduce((a, b) => tagOf(b[1]) > tagOf(a[1]) ? b : a)[1]
           let lowerUnsettled = false
-          for (const delivery of pending.values()) {
+          for (const delivery of [...pending.values(), ...moving]) {
             if (delivery.channel === channel && tagOf(delivery) < tagOf(highest)) lowerUnsettled = true
           }
           const settled = lowerUnsettled
@@ -348,6 +367,8 @@ export const serveSubscription = <A>(
       const giveBackUnread = Effect.sync(() => {
         for (const delivery of unread) delivery.nack(true)
       })
+      // The timeout only stops waiting: a copy already published still settles its original, and
+      // the channel closes only after that (broker/copies.ts), so the message is never in two places.
       return Effect.andThen(Effect.andThen(stop, giveBackUnread), Effect.forEach(unsettled, (delivery) =>
         requeueCounted(delivery, spec, note).pipe(
           Effect.tap((outcome) => Effect.sync(() => outcome === "Requeued" ? counts.requeued++ : counts.deadLettered++)),

@@ -30,6 +30,7 @@ const stubDelivery = (content: Buffer, deadLettered: Array<string>): Delivery =>
     nack: () => true,
     moveTo: () => Effect.void,
     stopConsuming: Effect.void,
+    addConsumer: () => Effect.void,
     deadLetter: (reason) => Effect.sync(() => void deadLettered.push(reason))
   }
 }
@@ -40,7 +41,8 @@ const policy = <A>(decode: AdmissionPolicy<A>["decode"], encode: AdmissionPolicy
   decode,
   encode,
   maxEncodedBytes: 4 * 1024 * 1024,
-  maxEncodedBytesSource: "GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES"
+  maxEncodedBytesSource: "GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES",
+  declaredAs: { durable: true }
 })
 
 const policies = [

@@ -9,42 +9,15 @@
 import { assert, describe, it } from "@effect/vitest"
 import { Effect } from "effect"
 import { fileURLToPath } from "node:url"
-import { spawn } from "node:child_process"
 import { randomBytes } from "node:crypto"
-import { createInterface } from "node:readline"
 import { validationBody } from "./fixtures/bodies.js"
 import { makeTestEnv, publishJson, waitForQueue } from "./support/harness.js"
-import { compilePythonProto, python, runOk } from "./support/python.js"
+import { compilePythonProto, interactive, python, runOk } from "./support/python.js"
 
 const fixture = (name: string) => fileURLToPath(new URL(`./fixtures/original/${name}`, import.meta.url))
 
 /** A valid validation body whose file_data is `bytes` random bytes in hex (as the API writes files). */
 const fileBody = (id: string, bytes: number) => ({ ...validationBody(id), file_data: randomBytes(bytes).toString("hex") })
-
-/** A child process spoken to line by line: `line()` is its next stdout line, `send` writes one. */
-const interactive = (command: string, args: ReadonlyArray<string>) =>
-  Effect.acquireRelease(
-    Effect.sync(() => {
-      const child = spawn(command, args, { stdio: ["pipe", "pipe", "pipe"] })
-      const lines: Array<string> = []
-      const waiting: Array<(line: string) => void> = []
-      let stderr = ""
-      child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()))
-      createInterface({ input: child.stdout }).on("line", (l) => {
-        const waiter = waiting.shift()
-        if (waiter) waiter(l)
-        else lines.push(l)
-      })
-      const line = Effect.callback<string, Error>((resume) => {
-        const ready = lines.shift()
-        if (ready !== undefined) return resume(Effect.succeed(ready))
-        waiting.push((l) => resume(Effect.succeed(l)))
-        child.once("exit", (code) => resume(Effect.fail(new Error(`${command} exited ${code}: ${stderr}`))))
-      })
-      return { child, line, send: (text: string) => Effect.sync(() => void child.stdin.write(`${text}\n`)) }
-    }),
-    ({ child }) => Effect.sync(() => child.kill("SIGKILL"))
-  )
 
 describe("the original clients (Python grpcio + pika, original proto)", () => {
   it.live("2,000 calls opened and cancelled at once on one grpcio connection leave its other call alive (issue 10, fault 9)", () =>
@@ -82,7 +55,9 @@ describe("the original clients (Python grpcio + pika, original proto)", () => {
         String(copy.properties.headers?.["x-dead-letter-reason"]),
         /^too large for gRPC: \d{7} bytes encoded, at most 4194304 can be sent \(GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES\)$/
       )
-      assert.strictEqual((yield* waitForQueue(admin, names.validations)).messageCount, 0)
+      // "small" was read, but the call ended before more was written past it: it goes back (a
+      // duplicate at worst); the big one is only in the dead-letter queue.
+      yield* waitForQueue(admin, names.validations, (q) => q.messageCount === 1 && q.consumerCount === 0)
     }))
 
   it.live("GetMessagingParams logs in to the broker; schema and validation messages arrive field for field", () =>

@@ -306,7 +306,7 @@ describe("broker failures", () => {
       assert.strictEqual(v?.id, "v-after")
     }), { timeout: 60_000 })
 
-  it.live("a nack while the publishers' connection is away still requeues: copies go out on the delivery's own channel", () =>
+  it.live("a nack while the publishers' connection is away still requeues: a plain requeue, uncounted, since no copy can go out", () =>
     Effect.gen(function*() {
       const relay = yield* startRelay()
       const env = yield* makeTestEnv({ RABBITMQ_PORT: String(relay.port) })

@@ -4,9 +4,10 @@
  *
  * - Consumers: a pool of connections (pool.ts). Its first member, the primary, declares the
  *   topology on every (re)connect and serves declarations and queue probes.
- * - Publishers: a connection of their own. RabbitMQ blocks a connection that publishes during a
+ * - Publishers: a connection of their own, for the Publish RPCs and for the copies behind
+ *   requeues and dead-letters (copies.ts). RabbitMQ blocks a connection that publishes during a
  *   memory or disk alarm, reads included, so sharing one would let publishers stall every
- *   stream's acks.
+ *   stream's deliveries and acks; the consumers' connections never publish.
  *
  * The topology is declared queue by queue (topology.ts): a queue that cannot be declared (its
  * node is down) is retried in the background while the others are served, and
@@ -17,7 +18,8 @@ import { Context, Deferred, Duration, Effect, Exit, Layer, Option, Schedule, typ
 import { ProxyConfig } from "../config.js"
 import { AmqpError } from "../errors.js"
 import { amqpTlsOptions } from "../tls.js"
-import { type Live, supervise, whenLive } from "./connection.js"
+import { blockedChanges, type Live, supervise, whenLive } from "./connection.js"
+import { type Copies, makeCopies } from "./copies.js"
 import { shuffled } from "./nodes.js"
 import { makeChannelPool } from "./pool.js"
 import { declaredQueues, declareExchange, declareQueue, declareQueues } from "./topology.js"
@@ -29,6 +31,14 @@ export class Broker extends Context.Service<Broker, {
   readonly publishingConnection: Effect.Effect<amqp.ChannelModel>
   /** `true` while the primary and the publishers' connections are up; emits the current value first. */
   readonly connectedChanges: Stream.Stream<boolean>
+  /**
+   * The broker's reason while it blocks the publishers' connection (a memory or disk alarm:
+   * `connection.blocked`), None otherwise; emits the current value first. Streams and
+   * subscriptions go on meanwhile; copies and the Publish RPCs wait.
+   */
+  readonly publishingBlockedChanges: Stream.Stream<Option.Option<string>>
+  /** Copies of deliveries (requeues, dead-letters) on the publishers' connection; see copies.ts. */
+  readonly copies: Copies
   /** A confirm channel on a pooled consumers' connection with room, closed with the caller's scope. */
   readonly openChannel: Effect.Effect<amqp.ConfirmChannel, AmqpError, Scope.Scope>
   /** Declares `queue` as the proxy would (configured type), if it is missing; used before dead-lettering. */
@@ -138,6 +148,8 @@ const make = Effect.gen(function*() {
     lostLine: "publishing connection to broker lost, reconnecting"
   })
 
+  const copies = yield* makeCopies(publishers)
+
   const pool = yield* makeChannelPool(primary, (index) =>
     supervise({
       rabbit,
@@ -161,6 +173,8 @@ const make = Effect.gen(function*() {
       Stream.map(([a, b]) => a && b),
       Stream.changes
     ),
+    publishingBlockedChanges: blockedChanges(publishers),
+    copies,
     openChannel: pool.openChannel,
     ensureQueue: (queue) => {
       // On the primary, which may not be the caller's connection: when the primary goes away

@@ -6,7 +6,7 @@
  * SubscriptionRef (None while away); it is closed when the scope closes.
  */
 import * as amqp from "amqplib"
-import { Deferred, Duration, Effect, Exit, Option, Redacted, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
+import { Deferred, Duration, Effect, Exit, Option, Queue, Redacted, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
 import { isIP } from "node:net"
 import type { BrokerNode, ProxySettings } from "../config.js"
 import { AmqpError } from "../errors.js"
@@ -24,6 +24,17 @@ export interface Live {
   readonly channelMax: number
   /** False once the connection has closed (before the supervisor has noticed, too). */
   readonly isOpen: () => boolean
+  /**
+   * The broker's reason while it blocks this connection (`connection.blocked`, e.g. "low on
+   * memory"), undefined once `connection.unblocked` came or before any `connection.blocked`.
+   * RabbitMQ blocks a connection that publishes while a memory or disk alarm is in effect: it
+   * stops reading from its socket, so nothing more is sent on it (acks included) until the alarm
+   * clears. It says so only to a connection that publishes during the alarm (3.10 measured: one
+   * that only published before it heard nothing), so a connection that never publishes is never
+   * blocked, and one that does learns of the alarm with its first publish.
+   * Source: https://www.rabbitmq.com/docs/connection-blocked, https://www.rabbitmq.com/docs/alarms
+   */
+  readonly blocked: () => string | undefined
 }
 
 interface Session extends Live {
@@ -62,15 +73,27 @@ const connectOnce = (rabbit: Rabbit, node: BrokerNode, tls: amqp.SocketOptions |
       connection.on("error", (error: Error) => {
         lastError = error.message
       })
+      let blocked: string | undefined
       connection.on("blocked", (reason: string) => {
+        blocked = reason
         lastError = `broker blocked the connection: ${reason}`
+      })
+      connection.on("unblocked", () => {
+        blocked = undefined
       })
       let open = true
       connection.on("close", (error?: Error) => {
         open = false
         Deferred.doneUnsafe(closed, Exit.succeed(error?.message ?? lastError))
       })
-      return { connection, node, channelMax: negotiatedChannelMax(connection), isOpen: () => open, closed }
+      return {
+        connection,
+        node,
+        channelMax: negotiatedChannelMax(connection),
+        isOpen: () => open,
+        blocked: () => blocked,
+        closed
+      }
     },
     catch: (cause) =>
       new AmqpError({ operation: `connect to ${tls ? "amqps" : "amqp"}://${nodeLabel(node)}`, cause })
@@ -146,6 +169,30 @@ export const supervise = (options: SuperviseOptions) =>
       yield* SubscriptionRef.set(current, Option.some<Live>(live))
       if (options.onConnected) yield* options.onConnected(live)
       yield* connectionMetrics.connected(node)
+      // For as long as this connection lives: the broker's block in metrics, and a line per change.
+      let wasBlocked = false
+      yield* blockedStates(live).pipe(
+        Stream.runForEach((state) =>
+          Effect.suspend(() => {
+            const unblocked = wasBlocked && Option.isNone(state)
+            wasBlocked = Option.isSome(state)
+            return connectionMetrics.blocked(node, Option.isSome(state)).pipe(
+              Effect.andThen(
+                Option.isSome(state)
+                  ? Effect.logWarning("broker blocked the connection (resource alarm): it sends nothing until the alarm clears", {
+                    connection: label,
+                    node,
+                    reason: state.value
+                  })
+                  : unblocked
+                  ? Effect.logInfo("broker unblocked the connection", { connection: label, node })
+                  : Effect.void
+              )
+            )
+          })
+        ),
+        Effect.forkScoped
+      )
       yield* Effect.logInfo(options.connectedLine, {
         connection: label,
         node,
@@ -167,6 +214,43 @@ export const supervise = (options: SuperviseOptions) =>
     yield* Effect.addFinalizer(() => SubscriptionRef.set(current, Option.none()))
     return current
   })
+
+const sameBlock = (a: Option.Option<string>, b: Option.Option<string>): boolean =>
+  Option.isNone(a) ? Option.isNone(b) : Option.isSome(b) && a.value === b.value
+
+/**
+ * Whether the broker blocks `live` (the reason) now, then at each `connection.blocked` /
+ * `connection.unblocked`; ends never (the connection's close ends its use, not this stream).
+ */
+export const blockedStates = (live: Live): Stream.Stream<Option.Option<string>> =>
+  Stream.callback<Option.Option<string>>((queue) =>
+    Effect.gen(function*() {
+      // connectOnce's own listeners were attached first, so `live.blocked()` is already current here.
+      const emit = () => {
+        Queue.offerUnsafe(queue, Option.fromNullishOr(live.blocked()))
+      }
+      emit()
+      live.connection.on("blocked", emit)
+      live.connection.on("unblocked", emit)
+      yield* Effect.addFinalizer(() =>
+        Effect.sync(() => {
+          live.connection.off("blocked", emit)
+          live.connection.off("unblocked", emit)
+        })
+      )
+    }), { bufferSize: 16, strategy: "sliding" }).pipe(Stream.changesWith(sameBlock))
+
+/**
+ * The broker's block on whichever connection `current` holds: None while it is not blocked or
+ * there is none (a connection that is away blocks nothing; its absence shows elsewhere).
+ */
+export const blockedChanges = (
+  current: SubscriptionRef.SubscriptionRef<Option.Option<Live>>
+): Stream.Stream<Option.Option<string>> =>
+  SubscriptionRef.changes(current).pipe(
+    Stream.switchMap(Option.match({ onNone: () => Stream.make(Option.none<string>()), onSome: blockedStates })),
+    Stream.changesWith(sameBlock)
+  )
 
 /** The current connection, waiting while there is none. */
 export const whenLive = (current: SubscriptionRef.SubscriptionRef<Option.Option<Live>>): Effect.Effect<Live> =>

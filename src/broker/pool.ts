@@ -18,6 +18,7 @@ import type * as amqp from "amqplib"
 import { Effect, Option, Scope, Semaphore, Stream, SubscriptionRef } from "effect"
 import { AmqpError } from "../errors.js"
 import { reserveFor } from "./channels.js"
+import { copiesInFlightOn, copiesSettledOn } from "./copies.js"
 import type { Live } from "./connection.js"
 
 interface Member {
@@ -104,8 +105,19 @@ export const makeChannelPool = (
           try: () => live.connection.createConfirmChannel(),
           catch: (cause) => new AmqpError({ operation: "create channel", cause })
         }),
-        // Bounded: a close racing a dying connection can hang in amqplib.
-        (channel) => Effect.promise(() => channel.close().catch(() => undefined)).pipe(Effect.timeoutOption("2 seconds"))
+        (channel) => {
+          // Bounded: a close racing a dying connection can hang in amqplib.
+          const close = Effect.promise(() => channel.close().catch(() => undefined)).pipe(
+            Effect.timeoutOption("2 seconds"),
+            Effect.asVoid
+          )
+          // Closing requeues what is unacked, and a copy still awaiting its confirm may land later:
+          // such a channel closes once its copies are settled (copies.ts), without holding up the
+          // call that used it (the consumer is already cancelled, so nothing new arrives on it).
+          return copiesInFlightOn(channel) === 0
+            ? close
+            : Effect.andThen(copiesSettledOn(channel), close).pipe(Effect.forkIn(poolScope), Effect.asVoid)
+        }
       )).pipe(
         // A default listener so a channel error can never escalate into a process crash.
         Effect.tap((channel) => Effect.sync(() => channel.on("error", () => undefined)))

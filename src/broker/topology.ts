@@ -12,6 +12,7 @@ import { Effect } from "effect"
 import { contractQueues, deadLetterQueue, type ProxySettings } from "../config.js"
 import { AmqpError, describe, replyCode } from "../errors.js"
 import { onThrowawayChannel } from "./channels.js"
+import { dropWarning, learnQueueLimits } from "./deliveryLimit.js"
 
 type Rabbit = ProxySettings["rabbit"]
 
@@ -91,10 +92,37 @@ const bindQueue = (connection: amqp.ChannelModel, rabbit: Rabbit, queue: string,
   bounded(`bind '${queue}' to '${rabbit.exchange}' with '${routingKey}'`, () =>
     onThrowawayChannel(connection, (channel) => channel.bindQueue(queue, rabbit.exchange, routingKey)))
 
+/** Consumed queues already warned about, per proxy (its settings): one line per queue and process, not per reconnect. */
+const warnedDrops = new WeakMap<Rabbit, Set<string>>()
+
+/**
+ * For a consumed queue: reads its limits on this connection (deliveryLimit.ts; admission then finds
+ * them read) and warns once when it can drop messages. Never fails the declaration: a queue whose
+ * arguments cannot be read is only logged at debug.
+ */
+const checkDrops = (connection: amqp.ChannelModel, rabbit: Rabbit, queue: string) =>
+  learnQueueLimits(connection, queue, queueOptions(rabbit, queue)).pipe(
+    Effect.timeoutOrElse({
+      duration: timeoutMs,
+      orElse: () => Effect.fail(new AmqpError({ operation: `read '${queue}'`, cause: `no answer within ${timeoutMs / 1000} s` }))
+    }),
+    Effect.flatMap((limits) => {
+      let warned = warnedDrops.get(rabbit)
+      if (warned === undefined) warnedDrops.set(rabbit, warned = new Set())
+      const fields = dropWarning(limits, deadLetterQueue(rabbit, queue))
+      if (fields === undefined || warned.has(queue)) return Effect.void
+      warned.add(queue)
+      return Effect.logWarning("consumed queue can drop messages", fields)
+    }),
+    Effect.catch((error) => Effect.logDebug("could not read the queue's arguments", { queue, reason: error.message }))
+  )
+
 /**
  * Declares (and binds, for a contract queue) each of `queues`, one by one. Answers which failed,
  * with the reason: they stay unavailable until a later call succeeds. An existing queue with
- * other arguments is used as it is and reported through `onExistingDiffers`.
+ * other arguments is used as it is and reported through `onExistingDiffers`. A consumed queue that
+ * can drop messages (a delivery limit, length limit or TTL without a dead-letter exchange) is
+ * warned about once.
  */
 export const declareQueues = (
   connection: amqp.ChannelModel,
@@ -105,10 +133,12 @@ export const declareQueues = (
   Effect.gen(function*() {
     const failed = new Map<string, string>()
     const bindings = new Map(contractQueues(rabbit).map((b) => [b.queue, b.routingKey]))
+    const consumed = new Set(consumedQueues(rabbit))
     for (const queue of queues) {
       const routingKey = bindings.get(queue)
       const outcome = yield* declareQueue(connection, rabbit, queue).pipe(
         Effect.tap((declared) => declared === "declared" ? Effect.void : onExistingDiffers(queue, declared.existingDiffers)),
+        Effect.tap(() => consumed.has(queue) ? checkDrops(connection, rabbit, queue) : Effect.void),
         Effect.andThen(routingKey === undefined ? Effect.void : bindQueue(connection, rabbit, queue, routingKey)),
         Effect.result
       )

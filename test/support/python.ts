@@ -6,6 +6,7 @@
  */
 import { Effect } from "effect"
 import { spawn } from "node:child_process"
+import { createInterface } from "node:readline"
 import { mkdtemp, rm } from "node:fs/promises"
 import { tmpdir } from "node:os"
 import { dirname, join } from "node:path"
@@ -54,3 +55,28 @@ export const compilePythonProto = (protoFile: string) =>
     yield* runOk("protoc", [`-I${dirname(protoFile)}`, `--python_out=${out}`, protoFile])
     return out
   })
+
+/** A child process spoken to line by line: `line()` is its next stdout line, `send` writes one. */
+export const interactive = (command: string, args: ReadonlyArray<string>) =>
+  Effect.acquireRelease(
+    Effect.sync(() => {
+      const child = spawn(command, args, { stdio: ["pipe", "pipe", "pipe"] })
+      const lines: Array<string> = []
+      const waiting: Array<(line: string) => void> = []
+      let stderr = ""
+      child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()))
+      createInterface({ input: child.stdout }).on("line", (l) => {
+        const waiter = waiting.shift()
+        if (waiter) waiter(l)
+        else lines.push(l)
+      })
+      const line = Effect.callback<string, Error>((resume) => {
+        const ready = lines.shift()
+        if (ready !== undefined) return resume(Effect.succeed(ready))
+        waiting.push((l) => resume(Effect.succeed(l)))
+        child.once("exit", (code) => resume(Effect.fail(new Error(`${command} exited ${code}: ${stderr}`))))
+      })
+      return { child, line, send: (text: string) => Effect.sync(() => void child.stdin.write(`${text}\n`)) }
+    }),
+    ({ child }) => Effect.sync(() => child.kill("SIGKILL"))
+  )
