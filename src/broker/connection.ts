@@ -35,6 +35,8 @@ export interface Live {
    * Source: https://www.rabbitmq.com/docs/connection-blocked, https://www.rabbitmq.com/docs/alarms
    */
   readonly blocked: () => string | undefined
+  /** Calls `watcher` after each `connection.blocked` / `connection.unblocked`; returns the unwatch. */
+  readonly watchBlocked: (watcher: () => void) => () => void
 }
 
 interface Session extends Live {
@@ -74,12 +76,17 @@ const connectOnce = (rabbit: Rabbit, node: BrokerNode, tls: amqp.SocketOptions |
         lastError = error.message
       })
       let blocked: string | undefined
+      // Watchers of the block (every copy waiting for publishers to be usable): a set of our own,
+      // not one listener each on the connection, whose emitter warns past ten.
+      const blockWatchers = new Set<() => void>()
       connection.on("blocked", (reason: string) => {
         blocked = reason
         lastError = `broker blocked the connection: ${reason}`
+        for (const watcher of blockWatchers) watcher()
       })
       connection.on("unblocked", () => {
         blocked = undefined
+        for (const watcher of blockWatchers) watcher()
       })
       let open = true
       connection.on("close", (error?: Error) => {
@@ -92,6 +99,10 @@ const connectOnce = (rabbit: Rabbit, node: BrokerNode, tls: amqp.SocketOptions |
         channelMax: negotiatedChannelMax(connection),
         isOpen: () => open,
         blocked: () => blocked,
+        watchBlocked: (watcher) => {
+          blockWatchers.add(watcher)
+          return () => blockWatchers.delete(watcher)
+        },
         closed
       }
     },
@@ -230,14 +241,8 @@ export const blockedStates = (live: Live): Stream.Stream<Option.Option<string>> 
         Queue.offerUnsafe(queue, Option.fromNullishOr(live.blocked()))
       }
       emit()
-      live.connection.on("blocked", emit)
-      live.connection.on("unblocked", emit)
-      yield* Effect.addFinalizer(() =>
-        Effect.sync(() => {
-          live.connection.off("blocked", emit)
-          live.connection.off("unblocked", emit)
-        })
-      )
+      const unwatch = live.watchBlocked(emit)
+      yield* Effect.addFinalizer(() => Effect.sync(unwatch))
     }), { bufferSize: 16, strategy: "sliding" }).pipe(Stream.changesWith(sameBlock))
 
 /**

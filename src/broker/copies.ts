@@ -213,7 +213,12 @@ export const makeCopies = (
             ? Effect.succeed("RequeuedUncounted" as const)
             : Effect.fail(new ConnectionLost({ reason: "the delivery's channel is gone; the broker has the message back" }))
         }
-        return readyLive.pipe(
+        // Usually usable right now: skip watching for it (looked at again on each retry).
+        const usable = Effect.suspend(() => {
+          const now = SubscriptionRef.getUnsafe(publishers)
+          return ready() && Option.isSome(now) ? Effect.succeed(now.value) : readyLive
+        })
+        return usable.pipe(
           Effect.flatMap((live) => channelOn(live).pipe(Effect.mapError((error) => ({ error, live })))),
           // The connection went away between the two: wait for the next one rather than fail.
           Effect.retry({ while: ({ live }) => !live.isOpen(), times: 5 }),
