@@ -6,6 +6,7 @@
 import type * as amqp from "amqplib"
 import { Cause, Duration, Effect, Queue, Schedule, Stream } from "effect"
 import { Broker } from "./broker/Broker.js"
+import { settleQuietly } from "./broker/channels.js"
 import { AmqpError, ConnectionLost, ConsumerClosedByBroker } from "./errors.js"
 
 /** One message from the queue, with the ways to settle it on the channel it came from. */
@@ -62,15 +63,6 @@ export type ConsumeError = AmqpError | ConnectionLost | ConsumerClosedByBroker
 /** amqplib's answer when the connection has used up the broker's channel_max. */
 export const channelsExhausted = (error: AmqpError): boolean => error.message.includes("No channels left")
 
-const settle = (operation: () => void): boolean => {
-  try {
-    operation()
-    return true
-  } catch {
-    // amqplib throws once the channel is closed; the broker has already requeued the message.
-    return false
-  }
-}
 
 /**
  * Acks delivery `deliveryTag` and every earlier unacked delivery of `channel`, in one frame, from
@@ -78,7 +70,7 @@ const settle = (operation: () => void): boolean => {
  */
 export const ackThrough = (channel: amqp.Channel, deliveryTag: number): boolean =>
   // amqplib reads only `fields.deliveryTag` of the message it is given to ack.
-  settle(() => channel.ack({ fields: { deliveryTag } } as unknown as amqp.Message, true))
+  settleQuietly(() => channel.ack({ fields: { deliveryTag } } as unknown as amqp.Message, true))
 
 /** Publishing properties worth keeping on the dead-lettered copy (no expiration, no user id check). */
 const keptProperties = (message: amqp.ConsumeMessage): amqp.Options.Publish => {
@@ -189,8 +181,8 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
             ackUpTo: () => ackThrough(channel, message.fields.deliveryTag),
             stopConsuming,
             addConsumer: (prefetch) => startConsumer(prefetch),
-            ack: () => settle(() => channel.ack(message)),
-            nack: (requeue) => settle(() => channel.nack(message, false, requeue)),
+            ack: () => settleQuietly(() => channel.ack(message)),
+            nack: (requeue) => settleQuietly(() => channel.nack(message, false, requeue)),
             moveTo,
             deadLetter: (reason, headers = {}) =>
               // The default exchange drops a message for a missing queue (after confirming it!),
@@ -221,7 +213,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
           }
           // The consumers' prefetch bounds what the broker sends unacked, and the buffer is not
           // bounded below that; if an offer ever failed, hand the message back rather than drop it.
-          if (!Queue.offerUnsafe(queue, toDelivery(message))) settle(() => channel.nack(message, false, true))
+          if (!Queue.offerUnsafe(queue, toDelivery(message))) settleQuietly(() => channel.nack(message, false, true))
         }
         // basic.qos then basic.consume: the prefetch applies to this consumer only.
         function startConsumer(prefetch: number): Effect.Effect<void, AmqpError> {

@@ -5,35 +5,14 @@
  * at the queue's head. Property-based (fast-check) through the real decoders and encoders; the
  * broker side of a delivery is a stub here (pure logic), the rest of the path is tested elsewhere.
  */
-import type * as amqp from "amqplib"
 import { Effect, Exit } from "effect"
 import fc from "fast-check"
 import { describe, expect, it } from "vitest"
 import { SchemaMessageResponse, ValidationMessageResponse } from "../gen/messaging.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "../src/codec.js"
-import type { Delivery } from "../src/consumer.js"
 import { admitAll, type AdmissionPolicy } from "../src/redelivery.js"
 import { encodeWith } from "../src/serialization.js"
-
-/** A delivery of `content` whose dead-lettering is recorded instead of published. */
-const stubDelivery = (content: Buffer, deadLettered: Array<string>): Delivery => {
-  const message = {
-    content,
-    fields: { deliveryTag: 1, redelivered: false, exchange: "x", routingKey: "schemas.*", consumerTag: "c" },
-    properties: { headers: {} }
-  } as unknown as amqp.ConsumeMessage
-  return {
-    message,
-    channel: {} as amqp.Channel,
-    ack: () => true,
-    ackUpTo: () => true,
-    nack: () => true,
-    moveTo: () => Effect.void,
-    stopConsuming: Effect.void,
-    addConsumer: () => Effect.void,
-    deadLetter: (reason) => Effect.sync(() => void deadLettered.push(reason))
-  }
-}
+import { stubDelivery } from "./support/stubs.js"
 
 const policy = <A>(decode: AdmissionPolicy<A>["decode"], encode: AdmissionPolicy<A>["encode"]): AdmissionPolicy<A> => ({
   queue: "q",
@@ -53,7 +32,7 @@ const policies = [
 /** Admits one body; the outcome, or the defect that admission must never have. */
 const admit = (content: Buffer, which: (typeof policies)[number][1]) => {
   const deadLettered: Array<string> = []
-  const exit = Effect.runSyncExit(admitAll([stubDelivery(content, deadLettered)], which as AdmissionPolicy<unknown>))
+  const exit = Effect.runSyncExit(admitAll([stubDelivery({ content }, deadLettered)], which as AdmissionPolicy<unknown>))
   return { exit, deadLettered }
 }
 

@@ -13,11 +13,11 @@ import { spawn } from "node:child_process"
 import { fileURLToPath } from "node:url"
 import { MessagingServiceClient, SchemaMessageResponse, type SchemaSubscriptionEvent } from "../gen/messaging.js"
 import { learnQueueLimits, limitsOf, parseInequivalent } from "../src/broker/deliveryLimit.js"
-import type { Delivery } from "../src/consumer.js"
 import { admitAll, type AdmissionPolicy } from "../src/redelivery.js"
 import { decodeSchemaMessage } from "../src/codec.js"
 import { encodeWith } from "../src/serialization.js"
 import { schemaBody } from "./fixtures/bodies.js"
+import { stubDelivery } from "./support/stubs.js"
 import {
   type Admin,
   grpcClient,
@@ -81,25 +81,6 @@ describe("queue limits from the broker's answers", () => {
 
 // --- admission with a known limit (the broker side is a stub here) --------------------------------
 
-const stubDelivery = (headers: Record<string, unknown>, redelivered: boolean, deadLettered: Array<string>): Delivery => {
-  const message = {
-    content: Buffer.from(JSON.stringify(schemaBody("dl"))),
-    fields: { deliveryTag: 1, redelivered, exchange: "x", routingKey: "schemas.*", consumerTag: "c" },
-    properties: { headers }
-  } as unknown as amqp.ConsumeMessage
-  return {
-    message,
-    channel: {} as amqp.Channel,
-    ack: () => true,
-    ackUpTo: () => true,
-    nack: () => true,
-    moveTo: () => Effect.void,
-    stopConsuming: Effect.void,
-    deadLetter: (reason: string) => Effect.sync(() => void deadLettered.push(reason))
-    // Cast: only what admission uses is stubbed (the interface grows with other features).
-  } as unknown as Delivery
-}
-
 const policy: AdmissionPolicy<SchemaMessageResponse> = {
   queue: "q",
   maxRequeues: 5,
@@ -114,7 +95,7 @@ describe("admission at the broker's delivery limit", () => {
   const limits = limitsOf("q", { "x-queue-type": "quorum", "x-delivery-limit": 3 }, 3, true)
   const admit = (headers: Record<string, unknown>) => {
     const deadLettered: Array<string> = []
-    const [admission] = Effect.runSync(admitAll([stubDelivery(headers, "x-delivery-count" in headers, deadLettered)], policy, limits))
+    const [admission] = Effect.runSync(admitAll([stubDelivery({ content: Buffer.from(JSON.stringify(schemaBody("dl"))), headers, redelivered: "x-delivery-count" in headers }, deadLettered)], policy, limits))
     return { admission, deadLettered }
   }
 

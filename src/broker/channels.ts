@@ -18,6 +18,19 @@ export const negotiatedChannelMax = (model: amqp.ChannelModel): number => {
   return typeof value === "number" && value > 0 ? value : 0xffff
 }
 
+/**
+ * Runs an ack or nack; false when amqplib refused it because the channel is closed (the broker
+ * has then already requeued the message, so there is nothing left to settle).
+ */
+export const settleQuietly = (operation: () => void): boolean => {
+  try {
+    operation()
+    return true
+  } catch {
+    return false
+  }
+}
+
 /** Close, waiting at most 2 s: amqplib never settles a close that races a dying connection. */
 export const closeWithin = (channel: amqp.Channel) =>
   Promise.race([

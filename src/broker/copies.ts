@@ -36,6 +36,7 @@
 import type * as amqp from "amqplib"
 import { Deferred, Effect, Exit, Option, type Scope, Stream, SubscriptionRef } from "effect"
 import { AmqpError, ConnectionLost, describe } from "../errors.js"
+import { settleQuietly } from "./channels.js"
 import { blockedStates, type Live } from "./connection.js"
 
 /** The delivery a copy is made of. */
@@ -102,15 +103,6 @@ const track = (channel: amqp.Channel): () => void => {
   }
 }
 
-const settleQuietly = (operation: () => void): boolean => {
-  try {
-    operation()
-    return true
-  } catch {
-    // amqplib throws once the channel is closed; the broker has already requeued the message.
-    return false
-  }
-}
 
 /** amqplib's error for a basic.nack of a confirm channel (anything else: the channel closed). */
 const isNack = (error: unknown): boolean => error instanceof Error && error.message === "message nacked"
