@@ -49,7 +49,9 @@ class BindError extends AmqpError {}
  * server binds (its `commonServerOptions`). Measured with test/fixtures/original/cancel_flood.py
  * (`immediate`: 2,000 calls each cancelled as it opens) on an idle machine: with Node's defaults
  * the long call died in 3 of 3 runs, with these it lived in 5 of 5. Under CPU load nghttp2 still
- * ends the session now and then with a protocol error (-505) that no option here changes: open.
+ * ends the session now and then with a protocol error (-505, via `onSessionInternalError`) that
+ * no option here changes: 1 of 10 runs beside four busy loops, and about as often with
+ * `maxSessionMemory` at 100 MB or the HTTP/2 stream limit at 4×. Open.
  * Source: Node.js http2 docs, `http2.createServer` options.
  */
 const allowStreamResetBurst = (server: grpc.Server, http2MaxConcurrentStreams: number) => {
