@@ -8,7 +8,7 @@ import * as amqp from "amqplib"
 import { execFile } from "node:child_process"
 import { once } from "node:events"
 import { randomBytes } from "node:crypto"
-import { namesUnder as testNamesUnder, type TestNames } from "../test/support/harness.js"
+import { delayQueuesOf, namesUnder as testNamesUnder, type TestNames } from "../test/support/harness.js"
 import { errorText, now, sleep } from "./util.js"
 
 export interface BenchNames extends TestNames {
@@ -245,7 +245,9 @@ export class Admin {
     }
     const n = this.names
     for (const queue of [
-      n.schemas, n.validations, n.schemaResults, n.validationResults, n.schemasDead, n.validationsDead, n.directCopy
+      n.schemas, n.validations, n.schemaResults, n.validationResults, n.schemasDead, n.validationsDead, n.directCopy,
+      // The proxy's delay queues (nack_delayed), for the default tiers.
+      ...delayQueuesOf(n)
     ]) {
       await attempt(`delete ${queue}`, (c) => c.deleteQueue(queue))
     }

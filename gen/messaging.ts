@@ -342,7 +342,28 @@ export interface SubscriptionRequest {
     | //
     /** Move the deliveries to the dead-letter queue with a reason. */
     { $case: "reject"; value: RejectDeliveries }
+    | //
+    /** Push the deliveries' ack deadlines to now + seconds (a lease extension while work goes on). */
+    { $case: "extend"; value: ExtendDeadlines }
+    | //
+    /**
+     * Put the deliveries back after at least a delay (counted like nack): through a delay queue,
+     * the delay rounded up to the next of MESSAGING_RETRY_DELAYS.
+     */
+    { $case: "nackDelayed"; value: NackDelayed }
     | undefined;
+}
+
+export interface ExtendDeadlines {
+  deliveryIds: string[];
+  /** New deadline: now + seconds, at most the server's maximum (MESSAGING_MAX_ACK_DEADLINE_SECONDS). */
+  seconds: number;
+}
+
+export interface NackDelayed {
+  deliveryIds: string[];
+  /** Milliseconds before the message is back in its queue (rounded up to a delay tier). */
+  delayMs: number;
 }
 
 export interface OpenSubscription {
@@ -361,6 +382,12 @@ export interface OpenSubscription {
    * queue) and GRPC_MAX_MESSAGE_BYTES.
    */
   maxMessageBytes: number;
+  /**
+   * Seconds a delivery may stay unsettled before the proxy hands it back to the queue by itself
+   * (counted as a requeue, "ack deadline expired"); extend it with `extend`. 0 = the server
+   * default (MESSAGING_ACK_DEADLINE_SECONDS); at most MESSAGING_MAX_ACK_DEADLINE_SECONDS.
+   */
+  ackDeadlineSeconds: number;
 }
 
 export interface DeliveryIds {
@@ -399,6 +426,8 @@ export interface SubscriptionOpened {
   consumerName: string;
   /** The message size limit in force for this subscription (see OpenSubscription). */
   maxMessageBytes: number;
+  /** The ack deadline in force for each delivery, in seconds (see OpenSubscription). */
+  ackDeadlineSeconds: number;
 }
 
 export interface SchemaDelivery {
@@ -2438,6 +2467,12 @@ export const SubscriptionRequest: MessageFns<SubscriptionRequest> = {
       case "reject":
         RejectDeliveries.encode(message.action.value, writer.uint32(34).fork()).join();
         break;
+      case "extend":
+        ExtendDeadlines.encode(message.action.value, writer.uint32(42).fork()).join();
+        break;
+      case "nackDelayed":
+        NackDelayed.encode(message.action.value, writer.uint32(50).fork()).join();
+        break;
     }
     return writer;
   },
@@ -2487,6 +2522,22 @@ export const SubscriptionRequest: MessageFns<SubscriptionRequest> = {
             message.action = { $case: "reject", value: RejectDeliveries.decode(reader, reader.uint32()) };
             continue;
           }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.action = { $case: "extend", value: ExtendDeadlines.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.action = { $case: "nackDelayed", value: NackDelayed.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2509,6 +2560,12 @@ export const SubscriptionRequest: MessageFns<SubscriptionRequest> = {
         ? { $case: "nack", value: DeliveryIds.fromJSON(object.nack) }
         : isSet(object.reject)
         ? { $case: "reject", value: RejectDeliveries.fromJSON(object.reject) }
+        : isSet(object.extend)
+        ? { $case: "extend", value: ExtendDeadlines.fromJSON(object.extend) }
+        : isSet(object.nackDelayed)
+        ? { $case: "nackDelayed", value: NackDelayed.fromJSON(object.nackDelayed) }
+        : isSet(object.nack_delayed)
+        ? { $case: "nackDelayed", value: NackDelayed.fromJSON(object.nack_delayed) }
         : undefined,
     };
   },
@@ -2523,6 +2580,10 @@ export const SubscriptionRequest: MessageFns<SubscriptionRequest> = {
       obj.nack = DeliveryIds.toJSON(message.action.value);
     } else if (message.action?.$case === "reject") {
       obj.reject = RejectDeliveries.toJSON(message.action.value);
+    } else if (message.action?.$case === "extend") {
+      obj.extend = ExtendDeadlines.toJSON(message.action.value);
+    } else if (message.action?.$case === "nackDelayed") {
+      obj.nackDelayed = NackDelayed.toJSON(message.action.value);
     }
     return obj;
   },
@@ -2557,13 +2618,235 @@ export const SubscriptionRequest: MessageFns<SubscriptionRequest> = {
         }
         break;
       }
+      case "extend": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "extend", value: ExtendDeadlines.fromPartial(object.action.value) };
+        }
+        break;
+      }
+      case "nackDelayed": {
+        if (object.action?.value !== undefined && object.action?.value !== null) {
+          message.action = { $case: "nackDelayed", value: NackDelayed.fromPartial(object.action.value) };
+        }
+        break;
+      }
     }
     return message;
   },
 };
 
+function createBaseExtendDeadlines(): ExtendDeadlines {
+  return { deliveryIds: [], seconds: 0 };
+}
+
+export const ExtendDeadlines: MessageFns<ExtendDeadlines> = {
+  encode(message: ExtendDeadlines, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.deliveryIds.length !== 0) {
+      writer.uint32(10).fork();
+      for (const v of message.deliveryIds) {
+        writer.uint64(v);
+      }
+      writer.join();
+    }
+    if (message.seconds !== 0) {
+      writer.uint32(16).uint32(message.seconds);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ExtendDeadlines {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseExtendDeadlines();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag === 8) {
+              message.deliveryIds.push(reader.uint64().toString());
+
+              continue;
+            }
+
+            if (tag === 10) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.deliveryIds.push(reader.uint64().toString());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.seconds = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ExtendDeadlines {
+    return {
+      deliveryIds: globalThis.Array.isArray(object?.deliveryIds)
+        ? object.deliveryIds.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.delivery_ids)
+        ? object.delivery_ids.map((e: any) => globalThis.String(e))
+        : [],
+      seconds: isSet(object.seconds) ? globalThis.Number(object.seconds) : 0,
+    };
+  },
+
+  toJSON(message: ExtendDeadlines): unknown {
+    const obj: any = {};
+    if (message.deliveryIds?.length) {
+      obj.deliveryIds = message.deliveryIds;
+    }
+    if (message.seconds !== 0) {
+      obj.seconds = Math.round(message.seconds);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ExtendDeadlines>): ExtendDeadlines {
+    return ExtendDeadlines.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ExtendDeadlines>): ExtendDeadlines {
+    const message = createBaseExtendDeadlines();
+    message.deliveryIds = object.deliveryIds?.map((e) => e) || [];
+    message.seconds = object.seconds ?? 0;
+    return message;
+  },
+};
+
+function createBaseNackDelayed(): NackDelayed {
+  return { deliveryIds: [], delayMs: 0 };
+}
+
+export const NackDelayed: MessageFns<NackDelayed> = {
+  encode(message: NackDelayed, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.deliveryIds.length !== 0) {
+      writer.uint32(10).fork();
+      for (const v of message.deliveryIds) {
+        writer.uint64(v);
+      }
+      writer.join();
+    }
+    if (message.delayMs !== 0) {
+      writer.uint32(16).uint32(message.delayMs);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NackDelayed {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNackDelayed();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag === 8) {
+              message.deliveryIds.push(reader.uint64().toString());
+
+              continue;
+            }
+
+            if (tag === 10) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.deliveryIds.push(reader.uint64().toString());
+              }
+
+              continue;
+            }
+
+            break;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.delayMs = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): NackDelayed {
+    return {
+      deliveryIds: globalThis.Array.isArray(object?.deliveryIds)
+        ? object.deliveryIds.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.delivery_ids)
+        ? object.delivery_ids.map((e: any) => globalThis.String(e))
+        : [],
+      delayMs: isSet(object.delayMs)
+        ? globalThis.Number(object.delayMs)
+        : isSet(object.delay_ms)
+        ? globalThis.Number(object.delay_ms)
+        : 0,
+    };
+  },
+
+  toJSON(message: NackDelayed): unknown {
+    const obj: any = {};
+    if (message.deliveryIds?.length) {
+      obj.deliveryIds = message.deliveryIds;
+    }
+    if (message.delayMs !== 0) {
+      obj.delayMs = Math.round(message.delayMs);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<NackDelayed>): NackDelayed {
+    return NackDelayed.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<NackDelayed>): NackDelayed {
+    const message = createBaseNackDelayed();
+    message.deliveryIds = object.deliveryIds?.map((e) => e) || [];
+    message.delayMs = object.delayMs ?? 0;
+    return message;
+  },
+};
+
 function createBaseOpenSubscription(): OpenSubscription {
-  return { maxInFlight: 0, consumerName: "", maxMessageBytes: 0 };
+  return { maxInFlight: 0, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0 };
 }
 
 export const OpenSubscription: MessageFns<OpenSubscription> = {
@@ -2576,6 +2859,9 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
     }
     if (message.maxMessageBytes !== 0) {
       writer.uint32(24).uint32(message.maxMessageBytes);
+    }
+    if (message.ackDeadlineSeconds !== 0) {
+      writer.uint32(32).uint32(message.ackDeadlineSeconds);
     }
     return writer;
   },
@@ -2617,6 +2903,14 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
             message.maxMessageBytes = reader.uint32();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.ackDeadlineSeconds = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2646,6 +2940,11 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
         : isSet(object.max_message_bytes)
         ? globalThis.Number(object.max_message_bytes)
         : 0,
+      ackDeadlineSeconds: isSet(object.ackDeadlineSeconds)
+        ? globalThis.Number(object.ackDeadlineSeconds)
+        : isSet(object.ack_deadline_seconds)
+        ? globalThis.Number(object.ack_deadline_seconds)
+        : 0,
     };
   },
 
@@ -2660,6 +2959,9 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
     if (message.maxMessageBytes !== 0) {
       obj.maxMessageBytes = Math.round(message.maxMessageBytes);
     }
+    if (message.ackDeadlineSeconds !== 0) {
+      obj.ackDeadlineSeconds = Math.round(message.ackDeadlineSeconds);
+    }
     return obj;
   },
 
@@ -2671,6 +2973,7 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
     message.maxInFlight = object.maxInFlight ?? 0;
     message.consumerName = object.consumerName ?? "";
     message.maxMessageBytes = object.maxMessageBytes ?? 0;
+    message.ackDeadlineSeconds = object.ackDeadlineSeconds ?? 0;
     return message;
   },
 };
@@ -3078,7 +3381,7 @@ export const SettleError: MessageFns<SettleError> = {
 };
 
 function createBaseSubscriptionOpened(): SubscriptionOpened {
-  return { maxInFlight: 0, consumerName: "", maxMessageBytes: 0 };
+  return { maxInFlight: 0, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0 };
 }
 
 export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
@@ -3091,6 +3394,9 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
     }
     if (message.maxMessageBytes !== 0) {
       writer.uint32(24).uint32(message.maxMessageBytes);
+    }
+    if (message.ackDeadlineSeconds !== 0) {
+      writer.uint32(32).uint32(message.ackDeadlineSeconds);
     }
     return writer;
   },
@@ -3132,6 +3438,14 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
             message.maxMessageBytes = reader.uint32();
             continue;
           }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.ackDeadlineSeconds = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3161,6 +3475,11 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
         : isSet(object.max_message_bytes)
         ? globalThis.Number(object.max_message_bytes)
         : 0,
+      ackDeadlineSeconds: isSet(object.ackDeadlineSeconds)
+        ? globalThis.Number(object.ackDeadlineSeconds)
+        : isSet(object.ack_deadline_seconds)
+        ? globalThis.Number(object.ack_deadline_seconds)
+        : 0,
     };
   },
 
@@ -3175,6 +3494,9 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
     if (message.maxMessageBytes !== 0) {
       obj.maxMessageBytes = Math.round(message.maxMessageBytes);
     }
+    if (message.ackDeadlineSeconds !== 0) {
+      obj.ackDeadlineSeconds = Math.round(message.ackDeadlineSeconds);
+    }
     return obj;
   },
 
@@ -3186,6 +3508,7 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
     message.maxInFlight = object.maxInFlight ?? 0;
     message.consumerName = object.consumerName ?? "";
     message.maxMessageBytes = object.maxMessageBytes ?? 0;
+    message.ackDeadlineSeconds = object.ackDeadlineSeconds ?? 0;
     return message;
   },
 };

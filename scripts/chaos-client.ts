@@ -176,7 +176,7 @@ const open = (): void => {
     if (stopping) finish()
     else scheduleReopen()
   })
-  call.write({ action: { $case: "open", value: { maxInFlight, consumerName: `${name}.${session.number}`, maxMessageBytes: 0 } } })
+  call.write({ action: { $case: "open", value: { maxInFlight, consumerName: `${name}.${session.number}`, maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
 }
 
 const cancelCurrent = (): void => {

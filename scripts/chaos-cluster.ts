@@ -36,7 +36,7 @@
  */
 import type * as amqp from "amqplib"
 import { join } from "node:path"
-import { makeNames, proxyEnv, type TestNames } from "../test/support/harness.js"
+import { delayQueuesOf, makeNames, proxyEnv, type TestNames } from "../test/support/harness.js"
 import {
   type ClusterNode,
   clusterNodes,
@@ -524,14 +524,17 @@ export const runClusterChaos = async (): Promise<number> => {
   const cleanup: Array<() => Promise<void>> = []
   // Runs last: every queue and the exchange of the run go, whoever declared them.
   cleanup.push(async () => {
-    const queues = [names.schemas, names.validations, names.schemaResults, names.validationResults, names.schemasDead, names.validationsDead]
+    const queues = [
+      names.schemas, names.validations, names.schemaResults, names.validationResults, names.schemasDead, names.validationsDead,
+      ...delayQueuesOf(names)
+    ]
     const failed: Array<string> = []
     for (const queue of queues) {
       await admin.use(`delete ${queue}`, (ch) => ch.deleteQueue(queue)).catch((e: unknown) => void failed.push(`${queue}: ${errorText(e)}`))
     }
     await admin.use(`delete ${names.exchange}`, (ch) => ch.deleteExchange(names.exchange)).catch((e: unknown) => void failed.push(`${names.exchange}: ${errorText(e)}`))
     if (failed.length > 0) progress(`cleanup: could not delete ${failed.join("; ")}`)
-    else progress(`cleanup: deleted the 6 queues and the exchange of ${names.prefix}`)
+    else progress(`cleanup: deleted the ${queues.length} queues and the exchange of ${names.prefix}`)
     await admin.close()
   })
   try {

@@ -90,7 +90,7 @@ const program = Effect.gen(function*() {
   const subscriptionResult = yield* sample((onRead) => {
     const call = client.subscribeSchemaMessages()
     call.on("error", () => undefined)
-    call.write({ action: { $case: "open", value: { maxInFlight: 32, consumerName: "slow-reader", maxMessageBytes: 0 } } })
+    call.write({ action: { $case: "open", value: { maxInFlight: 32, consumerName: "slow-reader", maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
     call.on("data", (event: SchemaSubscriptionEvent) => {
       if (event.event?.$case !== "delivery") return
       const id = event.event.value.info?.deliveryId ?? "0"

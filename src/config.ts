@@ -106,6 +106,19 @@ export interface ProxySettings {
   readonly debug: boolean
   /** Requeues (nacks, lost consumers) after which a message is dead-lettered instead. */
   readonly maxRequeues: number
+  readonly subscriptions: {
+    /** The ack deadline of a subscription whose `open` states none. */
+    readonly ackDeadline: Duration.Duration
+    /** The longest ack deadline or lease extension a subscription may ask for. */
+    readonly maxAckDeadline: Duration.Duration
+    /**
+     * The broker's consumer timeout (RabbitMQ's default 30 min): leases stay below it, and
+     * consumers ask for more with `x-consumer-timeout` (RabbitMQ 3.12+).
+     */
+    readonly brokerConsumerTimeout: Duration.Duration
+    /** Delay tiers of `nack_delayed`, ascending: a delay rounds up to the next one. */
+    readonly retryDelays: ReadonlyArray<Duration.Duration>
+  }
   readonly rabbit: {
     /** The first configured node: what GetMessagingParams hands out as `host`/`port`. */
     readonly host: string
@@ -173,6 +186,26 @@ const parsed = <A>(
       ? Effect.succeed(result.value)
       : Effect.fail(new ConfigInvalid({ variable, value: raw.value, expected: result.expected }))
   })
+
+/** 1s, 5s, 30s, 2m, 10m, 1h. */
+const defaultRetryDelays: ReadonlyArray<Duration.Duration> = [1_000, 5_000, 30_000, 120_000, 600_000, 3_600_000]
+  .map((ms) => Duration.millis(ms))
+
+const delayUnits: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 }
+
+/** `1s,5s,30s,2m,10m,1h`: whole numbers with a unit (ms, s, m, h), strictly ascending. */
+const parseRetryDelays = (raw: string): Parsed<ReadonlyArray<Duration.Duration>> => {
+  const expected = "comma-separated delays with a unit (ms, s, m, h), ascending, e.g. 1s,5s,30s,2m"
+  const millis: Array<number> = []
+  for (const part of raw.split(",").map((p) => p.trim())) {
+    const match = /^(\d+)(ms|s|m|h)$/.exec(part)
+    if (match === null) return { expected }
+    const value = Number(match[1]) * delayUnits[match[2]!]!
+    if (value < 1 || (millis.length > 0 && value <= millis[millis.length - 1]!)) return { expected }
+    millis.push(value)
+  }
+  return millis.length === 0 ? { expected } : { value: millis.map((ms) => Duration.millis(ms)) }
+}
 
 const parseScopes = (raw: string): ReadonlySet<Scope> | undefined => {
   const scopes = raw.split("+").map((s) => s.trim())
@@ -309,6 +342,33 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
   })
   const debug = yield* bool("MESSAGING_CONNECTION_DEBUG", false)
   const maxRequeues = yield* setting("MESSAGING_MAX_REQUEUES", NonNegativeInt, "a whole number (0 = never requeue)", 5)
+  const subscriptions = yield* Effect.gen(function*() {
+    const brokerConsumerTimeout = yield* seconds("RABBITMQ_CONSUMER_TIMEOUT_SECONDS", 1800, 604_800)
+    const maxAckDeadline = yield* seconds("MESSAGING_MAX_ACK_DEADLINE_SECONDS", Math.min(1500, brokerConsumerTimeout), 604_800)
+    const ackDeadline = yield* seconds("MESSAGING_ACK_DEADLINE_SECONDS", Math.min(600, maxAckDeadline), 604_800)
+    // A lease the broker would cut short is no lease: keep every deadline below its timeout.
+    if (maxAckDeadline >= brokerConsumerTimeout) {
+      return yield* new ConfigInvalid({
+        variable: "MESSAGING_MAX_ACK_DEADLINE_SECONDS",
+        value: String(maxAckDeadline),
+        expected: `fewer seconds than RABBITMQ_CONSUMER_TIMEOUT_SECONDS (${brokerConsumerTimeout})`
+      })
+    }
+    if (ackDeadline < 1 || ackDeadline > maxAckDeadline) {
+      return yield* new ConfigInvalid({
+        variable: "MESSAGING_ACK_DEADLINE_SECONDS",
+        value: String(ackDeadline),
+        expected: `between 1 and MESSAGING_MAX_ACK_DEADLINE_SECONDS (${maxAckDeadline})`
+      })
+    }
+    const retryDelays = yield* parsed("MESSAGING_RETRY_DELAYS", defaultRetryDelays, parseRetryDelays)
+    return {
+      ackDeadline: Duration.seconds(ackDeadline),
+      maxAckDeadline: Duration.seconds(maxAckDeadline),
+      brokerConsumerTimeout: Duration.seconds(brokerConsumerTimeout),
+      retryDelays
+    }
+  })
   const host = yield* name("RABBITMQ_HOST", "localhost")
   const port = yield* setting("RABBITMQ_PORT", Port, "a port number between 1 and 65535", 5672)
   const nodes = yield* parsed("RABBITMQ_HOSTS", [{ host, port }] as ReadonlyArray<BrokerNode>, (raw) => parseHosts(raw, port))
@@ -362,7 +422,7 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
       "RABBITMQ_ROUTING_KEY_RESULTS_VALIDATIONS", "validation.result.*"
     )
   })
-  return { grpc, limits, auth, metrics, debug, maxRequeues, rabbit }
+  return { grpc, limits, auth, metrics, debug, maxRequeues, subscriptions, rabbit }
 })
 
 export class ProxyConfig extends Context.Service<ProxyConfig, ProxySettings>()("messaging-proxy/ProxyConfig") {

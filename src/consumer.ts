@@ -29,7 +29,9 @@ export interface Delivery {
    * the delivery's own queue is a plain basic.nack(requeue), uncounted, and any other waits.
    * Fails with ConnectionLost when this delivery's channel or the publishers' connection went
    * away meanwhile, and with AmqpError when the broker refused the copy; either way this delivery
-   * is then still unacked (or already back in the queue). See broker/copies.ts.
+   * is then still unacked (or already back in the queue). A move to another queue than the
+   * delivery's own first declares that queue if it is missing (Broker.ensureQueue), since the
+   * default exchange confirms, then drops, a copy to a missing queue. See broker/copies.ts.
    */
   readonly moveTo: (queue: string, headers: Record<string, unknown>) => Effect.Effect<void, AmqpError | ConnectionLost>
   /** Stops the broker pushing more on this delivery's channel (its consumers are cancelled). */
@@ -56,7 +58,23 @@ export interface ConsumeOptions {
   readonly consumerTag?: string | undefined
   /** Runs when the stream ends, after the consumer is cancelled but while the channel is open. */
   readonly beforeChannelClose?: (() => void) | undefined
+  /** basic.consume arguments, e.g. `x-consumer-timeout` (milliseconds; RabbitMQ 3.12+). */
+  readonly consumerArguments?: Record<string, unknown> | undefined
+  /**
+   * Runs when the consumer lost its channel and is about to re-attach on a new one, with why:
+   * whatever was delivered on the old channel and not settled is back in the queue.
+   */
+  readonly onReattach?: ((error: ConsumeError) => void) | undefined
 }
+
+/**
+ * Whether the broker ended the consumer for holding a delivery past its consumer timeout:
+ * RabbitMQ 3.x and 4.0–4.2 close the channel with `406 PRECONDITION_FAILED - delivery
+ * acknowledgement on channel N timed out` (https://www.rabbitmq.com/docs/consumers#acknowledgement-timeout).
+ * The queue is fine, so the consumer can re-attach.
+ */
+export const brokerConsumerTimeout = (error: ConsumeError): boolean =>
+  error._tag === "ConsumerClosedByBroker" && /delivery acknowledgement on channel \d+ timed out/.test(error.reason)
 
 export type ConsumeError = AmqpError | ConnectionLost | ConsumerClosedByBroker
 
@@ -158,7 +176,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
           // publish during a memory alarm would make the broker block this connection, and with it
           // every stream's deliveries and acks. A requeue to its own queue while copies cannot go
           // out is a plain nack (uncounted); a dead-letter then waits for them.
-          const moveTo = (target: string, headers: Record<string, unknown>) =>
+          const copyTo = (target: string, headers: Record<string, unknown>) =>
             broker.copies.move({
               original: { channel, message, held: () => !channelClosed && closedByBroker === undefined },
               target,
@@ -175,6 +193,17 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
               },
               whenBlocked: target === options.queue ? "requeue" : "hold"
             }).pipe(Effect.asVoid)
+          // The default exchange drops a copy for a missing queue (after confirming it!), and an
+          // operator may have deleted the target (a dead-letter or delay queue): make sure it
+          // exists first. The delivery's own queue exists while it is consumed.
+          const moveTo = (target: string, headers: Record<string, unknown>) =>
+            target === options.queue
+              ? copyTo(target, headers)
+              : broker.ensureQueue(target).pipe(
+                // A cut during the declaration is a lost connection too: re-attach, don't fail.
+                Effect.mapError((error) => lostWithConnection() ? new ConnectionLost({ reason: error.message }) : error),
+                Effect.andThen(copyTo(target, headers))
+              )
           return {
             message,
             channel,
@@ -185,15 +214,13 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
             nack: (requeue) => settleQuietly(() => channel.nack(message, false, requeue)),
             moveTo,
             deadLetter: (reason, headers = {}) =>
-              // The default exchange drops a message for a missing queue (after confirming it!),
-              // and an operator may have deleted the dead-letter queue: make sure it exists first.
-              broker.ensureQueue(options.deadLetterQueue).pipe(
-                Effect.andThen(moveTo(options.deadLetterQueue, {
+              // moveTo declares the dead-letter queue first, if it is missing.
+              moveTo(options.deadLetterQueue, {
                 ...headers,
                 "x-dead-letter-reason": reason,
                 "x-original-queue": options.queue,
                 "x-dead-lettered-at": new Date().toISOString()
-              }))).pipe(
+              }).pipe(
                 // A cut during the declaration is a lost connection too: re-attach, don't fail.
                 Effect.mapError((error) =>
                   lostWithConnection() && error._tag === "AmqpError" ? new ConnectionLost({ reason: error.message }) : error
@@ -223,7 +250,8 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
           return Effect.tryPromise({
             try: async () => {
               await channel.prefetch(prefetch)
-              const { consumerTag } = await channel.consume(options.queue, onMessage, { noAck: false, ...tag })
+              const args = options.consumerArguments === undefined ? {} : { arguments: options.consumerArguments }
+              const { consumerTag } = await channel.consume(options.queue, onMessage, { noAck: false, ...tag, ...args })
               consumerTags.push(consumerTag)
             },
             catch: (cause) => new AmqpError({ operation: `consume from '${options.queue}'`, cause })
@@ -237,18 +265,21 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
   )
 
 /**
- * Runs `stream` again on a new channel whenever the broker connection is lost, so it (and the gRPC
- * call it feeds) outlives broker restarts. Other failures end it.
+ * Runs `stream` again on a new channel whenever the broker connection is lost or the broker's
+ * consumer timeout closed the channel, so it (and the gRPC call it feeds) outlives broker
+ * restarts. `onReattach` hears of each. Other failures end it.
  */
 export const reattachOnConnectionLoss = <A, R>(
   queue: string,
-  stream: Stream.Stream<A, ConsumeError, R>
+  stream: Stream.Stream<A, ConsumeError, R>,
+  onReattach?: (error: ConsumeError) => void
 ): Stream.Stream<A, ConsumeError, R> =>
   stream.pipe(
     Stream.retry(
       Schedule.min([Schedule.exponential("100 millis", 2), Schedule.spaced("2 seconds")]).pipe(
         Schedule.setInputType<ConsumeError>(),
-        Schedule.while(({ input }) => input._tag === "ConnectionLost"),
+        Schedule.while(({ input }) => input._tag === "ConnectionLost" || brokerConsumerTimeout(input)),
+        Schedule.tap(({ input }) => Effect.sync(() => onReattach?.(input))),
         Schedule.tap(({ attempt, duration, input }) =>
           Effect.logWarning("consumer lost its channel; re-attaching", {
             queue,

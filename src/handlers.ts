@@ -3,7 +3,7 @@
  * own consumer, run as a fiber that the call's 'cancelled' event interrupts.
  */
 import * as grpc from "@grpc/grpc-js"
-import { Effect, Redacted } from "effect"
+import { Duration, Effect, Redacted } from "effect"
 import { randomUUID } from "node:crypto"
 import {
   type GetMessagingParamsResponse,
@@ -59,6 +59,11 @@ const queueSpec = <A>(
   defaultMaxInFlight: Math.min(settings.rabbit.prefetch, settings.limits.maxInFlight),
   maxInFlightLimit: settings.limits.maxInFlight,
   maxRequeues: settings.maxRequeues,
+  ackDeadline: settings.subscriptions.ackDeadline,
+  maxAckDeadline: settings.subscriptions.maxAckDeadline,
+  retryDelays: settings.subscriptions.retryDelays,
+  // Above the longest lease, so the broker's own timeout never fires first (honoured from 3.12).
+  consumerTimeoutMs: Duration.toMillis(settings.subscriptions.maxAckDeadline) + 60_000,
   declaredAs: queueOptions(settings.rabbit, binding.queue),
   decode,
   encode,

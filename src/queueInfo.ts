@@ -1,15 +1,17 @@
 /**
- * GetQueueInfo: message and consumer counts of the four contract queues and the two dead-letter
- * queues, from a passive queue.declare each, and whether each is available (a queue the proxy
+ * GetQueueInfo: message and consumer counts of the four contract queues, the two dead-letter
+ * queues and the delay queues of `nack_delayed` (broker/delayQueues.ts), from a passive
+ * queue.declare each, and whether each is available (a queue the proxy
  * could not declare, or that is gone, is reported with the reason instead of failing the call). A passive declare of a missing queue makes the
  * broker close the channel (404), so every probe gets a throwaway channel of its own.
  */
 import * as grpc from "@grpc/grpc-js"
 import type * as amqp from "amqplib"
-import { Effect } from "effect"
+import { type Duration, Effect } from "effect"
 import type { GetQueueInfoRequest, GetQueueInfoResponse, QueueStatus } from "../gen/messaging.js"
 import { Broker } from "./broker/Broker.js"
 import { onThrowawayChannel } from "./broker/channels.js"
+import { delayQueues } from "./broker/delayQueues.js"
 import { deadLetterQueue, type ProxySettings } from "./config.js"
 import { AmqpError, describe, replyCode } from "./errors.js"
 import { type BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
@@ -23,15 +25,28 @@ export type QueueRole =
   | "validation_results"
   | "schemas_dead"
   | "validations_dead"
+  /** A delay queue: `schemas_retry_5s` is the schemas queue's 5 s tier. */
+  | `${"schemas" | "validations"}_retry_${string}`
 
-/** The queues GetQueueInfo reports, in the documented order. */
-export const reportedQueues = (rabbit: Rabbit): ReadonlyArray<{ readonly role: QueueRole; readonly queue: string }> => [
+/**
+ * The queues GetQueueInfo reports, in the documented order: the six, then the delay queues
+ * (`retryDelays`, MESSAGING_RETRY_DELAYS), the schemas queue's tiers ascending, then the
+ * validations queue's.
+ */
+export const reportedQueues = (
+  rabbit: Rabbit,
+  retryDelays: ReadonlyArray<Duration.Duration>
+): ReadonlyArray<{ readonly role: QueueRole; readonly queue: string }> => [
   { role: "schemas", queue: rabbit.schemas.queue },
   { role: "validations", queue: rabbit.validations.queue },
   { role: "schema_results", queue: rabbit.schemaResults.queue },
   { role: "validation_results", queue: rabbit.validationResults.queue },
   { role: "schemas_dead", queue: deadLetterQueue(rabbit, rabbit.schemas.queue) },
-  { role: "validations_dead", queue: deadLetterQueue(rabbit, rabbit.validations.queue) }
+  { role: "validations_dead", queue: deadLetterQueue(rabbit, rabbit.validations.queue) },
+  ...delayQueues(rabbit, retryDelays).map(({ source, label, queue }) => ({
+    role: `${source === rabbit.schemas.queue ? "schemas" : "validations"}_retry_${label}` as const,
+    queue
+  }))
 ]
 
 export type QueueInfoError = BrokerNotConnected | AmqpError
@@ -69,14 +84,17 @@ const unavailableStatus = (queue: string, role: QueueRole, reason: string): Queu
   unavailableReason: reason
 })
 
-export const queueInfo = (rabbit: Rabbit): Effect.Effect<GetQueueInfoResponse, QueueInfoError, Broker> =>
+export const queueInfo = (
+  rabbit: Rabbit,
+  retryDelays: ReadonlyArray<Duration.Duration>
+): Effect.Effect<GetQueueInfoResponse, QueueInfoError, Broker> =>
   Effect.gen(function*() {
     // Passive declarations only: the consumers' connection, which publishers can never block.
     const connection = yield* liveConnection("consumers")
     const unavailable = yield* (yield* Broker).unavailableQueues
-    // All six at once; the first failure interrupts the others, whose channels are then closed.
+    // All at once; the first failure interrupts the others, whose channels are then closed.
     const queues = yield* Effect.forEach(
-      reportedQueues(rabbit),
+      reportedQueues(rabbit, retryDelays),
       ({ role, queue }) => {
         // A queue whose declaration failed is not probed: the broker's reason says more than a 404.
         const reason = unavailable.get(queue)
@@ -91,4 +109,4 @@ export const queueInfoHandler = (
   settings: ProxySettings,
   run: RunHandler
 ): grpc.handleUnaryCall<GetQueueInfoRequest, GetQueueInfoResponse> =>
-(call, callback) => runCall(run, call, "GetQueueInfo", queueInfo(settings.rabbit), callback, queueInfoStatus)
+(call, callback) => runCall(run, call, "GetQueueInfo", queueInfo(settings.rabbit, settings.subscriptions.retryDelays), callback, queueInfoStatus)

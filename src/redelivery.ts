@@ -103,13 +103,17 @@ const deadLetterLogged = (
   )
 
 /**
- * Gives the delivery back to the queue with its count raised, or dead-letters it once it has been
- * requeued more than `maxRequeues` times. `note` says why, for the history.
+ * Counts one requeue of the delivery: past `maxRequeues` requeues it is dead-lettered (reason
+ * `requeued more than N times`), else `giveBack` gets the headers of the copy that goes back:
+ * `x-requeue-count` raised by one and `note` (why, for the history) appended, with a timestamp,
+ * to `x-requeue-history` (the last 20). Shared by a plain counted requeue and one with a delay
+ * (delayedRequeue.ts), so both count toward the same limit.
  */
-export const requeueCounted = (
+export const countedRequeue = (
   delivery: Delivery,
   policy: Pick<AdmissionPolicy<unknown>, "queue" | "maxRequeues">,
-  note: string
+  note: string,
+  giveBack: (headers: Record<string, unknown>) => Effect.Effect<void, AmqpError | ConnectionLost>
 ): Effect.Effect<"Requeued" | "DeadLettered", AmqpError | ConnectionLost> => {
   const requeues = requeueCountOf(delivery) + 1
   const history = [...historyOf(delivery), `${new Date().toISOString()} ${note}`].slice(-historyLimit)
@@ -118,8 +122,19 @@ export const requeueCounted = (
     return deadLetterLogged(delivery, policy.queue, "requeue_limit", `requeued more than ${policy.maxRequeues} times`, headers)
       .pipe(Effect.as("DeadLettered" as const))
   }
-  return delivery.moveTo(policy.queue, headers).pipe(Effect.as("Requeued" as const))
+  return giveBack(headers).pipe(Effect.as("Requeued" as const))
 }
+
+/**
+ * Gives the delivery back to the queue with its count raised, or dead-letters it once it has been
+ * requeued more than `maxRequeues` times. `note` says why, for the history.
+ */
+export const requeueCounted = (
+  delivery: Delivery,
+  policy: Pick<AdmissionPolicy<unknown>, "queue" | "maxRequeues">,
+  note: string
+): Effect.Effect<"Requeued" | "DeadLettered", AmqpError | ConnectionLost> =>
+  countedRequeue(delivery, policy, note, (headers) => delivery.moveTo(policy.queue, headers))
 
 /** A count header the broker sets (absent on a first delivery): 0 when absent or not a count. */
 const brokerHeader = (delivery: Delivery, header: string): number => {
@@ -271,5 +286,6 @@ export const admittedDeliveries = <A>(
       const connection = yield* (yield* Broker).connection
       const limits = yield* queueLimitsOrDeclared(connection, policy.queue, policy.declaredAs)
       return consume(options).pipe(Stream.mapArrayEffect((chunk) => admitAll(chunk, policy, limits)))
-    }))
+    })),
+    options.onReattach
   )

@@ -7,11 +7,12 @@
  * once that many deliveries are unsettled, so the proxy holds at most that many per subscription.
  */
 import * as grpc from "@grpc/grpc-js"
-import { Cause, Effect, Exit, Fiber, FiberSet, Queue, Stream } from "effect"
+import { Cause, Duration, Effect, Exit, Fiber, FiberSet, Queue, Schedule, Stream } from "effect"
 import type { DeliveryInfo, SettleError, SubscriptionOpened, SubscriptionRequest } from "../gen/messaging.js"
 import type { Broker } from "./broker/Broker.js"
 import { batchWrites, CallRejected, finishCall, writeAllWithBackpressure, writeWithBackpressure } from "./callLifecycle.js"
-import type { Delivery } from "./consumer.js"
+import { brokerConsumerTimeout, type Delivery } from "./consumer.js"
+import { requeueDelayed } from "./delayedRequeue.js"
 import * as Metrics from "./metrics.js"
 import { deliveryEnvelopeBytes, EncodedDelivery } from "./serialization.js"
 import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn, requeueCounted } from "./redelivery.js"
@@ -34,7 +35,18 @@ export interface SubscriptionSpec<A> extends AdmissionPolicy<A> {
   readonly defaultClientMaxMessageBytes: number
   /** What grpc-js may send at all (GRPC_MAX_MESSAGE_BYTES): the most `open` may ask for. */
   readonly serverMaxMessageBytes: number
+  /** MESSAGING_ACK_DEADLINE_SECONDS: the deadline of a subscription whose `open` states none. */
+  readonly ackDeadline: Duration.Duration
+  /** MESSAGING_MAX_ACK_DEADLINE_SECONDS: the longest deadline or extension. */
+  readonly maxAckDeadline: Duration.Duration
+  /** MESSAGING_RETRY_DELAYS, for `nack_delayed`. */
+  readonly retryDelays: ReadonlyArray<Duration.Duration>
+  /** The consumers' `x-consumer-timeout`, in milliseconds: above the longest lease. */
+  readonly consumerTimeoutMs: number
 }
+
+/** Expired ids remembered to answer a late settle precisely (older ones read as unknown). */
+const expiredIdsKept = 10_000
 
 /** Smallest `max_message_bytes` worth having: a settle_error and an envelope must fit. */
 const minMessageBytes = 256
@@ -75,14 +87,28 @@ const openOptions = (
   request: SubscriptionRequest | undefined,
   spec: Pick<
     SubscriptionSpec<unknown>,
-    "defaultMaxInFlight" | "maxInFlightLimit" | "defaultClientMaxMessageBytes" | "serverMaxMessageBytes"
+    | "defaultMaxInFlight"
+    | "maxInFlightLimit"
+    | "defaultClientMaxMessageBytes"
+    | "serverMaxMessageBytes"
+    | "ackDeadline"
+    | "maxAckDeadline"
   >
 ) => {
   const { defaultMaxInFlight, maxInFlightLimit } = spec
   if (request?.action?.$case !== "open") {
     return Effect.fail(new CallRejected(grpc.status.INVALID_ARGUMENT, "the first message must be `open`"))
   }
-  const { maxInFlight, consumerName, maxMessageBytes } = request.action.value
+  const { maxInFlight, consumerName, maxMessageBytes, ackDeadlineSeconds } = request.action.value
+  const maxDeadlineSeconds = Math.floor(Duration.toSeconds(spec.maxAckDeadline))
+  if (ackDeadlineSeconds > maxDeadlineSeconds) {
+    return Effect.fail(
+      new CallRejected(
+        grpc.status.INVALID_ARGUMENT,
+        `ack_deadline_seconds must be at most ${maxDeadlineSeconds} (MESSAGING_MAX_ACK_DEADLINE_SECONDS), got ${ackDeadlineSeconds}`
+      )
+    )
+  }
   // Only upwards: a message over the limit is dead-lettered out of the queue every subscriber
   // shares, so one client's smaller limit must not take messages its peers can read.
   const floor = Math.max(minMessageBytes, Math.min(spec.defaultClientMaxMessageBytes, spec.serverMaxMessageBytes))
@@ -116,7 +142,12 @@ const openOptions = (
     : spec.defaultClientMaxMessageBytes <= spec.serverMaxMessageBytes
     ? { bytes: spec.defaultClientMaxMessageBytes, source: "GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES" }
     : { bytes: spec.serverMaxMessageBytes, source: "GRPC_MAX_MESSAGE_BYTES" }
-  return Effect.succeed({ maxInFlight: maxInFlight === 0 ? defaultMaxInFlight : maxInFlight, consumerName, limit })
+  return Effect.succeed({
+    maxInFlight: maxInFlight === 0 ? defaultMaxInFlight : maxInFlight,
+    consumerName,
+    limit,
+    ackDeadlineSeconds: ackDeadlineSeconds === 0 ? Math.ceil(Duration.toSeconds(spec.ackDeadline)) : ackDeadlineSeconds
+  })
 }
 
 export const serveSubscription = <A>(
@@ -137,27 +168,59 @@ export const serveSubscription = <A>(
     const first = yield* requests.first
     // A client that half-closes before opening simply gets an empty, successful call.
     if (first._tag === "None") return
-    const { maxInFlight, consumerName, limit } = yield* openOptions(first.value, spec)
+    const { maxInFlight, consumerName, limit, ackDeadlineSeconds } = yield* openOptions(first.value, spec)
     opened.consumerName = consumerName
     yield* Effect.annotateLogsScoped({ consumerName })
-    yield* Effect.logInfo("subscription opened", { queue: spec.queue, maxInFlight })
-    yield* write({ event: { $case: "opened", value: { maxInFlight, consumerName, maxMessageBytes: limit.bytes } } })
+    yield* Effect.logInfo("subscription opened", { queue: spec.queue, maxInFlight, ackDeadlineSeconds })
+    yield* write({
+      event: { $case: "opened", value: { maxInFlight, consumerName, maxMessageBytes: limit.bytes, ackDeadlineSeconds } }
+    })
 
     // Unsettled deliveries by id. Ids are ours, not AMQP delivery tags, so they stay unique
     // across the channels a subscription goes through when the broker connection is re-made.
     const pending = new Map<string, Delivery>()
+    /** Each pending delivery's ack deadline (epoch ms): past it the proxy hands it back itself. */
+    const deadlines = new Map<string, number>()
+    const ackDeadlineMs = ackDeadlineSeconds * 1000
+    const maxAckDeadlineMs = Duration.toMillis(spec.maxAckDeadline)
+    /** Ids handed back by the proxy, and why: a late settle of one gets that reason. */
+    const gone = new Map<string, string>()
+    const remember = (id: string, reason: string) => {
+      gone.set(id, reason)
+      if (gone.size > expiredIdsKept) gone.delete(gone.keys().next().value!)
+    }
+    const forget = (id: string) => {
+      pending.delete(id)
+      deadlines.delete(id)
+    }
     let nextId = 1n
     /**
      * The highest delivery id the client settled: it had read every delivery up to it (a gRPC
      * stream is ordered). What lies beyond it and the one after it may never have been read.
      */
     let highestSettled = 0n
+    /** Ids voided by a channel the broker's consumer timeout closed: told to the client. */
+    const brokerTimeouts = yield* Queue.unbounded<{ readonly ids: ReadonlyArray<string>; readonly reason: string }>()
 
     const pump = admittedDeliveries({
       queue: spec.queue,
       prefetch: maxInFlight,
       deadLetterQueue: spec.deadLetterQueue,
-      consumerTag: consumerName ? `${consumerName}.${crypto.randomUUID().slice(0, 8)}` : undefined
+      consumerTag: consumerName ? `${consumerName}.${crypto.randomUUID().slice(0, 8)}` : undefined,
+      consumerArguments: { "x-consumer-timeout": spec.consumerTimeoutMs },
+      // The broker's consumer timeout closed the channel anyway (a broker before 3.12 ignores the
+      // argument, or one set lower): what it held is back in the queue, its ids are void.
+      onReattach: (error) => {
+        if (!brokerConsumerTimeout(error) || pending.size === 0) return
+        const ids = [...pending.keys()]
+        const reason = `the broker's consumer timeout closed the subscription's channel (${error.message}); ` +
+          "the delivery went back to the queue"
+        for (const id of ids) {
+          forget(id)
+          remember(id, reason)
+        }
+        Queue.offerUnsafe(brokerTimeouts, { ids, reason })
+      }
     }, {
       ...spec,
       // A delivery event is the message plus its envelope; the whole must fit the client's limit.
@@ -171,6 +234,7 @@ export const serveSubscription = <A>(
           const { delivery, deliveryCount, redelivered, encoded } = admission.admitted
           const deliveryId = String(nextId++)
           pending.set(deliveryId, delivery)
+          deadlines.set(deliveryId, Date.now() + ackDeadlineMs)
           counts.delivered++
           Metrics.deliveredUnsafe(spec.queue, rpc)
           return outgoing.write(new EncodedDelivery({ deliveryId, redelivered, deliveryCount }, encoded))
@@ -197,16 +261,21 @@ export const serveSubscription = <A>(
       Effect.gen(function*() {
         const found: Array<[string, Delivery]> = []
         const unknown: Array<string> = []
+        const handedBack = new Map<string, Array<string>>()
         for (const id of ids) {
           const delivery = pending.get(id)
-          if (delivery === undefined) unknown.push(id)
-          else {
-            pending.delete(id)
+          if (delivery === undefined) {
+            const reason = gone.get(id)
+            if (reason === undefined) unknown.push(id)
+            else handedBack.set(reason, [...(handedBack.get(reason) ?? []), id])
+          } else {
+            forget(id)
             found.push([id, delivery])
             if (BigInt(id) > highestSettled) highestSettled = BigInt(id)
           }
         }
         yield* settleError(unknown, "unknown or already settled delivery id")
+        for (const [reason, expired] of handedBack) yield* settleError(expired, reason)
         return found
       })
 
@@ -283,6 +352,60 @@ export const serveSubscription = <A>(
         yield* settleError(lost, "the delivery's broker channel is gone; the message will be redelivered")
       })
 
+    /**
+     * A lease extension: the deliveries' deadlines become now + `seconds` (0: the subscription's
+     * deadline), at most MESSAGING_MAX_ACK_DEADLINE_SECONDS.
+     */
+    const extend = (ids: ReadonlyArray<string>, seconds: number) =>
+      Effect.gen(function*() {
+        const until = Date.now() + Math.min(seconds === 0 ? ackDeadlineMs : seconds * 1000, maxAckDeadlineMs)
+        const unknown: Array<string> = []
+        const handedBack = new Map<string, Array<string>>()
+        for (const id of ids) {
+          if (pending.has(id)) deadlines.set(id, until)
+          else {
+            const reason = gone.get(id)
+            if (reason === undefined) unknown.push(id)
+            else handedBack.set(reason, [...(handedBack.get(reason) ?? []), id])
+          }
+        }
+        yield* settleError(unknown, "unknown or already settled delivery id")
+        for (const [reason, expired] of handedBack) yield* settleError(expired, reason)
+      })
+
+    /**
+     * Hands back every delivery past its ack deadline, each counted as a requeue ("ack deadline
+     * expired" in its history), in the background like a nack; the others go on.
+     */
+    const expired = `ack deadline of ${ackDeadlineSeconds} s expired; the message went back to the queue`
+    const expireOverdue = Effect.suspend(() => {
+      const now = Date.now()
+      const overdue: Array<Delivery> = []
+      for (const [id, deadline] of deadlines) {
+        const delivery = pending.get(id)
+        if (deadline > now || delivery === undefined) continue
+        forget(id)
+        remember(id, expired)
+        overdue.push(delivery)
+      }
+      return Effect.forEach(overdue, (delivery) => {
+        moving.add(delivery)
+        return requeueCounted(delivery, spec, "ack deadline expired").pipe(
+          Effect.tap((outcome) => Effect.sync(() => outcome === "Requeued" ? counts.requeued++ : counts.deadLettered++)),
+          // Not moved: hand it back plainly, so a later multiple-ack can never settle it.
+          Effect.catch(() => Effect.sync(() => delivery.nack(true))),
+          Effect.ensuring(Effect.sync(() => moving.delete(delivery))),
+          FiberSet.run(moves)
+        )
+      }, { discard: true })
+    })
+    // Checked ten times per deadline, at most once per 100 ms and at least once a second.
+    const sweepEvery = Duration.millis(Math.min(1000, Math.max(100, ackDeadlineMs / 10)))
+    yield* Effect.forkScoped(Effect.repeat(expireOverdue, Schedule.spaced(sweepEvery)))
+    yield* Effect.forkScoped(Effect.forever(
+      Queue.take(brokerTimeouts).pipe(Effect.flatMap(({ ids, reason }) => settleError([...ids], reason)))
+    ))
+
     const handle = (request: SubscriptionRequest) => {
       const action = request.action
       switch (action?.$case) {
@@ -309,10 +432,26 @@ export const serveSubscription = <A>(
               })
             ))
         }
+        case "extend":
+          return extend(action.value.deliveryIds, action.value.seconds)
+        case "nackDelayed": {
+          const delay = Duration.millis(action.value.delayMs)
+          return settleEach(action.value.deliveryIds, (delivery) =>
+            requeueDelayed(delivery, spec, delay, `nacked by ${consumerName || "a subscriber"} with a delay of ${action.value.delayMs} ms`).pipe(
+              Effect.map((outcome) => {
+                if (outcome === "Requeued") Metrics.nackedUnsafe(spec.queue)
+                if (outcome === "Requeued") counts.requeued++
+                else counts.deadLettered++
+                return true
+              })
+            ))
+        }
         case "open":
           return Effect.fail(new CallRejected(grpc.status.INVALID_ARGUMENT, "`open` may only be the first message"))
         case undefined:
-          return Effect.fail(new CallRejected(grpc.status.INVALID_ARGUMENT, "empty request: set open, ack, nack or reject"))
+          return Effect.fail(
+            new CallRejected(grpc.status.INVALID_ARGUMENT, "empty request: set open, ack, nack, reject, extend or nack_delayed")
+          )
       }
     }
 

@@ -181,7 +181,7 @@ describe("on a 3-node cluster", () => {
       assert.strictEqual(dead.properties.headers?.["x-dead-letter-reason"], "requeued more than 1 times")
     }), 120_000)
 
-  it.live("the broker closing one consumer's channel (its consumer timeout) ends only that call; nothing is sent on the closed channel, so the connection and the other calls stay (issue 10, fault 4)", () =>
+  it.live("the broker's consumer timeout closing a subscription's channel: nothing is sent on the closed channel, the connection and the other calls stay (issue 10, fault 4); the subscription re-attaches, the held id gets settle_error, the message comes back (issue 11)", () =>
     Effect.gen(function*() {
       yield* ensureCluster
       // On this cluster's own nodes only, restored afterwards (3.10's default is 30 minutes).
@@ -210,13 +210,22 @@ describe("on a 3-node cluster", () => {
       yield* publishJson(admin, names.exchange, "schemas.*", schemaBody("held"))
       const [held] = yield* holder.deliveries(1)
       assert.strictEqual(held?.message?.id, "held")
-      // Never settled: the broker closes the subscription's channel (406 PRECONDITION_FAILED).
-      const ended = yield* holder.status
-      assert.strictEqual(ended.code, grpc.status.ABORTED, ended.details)
-      assert.match(ended.details, /PRECONDITION_FAILED - delivery acknowledgement on channel \d+ timed out/)
+      // Never settled: the broker closes the subscription's channel (406 PRECONDITION_FAILED; 3.10
+      // ignores the proxy's x-consumer-timeout). The call stays; the held id is void, and says why.
+      const voided = yield* holder.next(120_000)
+      assert.strictEqual(voided.event?.$case, "settleError")
+      if (voided.event?.$case !== "settleError") return
+      assert.deepStrictEqual(voided.event.value.deliveryIds, [held!.info!.deliveryId])
+      assert.match(voided.event.value.reason, /consumer timeout closed the subscription's channel.*PRECONDITION_FAILED - delivery acknowledgement on channel \d+ timed out/)
+      // The message comes back to the same call, on a fresh channel, and can be acked there.
+      const [back] = yield* holder.deliveries(1, 30_000)
+      assert.strictEqual(back?.message?.id, "held")
+      assert.strictEqual(back?.info?.redelivered, true)
+      yield* holder.ack(back!.info!.deliveryId)
+      yield* holder.settled
+      yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 0 && q.consumerCount === 1)
 
-      // The held message is back; the other call and the connection never noticed.
-      yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 1 && q.consumerCount === 0)
+      // The other call and the connection never noticed.
       yield* publishJson(admin, names.exchange, "validation.*", validationBody("still-here"))
       yield* waitForQueue(admin, names.validations, (q) => q.messageCount === 0 && streamed.length === 1)
       assert.deepStrictEqual(streamed, ["still-here"])

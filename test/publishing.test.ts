@@ -373,7 +373,7 @@ describe("PublishBatch", () => {
 })
 
 describe("GetQueueInfo", () => {
-  it.live("exact counts for the six queues, in the documented order", () =>
+  it.live("exact counts for the six queues, in the documented order, then the delay queues", () =>
     Effect.gen(function*() {
       const { names, client, admin } = yield* makeTestEnv()
       for (const id of ["q-1", "q-2", "q-3"]) {
@@ -388,7 +388,19 @@ describe("GetQueueInfo", () => {
       yield* Effect.addFinalizer(() => Effect.sync(() => stream.cancel()))
       yield* waitForQueue(admin, names.validations, (q) => q.consumerCount === 1)
       const info = yield* queueInfo(client)
-      assert.deepStrictEqual(info.queues, [
+      // The delay queues of nack_delayed (default tiers), after the six: schemas' tiers, then validations'.
+      const tiers = ["1s", "5s", "30s", "2m", "10m", "1h"]
+      assert.deepStrictEqual(info.queues.slice(6), ["schemas", "validations"].flatMap((kind) =>
+        tiers.map((tier) => ({
+          queue: `${kind === "schemas" ? names.schemas : names.validations}.retry.${tier}`,
+          role: `${kind}_retry_${tier}`,
+          messageCount: 0,
+          consumerCount: 0,
+          available: true,
+          unavailableReason: ""
+        }))
+      ))
+      assert.deepStrictEqual(info.queues.slice(0, 6), [
         { queue: names.schemas, role: "schemas", messageCount: 3, consumerCount: 0, available: true, unavailableReason: "" },
         { queue: names.validations, role: "validations", messageCount: 0, consumerCount: 1, available: true, unavailableReason: "" },
         { queue: names.schemaResults, role: "schema_results", messageCount: 1, consumerCount: 0, available: true, unavailableReason: "" },

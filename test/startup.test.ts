@@ -96,7 +96,7 @@ describe("start-up", () => {
         const subscription = client.subscribeSchemaMessages()
         subscription.on("error", () => undefined)
         subscription.on("status", (s: grpc.StatusObject) => statuses.push(s))
-        subscription.write({ action: { $case: "open", value: { maxInFlight: 10, consumerName: "", maxMessageBytes: 0 } } })
+        subscription.write({ action: { $case: "open", value: { maxInFlight: 10, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
         let delivered = 0
         subscription.on("data", (e: SchemaSubscriptionEvent) => {
           // Kill once all three are held unsettled by this subscription.

@@ -27,7 +27,7 @@ describe("acknowledged subscriptions", () => {
       assert.deepStrictEqual(opened.event, {
         $case: "opened",
         // The size limit in force: gRPC's 4 MiB default for clients (GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES).
-        value: { maxInFlight: 10, consumerName: "typechecker-1", maxMessageBytes: 4 * 1024 * 1024 }
+        value: { maxInFlight: 10, consumerName: "typechecker-1", maxMessageBytes: 4 * 1024 * 1024, ackDeadlineSeconds: 600 }
       })
       const got = yield* sub.deliveries(3)
       assert.deepStrictEqual(got.map((d) => d.message?.id), ["a", "b", "c"])

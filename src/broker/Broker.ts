@@ -9,9 +9,10 @@
  *   memory or disk alarm, reads included, so sharing one would let publishers stall every
  *   stream's deliveries and acks; the consumers' connections never publish.
  *
- * The topology is declared queue by queue (topology.ts): a queue that cannot be declared (its
- * node is down) is retried in the background while the others are served, and
- * `unavailableQueues` says which and why.
+ * The topology is declared queue by queue (topology.ts), the delay queues of `nack_delayed`
+ * (delayQueues.ts) after the others: a queue that cannot be declared (its node is down) is
+ * retried in the background while the others are served, and `unavailableQueues` says which and
+ * why.
  */
 import type * as amqp from "amqplib"
 import { Context, Deferred, Duration, Effect, Exit, Layer, Option, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
@@ -22,6 +23,7 @@ import { blockedChanges, type Live, supervise, whenLive } from "./connection.js"
 import { type Copies, makeCopies } from "./copies.js"
 import { shuffled } from "./nodes.js"
 import { makeChannelPool } from "./pool.js"
+import { declarationOptions, delayQueues } from "./delayQueues.js"
 import { declaredQueues, declareExchange, declareQueue, declareQueues } from "./topology.js"
 
 export class Broker extends Context.Service<Broker, {
@@ -41,7 +43,10 @@ export class Broker extends Context.Service<Broker, {
   readonly copies: Copies
   /** A confirm channel on a pooled consumers' connection with room, closed with the caller's scope. */
   readonly openChannel: Effect.Effect<amqp.ConfirmChannel, AmqpError, Scope.Scope>
-  /** Declares `queue` as the proxy would (configured type), if it is missing; used before dead-lettering. */
+  /**
+   * Declares `queue` as the proxy would (configured type; a delay queue with its TTL and
+   * dead-lettering), if it is missing; used before a copy to a dead-letter or delay queue.
+   */
   readonly ensureQueue: (queue: string) => Effect.Effect<void, AmqpError>
   /** Queues the proxy could not declare, by name, with the broker's reason; emits the current value first. */
   readonly unavailableQueueChanges: Stream.Stream<ReadonlyMap<string, string>>
@@ -51,7 +56,14 @@ export class Broker extends Context.Service<Broker, {
 }
 
 const make = Effect.gen(function*() {
-  const { rabbit } = yield* ProxyConfig
+  const settings = yield* ProxyConfig
+  const { rabbit } = settings
+  // Every queue the proxy declares, and how: the topology's, then the delay tiers.
+  const queuesToDeclare = [
+    ...declaredQueues(rabbit),
+    ...delayQueues(rabbit, settings.subscriptions.retryDelays).map((delay) => delay.queue)
+  ]
+  const optionsOf = declarationOptions(rabbit, settings.subscriptions.retryDelays)
   // Read (and check) the TLS files once, at start: a bad path stops start-up.
   const tls = yield* amqpTlsOptions(rabbit)
   // One order per process: replicas given the same list spread over the cluster.
@@ -79,7 +91,7 @@ const make = Effect.gen(function*() {
    */
   const declareAndRecord = ({ connection, isOpen }: Live, queues: ReadonlyArray<string>) =>
     Effect.gen(function*() {
-      const failed = yield* declareQueues(connection, rabbit, queues, warnDiffers)
+      const failed = yield* declareQueues(connection, rabbit, queues, warnDiffers, optionsOf)
       if (!isOpen()) {
         return yield* new AmqpError({ operation: "declare the queues", cause: "the connection closed meanwhile" })
       }
@@ -125,7 +137,7 @@ const make = Effect.gen(function*() {
     connectionName: rabbit.connectionName,
     prepare: (live) =>
       declareExchange(live.connection, rabbit).pipe(
-        Effect.andThen(declareAndRecord(live, declaredQueues(rabbit))),
+        Effect.andThen(declareAndRecord(live, queuesToDeclare)),
         Effect.andThen(Effect.logDebug("topology declared", { exchange: rabbit.exchange }))
       ),
     onConnected: (live) =>
@@ -180,7 +192,7 @@ const make = Effect.gen(function*() {
       // On the primary, which may not be the caller's connection: when the primary goes away
       // meanwhile, declare again on the next one rather than fail a call whose own channel is fine.
       const attempt = Effect.flatMap(whenLive(primary), (live) =>
-        declareQueue(live.connection, rabbit, queue).pipe(Effect.mapError((error) => ({ error, live }))))
+        declareQueue(live.connection, rabbit, queue, optionsOf).pipe(Effect.mapError((error) => ({ error, live }))))
       return attempt.pipe(
         Effect.retry({ while: ({ live }) => !live.isOpen(), times: 5 }),
         Effect.mapError(({ error }) => error),

@@ -1,7 +1,7 @@
 /**
  * Broker topology: the exchange, the four contract queues with their bindings, and one dead-letter
- * queue per consumed queue. Declared on every (re)connection of the primary consumers'
- * connection; declaring is idempotent.
+ * queue per consumed queue (the Broker adds the delay queues of delayQueues.ts). Declared on
+ * every (re)connection of the primary consumers' connection; declaring is idempotent.
  *
  * Each queue is declared on its own, so one unavailable queue (say, a classic queue whose home
  * node is down: `404 NOT_FOUND - home node … is down or inaccessible`) leaves the others served;
@@ -51,13 +51,20 @@ export const queueOptions = (rabbit: Rabbit, queue: string): amqp.Options.Assert
 export type Declared = "declared" | { readonly existingDiffers: string }
 
 /**
- * Declares `queue` with the configured type. A queue that exists with other arguments (another
- * type, a length limit, …) answers PRECONDITION_FAILED: it is taken as it is, and the answer says
- * how it differs. A declaration that fails closes its channel, hence a channel per declaration.
+ * How the proxy declares a queue, by name: `queueOptions` unless the caller knows more queues
+ * (the delay queues, delayQueues.ts `declarationOptions`).
  */
-const declareQueueAsync = (connection: amqp.ChannelModel, rabbit: Rabbit, queue: string): Promise<Declared> =>
+export type OptionsOf = (queue: string) => amqp.Options.AssertQueue
+
+/**
+ * Declares `queue` with `options` (by default the configured type, `queueOptions`). A queue that
+ * exists with other arguments (another type, a length limit, …) answers PRECONDITION_FAILED: it is
+ * taken as it is, and the answer says how it differs. A declaration that fails closes its channel,
+ * hence a channel per declaration.
+ */
+const declareQueueAsync = (connection: amqp.ChannelModel, queue: string, options: amqp.Options.AssertQueue): Promise<Declared> =>
   onThrowawayChannel(connection, (channel) =>
-    channel.assertQueue(queue, queueOptions(rabbit, queue)).then(
+    channel.assertQueue(queue, options).then(
       (): Declared => "declared",
       (cause: unknown): Declared => {
         if (replyCode(cause) === 406) return { existingDiffers: brokerReason(describe(cause)) }
@@ -80,8 +87,12 @@ const bounded = <A>(operation: string, run: () => Promise<A>) =>
   )
 
 /** `declareQueueAsync` as an Effect, bounded. */
-export const declareQueue = (connection: amqp.ChannelModel, rabbit: Rabbit, queue: string) =>
-  bounded(`declare '${queue}'`, () => declareQueueAsync(connection, rabbit, queue))
+export const declareQueue = (
+  connection: amqp.ChannelModel,
+  rabbit: Rabbit,
+  queue: string,
+  optionsOf: OptionsOf = (q) => queueOptions(rabbit, q)
+) => bounded(`declare '${queue}'`, () => declareQueueAsync(connection, queue, optionsOf(queue)))
 
 /** The exchange every contract queue is bound to; without it nothing works, so its failure fails the whole. */
 export const declareExchange = (connection: amqp.ChannelModel, rabbit: Rabbit) =>
@@ -128,7 +139,8 @@ export const declareQueues = (
   connection: amqp.ChannelModel,
   rabbit: Rabbit,
   queues: ReadonlyArray<string>,
-  onExistingDiffers: (queue: string, difference: string) => Effect.Effect<void>
+  onExistingDiffers: (queue: string, difference: string) => Effect.Effect<void>,
+  optionsOf: OptionsOf = (q) => queueOptions(rabbit, q)
 ): Effect.Effect<ReadonlyMap<string, string>> =>
   Effect.gen(function*() {
     const failed = new Map<string, string>()
@@ -136,7 +148,7 @@ export const declareQueues = (
     const consumed = new Set(consumedQueues(rabbit))
     for (const queue of queues) {
       const routingKey = bindings.get(queue)
-      const outcome = yield* declareQueue(connection, rabbit, queue).pipe(
+      const outcome = yield* declareQueue(connection, rabbit, queue, optionsOf).pipe(
         Effect.tap((declared) => declared === "declared" ? Effect.void : onExistingDiffers(queue, declared.existingDiffers)),
         Effect.tap(() => consumed.has(queue) ? checkDrops(connection, rabbit, queue) : Effect.void),
         Effect.andThen(routingKey === undefined ? Effect.void : bindQueue(connection, rabbit, queue, routingKey)),

@@ -6,10 +6,11 @@
  */
 import * as grpc from "@grpc/grpc-js"
 import * as amqp from "amqplib"
-import { ConfigProvider, Context, Effect, Layer, type Scope } from "effect"
+import { ConfigProvider, Context, Duration, Effect, Layer, type Scope } from "effect"
 import { randomBytes } from "node:crypto"
 import { MessagingServiceClient } from "../../gen/messaging.js"
 import { ProxyLive } from "../../src/app.js"
+import { delayQueueName } from "../../src/broker/delayQueues.js"
 import { GrpcServer } from "../../src/grpcServer.js"
 
 export const brokerUrl = process.env["TEST_AMQP_URL"] ?? "amqp://guest:guest@127.0.0.1:5672"
@@ -42,8 +43,35 @@ export const namesUnder = (prefix: string): TestNames => {
   }
 }
 
+/** MESSAGING_RETRY_DELAYS's default: the delay tiers a proxy declares unless told otherwise. */
+const defaultRetryDelays = "1s,5s,30s,2m,10m,1h"
+
+/** Every MESSAGING_RETRY_DELAYS a run's proxies were given, by prefix: their delay queues are deleted too. */
+const retryDelaysUsed = new Map<string, Set<string>>()
+
+const delayUnits: Record<string, number> = { ms: 1, s: 1_000, m: 60_000, h: 3_600_000 }
+
+/** The delay queues a proxy with these tiers declares for the two consumed queues (see src/broker/delayQueues.ts). */
+export const delayQueuesOf = (
+  names: Pick<TestNames, "schemas" | "validations">,
+  retryDelays = defaultRetryDelays
+): Array<string> =>
+  retryDelays.split(",").flatMap((part) => {
+    const match = /^(\d+)(ms|s|m|h)$/.exec(part.trim())
+    if (match === null) return []
+    const tier = Duration.millis(Number(match[1]) * delayUnits[match[2]!]!)
+    return [delayQueueName(names.schemas, tier), delayQueueName(names.validations, tier)]
+  })
+
 /** The environment a deployment would set, pointing the proxy at the test's own names. */
-export const proxyEnv = (names: TestNames, extra: Record<string, string> = {}): Record<string, string> => ({
+export const proxyEnv = (names: TestNames, extra: Record<string, string> = {}): Record<string, string> => {
+  const delays = retryDelaysUsed.get(names.prefix) ?? new Set([defaultRetryDelays])
+  delays.add(extra["MESSAGING_RETRY_DELAYS"] ?? defaultRetryDelays)
+  retryDelaysUsed.set(names.prefix, delays)
+  return proxyEnvOf(names, extra)
+}
+
+const proxyEnvOf = (names: TestNames, extra: Record<string, string>): Record<string, string> => ({
   MESSAGING_CONNECTION_HOST: "127.0.0.1",
   MESSAGING_CONNECTION_PORT: "0",
   METRICS_PORT: "0",
@@ -87,7 +115,8 @@ export const makeAdmin = (names: TestNames, url = brokerUrl): Effect.Effect<Admi
           names.schemaResults,
           names.validationResults,
           names.schemasDead,
-          names.validationsDead
+          names.validationsDead,
+          ...[...retryDelaysUsed.get(names.prefix) ?? [defaultRetryDelays]].flatMap((delays) => delayQueuesOf(names, delays))
         ]
         for (const queue of queues) await cleanup.deleteQueue(queue).catch(() => undefined)
         await cleanup.deleteExchange(names.exchange).catch(() => undefined)
@@ -182,7 +211,8 @@ export const makeTestEnv = (
     const admin = yield* makeAdmin(names)
     const port = yield* startProxy(names, extra)
     const client = yield* grpcClient(port)
-    yield* waitForQueue(admin, names.schemasDead)
+    // The last queue the proxy declares (one by one): the validations queue's largest delay tier.
+    yield* waitForQueue(admin, delayQueuesOf(names, extra["MESSAGING_RETRY_DELAYS"]).at(-1) ?? names.validationsDead)
     return { names, port, client, admin }
   })
 

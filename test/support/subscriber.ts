@@ -26,7 +26,7 @@ export interface Subscriber {
 export const subscribeSchemas = (
   client: MessagingServiceClient,
   /** null: send no `open` (to test refusals). */
-  open: { maxInFlight?: number; consumerName?: string; maxMessageBytes?: number } | null = {}
+  open: { maxInFlight?: number; consumerName?: string; maxMessageBytes?: number; ackDeadlineSeconds?: number } | null = {}
 ): Effect.Effect<Subscriber, never, Scope.Scope> =>
   Effect.gen(function*() {
     const events = yield* Queue.unbounded<SchemaSubscriptionEvent, Cause.Done>()
@@ -48,7 +48,8 @@ export const subscribeSchemas = (
       yield* send({ action: { $case: "open", value: {
           maxInFlight: open.maxInFlight ?? 0,
           consumerName: open.consumerName ?? "",
-          maxMessageBytes: open.maxMessageBytes ?? 0
+          maxMessageBytes: open.maxMessageBytes ?? 0,
+          ackDeadlineSeconds: open.ackDeadlineSeconds ?? 0
         } } })
     }
     const next = (timeout = 5_000) =>
