@@ -478,7 +478,10 @@ export interface GetQueueInfoRequest {
 
 export interface QueueStatus {
   queue: string;
-  /** schemas, validations, schema_results, validation_results, schemas_dead, validations_dead */
+  /**
+   * schemas, validations, schema_results, validation_results, schemas_dead, validations_dead,
+   * then the delay queues: schemas_retry_<tier>, validations_retry_<tier> (e.g. schemas_retry_5s)
+   */
   role: string;
   messageCount: number;
   consumerCount: number;

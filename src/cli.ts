@@ -9,7 +9,7 @@
  *   send schema|validation|schema-result|validation-result --file F|-
  *                                            publish a JSON body through the proxy (Publish RPC: validated,
  *                                            answered after the broker's confirm) [--routing-key K]
- *   queues                                   GetQueueInfo: message and consumer counts of the six queues, and whether each is available
+ *   queues                                   GetQueueInfo: message and consumer counts of the six queues and the delay queues, and whether each is available
  *
  * Shared flags: --host, --port (env MESSAGING_CONNECTION_HOST / _PORT), --timeout (unary deadline, seconds).
  * Output is JSON on stdout (one object per line for streams). Failures are one `error: ...` line on
