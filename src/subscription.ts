@@ -520,6 +520,10 @@ export const serveSubscription = <A>(
       Stream.runForEachArray((batch) => Effect.andThen(handleBatch(batch), requests.resumeWhenDrained)),
       Effect.raceFirst(Fiber.join(pumpFiber))
     )
+    // A client that half-closes right after a nack or reject meant them: let those moves finish
+    // (copies confirmed) before the call ends and its scope interrupts them. Bounded, since a copy
+    // waits out a memory alarm; what is left then goes back with the channel.
+    yield* FiberSet.awaitEmpty(moves).pipe(Effect.timeoutOption("30 seconds"))
   }).pipe(Effect.scoped)
 
   return Effect.logInfo("subscription call started", { queue: spec.queue }).pipe(

@@ -7,7 +7,7 @@ import { assert, describe, it } from "@effect/vitest"
 import * as grpc from "@grpc/grpc-js"
 import { Effect } from "effect"
 import { schemaBody } from "./fixtures/bodies.js"
-import { makeTestEnv, publishJson, waitForQueue } from "./support/harness.js"
+import { makeTestEnv, publishJson, queueState, waitForQueue } from "./support/harness.js"
 import { subscribeSchemas } from "./support/subscriber.js"
 
 describe("ack deadlines (issue 11)", () => {
@@ -74,5 +74,20 @@ describe("ack deadlines (issue 11)", () => {
       const status = yield* tooLong.status
       assert.strictEqual(status.code, grpc.status.INVALID_ARGUMENT)
       assert.match(status.details, /ack_deadline_seconds must be at most 60 \(MESSAGING_MAX_ACK_DEADLINE_SECONDS\), got 61/)
+    }))
+
+  it.live("a reject followed at once by a half-close is done before the call ends: the message is in .dead", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      const sub = yield* subscribeSchemas(client, { maxInFlight: 1 })
+      yield* publishJson(admin, names.exchange, "schemas.*", schemaBody("bad-file"))
+      const [delivery] = yield* sub.deliveries(1)
+      yield* sub.send({ action: { $case: "reject", value: { deliveryIds: [delivery!.info!.deliveryId], reason: "unreadable" } } })
+      sub.call.end()
+      const ended = yield* sub.status
+      assert.strictEqual(ended.code, grpc.status.OK)
+      // Before: the half-close ended the call and interrupted the move; the message went back.
+      const dead = yield* queueState(admin, names.schemasDead)
+      assert.strictEqual(dead.messageCount, 1)
     }))
 })
