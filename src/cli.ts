@@ -20,6 +20,7 @@ import {
   Cause,
   Config,
   Console,
+  Duration,
   Effect,
   FileSystem,
   Layer,
@@ -31,14 +32,14 @@ import {
   Stream
 } from "effect"
 import { Argument, Command, Flag } from "effect/cli"
-import {
-  GetMessagingParamsResponse,
-  MessageKind,
-  SchemaMessageResponse,
-  ValidationMessageResponse
-} from "../gen/messaging.js"
-import { GrpcError, ProxyClient } from "./cli/ProxyClient.js"
+import { GetMessagingParamsResponse, SchemaMessageResponse, ValidationMessageResponse } from "../gen/messaging.js"
 import { BrokerError, publishConfirmed } from "./cli/Publisher.js"
+import {
+  ClientSetupError,
+  isMessagingClientError,
+  MessagingClient,
+  type MessagingClientError
+} from "./client/MessagingClient.js"
 
 const VERSION = "0.1.0" // keep in step with package.json
 
@@ -85,20 +86,23 @@ const root = Command.make("messaging-proxy-cli").pipe(
 )
 
 /**
- * The gRPC client for the subcommands, built from the root's shared flags. Provided per subcommand
- * (not on the root) because the root's parsed flags are only in context inside a subcommand handler.
+ * The gRPC client for the subcommands (the client library's `MessagingClient`), built from the root's
+ * shared flags. Provided per subcommand (not on the root) because the root's parsed flags are only in
+ * context inside a subcommand handler. `--cert` without `--key` (or the reverse) is refused here, in
+ * the flags' own words.
  */
-const ProxyClientLive = Layer.unwrap(
-  Effect.map(root, ({ host, port, timeout, tls, ca, cert, key, apiKey }) =>
-    ProxyClient.layer({
-      host,
-      port,
-      timeoutSeconds: timeout,
-      tls: tls || Option.isSome(ca) || Option.isSome(cert) || Option.isSome(key)
-        ? { ca: Option.getOrUndefined(ca), cert: Option.getOrUndefined(cert), key: Option.getOrUndefined(key) }
-        : undefined,
-      apiKey: Option.getOrUndefined(apiKey)
-    }))
+const ClientLive = Layer.unwrap(
+  Effect.flatMap(root, ({ host, port, timeout, tls, ca, cert, key, apiKey }) =>
+    Option.isSome(cert) !== Option.isSome(key)
+      ? Effect.fail(new InputError({ message: "--cert and --key go together" }))
+      : Effect.succeed(MessagingClient.layer({
+        address: `${host}:${port}`,
+        timeout: Duration.seconds(timeout),
+        tls: tls || Option.isSome(ca) || Option.isSome(cert)
+          ? { caPath: Option.getOrUndefined(ca), certPath: Option.getOrUndefined(cert), keyPath: Option.getOrUndefined(key) }
+          : undefined,
+        apiKey: Option.getOrUndefined(apiKey)
+      })))
 )
 
 /**
@@ -128,13 +132,13 @@ const params = Command.make("params", {
     Flag.withDefault(false)
   )
 }, Effect.fn("cli.params")(function*({ showPassword }) {
-  const response = yield* (yield* ProxyClient).getMessagingParams
+  const response = yield* (yield* MessagingClient).getMessagingParams
   // toJSON omits an empty password, so an unset one stays visibly unset rather than "<redacted>".
   const shown = showPassword || response.password === "" ? response : { ...response, password: "<redacted>" }
   yield* printJson(GetMessagingParamsResponse.toJSON(shown))
 })).pipe(
   Command.withDescription("Print the broker connection parameters and exchange/queue layout (GetMessagingParams)"),
-  Command.provide(ProxyClientLive)
+  Command.provide(ClientLive)
 )
 
 // ---------------------------------------------------------------------------------------------------------
@@ -149,11 +153,11 @@ const routingKey = Command.make("routing-key", {
     Flag.withDefault(false)
   )
 }, Effect.fn("cli.routingKey")(function*({ kind, results }) {
-  const key = yield* (yield* ProxyClient).getRoutingKey(kind, results)
+  const key = yield* (yield* MessagingClient).getRoutingKey(kind, results)
   yield* printJson({ routingKey: key })
 })).pipe(
   Command.withDescription("Print a routing key (GetRoutingKeySchemas / GetRoutingKeyValidations)"),
-  Command.provide(ProxyClientLive)
+  Command.provide(ClientLive)
 )
 
 // ---------------------------------------------------------------------------------------------------------
@@ -169,8 +173,8 @@ const stream = Command.make("stream", {
     Flag.optional
   )
 }, Effect.fn("cli.stream")(function*({ kind, count }) {
-  const client = yield* ProxyClient
-  const messages: Stream.Stream<unknown, GrpcError> = kind === "schemas"
+  const client = yield* MessagingClient
+  const messages: Stream.Stream<unknown, MessagingClientError> = kind === "schemas"
     ? Stream.map(client.streamSchemaMessages, SchemaMessageResponse.toJSON)
     : Stream.map(client.streamValidationMessages, ValidationMessageResponse.toJSON)
   // Stream.take ends the stream after N elements, whose finalizer then cancels the gRPC call.
@@ -178,7 +182,7 @@ const stream = Command.make("stream", {
   yield* writeJsonLines(limited)
 })).pipe(
   Command.withDescription("Print queue messages as they arrive, one JSON object per line"),
-  Command.provide(ProxyClientLive)
+  Command.provide(ClientLive)
 )
 
 // ---------------------------------------------------------------------------------------------------------
@@ -199,7 +203,7 @@ const publish = Command.make("publish", {
 }, Effect.fn("cli.publish")(function*({ kind, file, routingKey }) {
   const body = yield* readBody(file)
   const messageId = yield* parseMessageId(file, body)
-  const client = yield* ProxyClient
+  const client = yield* MessagingClient
   const { timeout } = yield* root
 
   // Both lookups are independent unary calls: run them together.
@@ -240,18 +244,11 @@ const publish = Command.make("publish", {
       description: "Publish a validation message from stdin with an explicit routing key"
     }
   ]),
-  Command.provide(ProxyClientLive)
+  Command.provide(ClientLive)
 )
 
 // ---------------------------------------------------------------------------------------------------------
 // send
-
-const SEND_KINDS = {
-  schema: MessageKind.MESSAGE_KIND_SCHEMA,
-  validation: MessageKind.MESSAGE_KIND_VALIDATION,
-  "schema-result": MessageKind.MESSAGE_KIND_SCHEMA_RESULT,
-  "validation-result": MessageKind.MESSAGE_KIND_VALIDATION_RESULT
-} as const
 
 const send = Command.make("send", {
   kind: Argument.Literals("kind", ["schema", "validation", "schema-result", "validation-result"]).pipe(
@@ -268,10 +265,8 @@ const send = Command.make("send", {
 }, Effect.fn("cli.send")(function*({ kind, file, routingKey }) {
   // No local checks: the proxy validates the body and says exactly what is wrong with it.
   const body = yield* readBody(file)
-  const response = yield* (yield* ProxyClient).publish({
-    kind: SEND_KINDS[kind],
-    body,
-    routingKey: Option.getOrElse(routingKey, () => "")
+  const response = yield* (yield* MessagingClient).publish(kind, body, {
+    routingKey: Option.getOrUndefined(routingKey)
   })
   yield* printJson({ published: true, id: response.messageId, routingKey: response.routingKey })
 })).pipe(
@@ -286,14 +281,14 @@ const send = Command.make("send", {
       description: "Publish a schema result from stdin"
     }
   ]),
-  Command.provide(ProxyClientLive)
+  Command.provide(ClientLive)
 )
 
 // ---------------------------------------------------------------------------------------------------------
 // queues
 
 const queues = Command.make("queues", {}, Effect.fn("cli.queues")(function*() {
-  const response = yield* (yield* ProxyClient).getQueueInfo
+  const response = yield* (yield* MessagingClient).getQueueInfo
   // Fields spelled out: toJSON would drop zero counts, and 0 is often the interesting answer here.
   yield* printJson({
     queues: response.queues.map(({ queue, role, messageCount, consumerCount, available, unavailableReason }) => ({
@@ -310,7 +305,7 @@ const queues = Command.make("queues", {}, Effect.fn("cli.queues")(function*() {
   Command.withDescription(
     "Print message and consumer counts of the contract queues and the dead-letter queues (GetQueueInfo)"
   ),
-  Command.provide(ProxyClientLive)
+  Command.provide(ClientLive)
 )
 
 /** The message body as bytes, from a file or from stdin ("-"). Published unchanged. */
@@ -352,7 +347,8 @@ const reportFailure = <A, E, R>(self: Effect.Effect<A, E, R>): Effect.Effect<A, 
     if (Cause.hasInterruptsOnly(cause)) return Effect.void
     const error = Cause.squash(cause)
     if (!Runtime.getErrorReported(error)) return Effect.void
-    const known = error instanceof GrpcError || error instanceof BrokerError || error instanceof InputError
+    const known = isMessagingClientError(error) || error instanceof ClientSetupError ||
+      error instanceof BrokerError || error instanceof InputError
     // Anything else is a bug: keep the full cause (with stack) for it.
     const text = known ? error.message : Cause.pretty(cause)
     return Console.error(`error: ${known ? text.replace(/\s*\n\s*/g, " ") : text}`)

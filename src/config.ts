@@ -118,6 +118,11 @@ export interface ProxySettings {
     readonly brokerConsumerTimeout: Duration.Duration
     /** Delay tiers of `nack_delayed`, ascending: a delay rounds up to the next one. */
     readonly retryDelays: ReadonlyArray<Duration.Duration>
+    /**
+     * MESSAGING_NACK_BACKOFF: when set, a plain `nack` is delayed too, by `first` × `factor` to the
+     * power of the requeues so far (through the same delay tiers).
+     */
+    readonly nackBackoff: Option.Option<{ readonly first: Duration.Duration; readonly factor: number }>
   }
   readonly rabbit: {
     /** The first configured node: what GetMessagingParams hands out as `host`/`port`. */
@@ -205,6 +210,19 @@ const parseRetryDelays = (raw: string): Parsed<ReadonlyArray<Duration.Duration>>
     millis.push(value)
   }
   return millis.length === 0 ? { expected } : { value: millis.map((ms) => Duration.millis(ms)) }
+}
+
+/** `off`, or a first delay with an optional growth factor: `1s` (always 1 s), `1s*2` (1 s, 2 s, 4 s, …). */
+const parseNackBackoff = (
+  raw: string
+): Parsed<Option.Option<{ readonly first: Duration.Duration; readonly factor: number }>> => {
+  if (raw.trim() === "off") return { value: Option.none() }
+  const match = /^(\d+)(ms|s|m|h)(?:\*(\d+(?:\.\d+)?))?$/.exec(raw.trim())
+  const factor = match?.[3] === undefined ? 1 : Number(match[3])
+  if (match === null || Number(match[1]) < 1 || factor < 1) {
+    return { expected: "off, or a first delay with a unit and an optional factor of at least 1, e.g. 1s*2" }
+  }
+  return { value: Option.some({ first: Duration.millis(Number(match[1]) * delayUnits[match[2]!]!), factor }) }
 }
 
 const parseScopes = (raw: string): ReadonlySet<Scope> | undefined => {
@@ -362,7 +380,9 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
       })
     }
     const retryDelays = yield* parsed("MESSAGING_RETRY_DELAYS", defaultRetryDelays, parseRetryDelays)
+    const nackBackoff = yield* parsed("MESSAGING_NACK_BACKOFF", Option.none(), parseNackBackoff)
     return {
+      nackBackoff,
       ackDeadline: Duration.seconds(ackDeadline),
       maxAckDeadline: Duration.seconds(maxAckDeadline),
       brokerConsumerTimeout: Duration.seconds(brokerConsumerTimeout),

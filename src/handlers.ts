@@ -62,6 +62,7 @@ const queueSpec = <A>(
   ackDeadline: settings.subscriptions.ackDeadline,
   maxAckDeadline: settings.subscriptions.maxAckDeadline,
   retryDelays: settings.subscriptions.retryDelays,
+  nackBackoff: settings.subscriptions.nackBackoff,
   // Above the longest lease, so the broker's own timeout never fires first (honoured from 3.12).
   consumerTimeoutMs: Duration.toMillis(settings.subscriptions.maxAckDeadline) + 60_000,
   declaredAs: queueOptions(settings.rabbit, binding.queue),

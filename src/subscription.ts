@@ -7,7 +7,7 @@
  * once that many deliveries are unsettled, so the proxy holds at most that many per subscription.
  */
 import * as grpc from "@grpc/grpc-js"
-import { Cause, Duration, Effect, Exit, Fiber, FiberSet, Queue, Schedule, Stream } from "effect"
+import { Cause, Duration, Effect, Exit, Fiber, FiberSet, Option, Queue, Schedule, Stream } from "effect"
 import type { DeliveryInfo, SettleError, SubscriptionOpened, SubscriptionRequest } from "../gen/messaging.js"
 import type { Broker } from "./broker/Broker.js"
 import { batchWrites, CallRejected, finishCall, writeAllWithBackpressure, writeWithBackpressure } from "./callLifecycle.js"
@@ -15,7 +15,7 @@ import { brokerConsumerTimeout, type Delivery } from "./consumer.js"
 import { requeueDelayed } from "./delayedRequeue.js"
 import * as Metrics from "./metrics.js"
 import { deliveryEnvelopeBytes, EncodedDelivery } from "./serialization.js"
-import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn, requeueCounted } from "./redelivery.js"
+import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn, requeueCounted, requeueCountOf } from "./redelivery.js"
 
 /** The event shape both subscription RPCs share (SchemaSubscriptionEvent, ValidationSubscriptionEvent). */
 export interface SubscriptionEvent<A> {
@@ -41,6 +41,8 @@ export interface SubscriptionSpec<A> extends AdmissionPolicy<A> {
   readonly maxAckDeadline: Duration.Duration
   /** MESSAGING_RETRY_DELAYS, for `nack_delayed`. */
   readonly retryDelays: ReadonlyArray<Duration.Duration>
+  /** MESSAGING_NACK_BACKOFF: when set, plain nacks are delayed too, growing with the requeues. */
+  readonly nackBackoff: Option.Option<{ readonly first: Duration.Duration; readonly factor: number }>
   /** The consumers' `x-consumer-timeout`, in milliseconds: above the longest lease. */
   readonly consumerTimeoutMs: number
 }
@@ -413,7 +415,14 @@ export const serveSubscription = <A>(
           return ackAll(action.value.deliveryIds)
         case "nack":
           return settleEach(action.value.deliveryIds, (delivery) =>
-            requeueCounted(delivery, spec, `nacked by ${consumerName || "a subscriber"}`).pipe(
+            Option.match(spec.nackBackoff, {
+              onNone: () => requeueCounted(delivery, spec, `nacked by ${consumerName || "a subscriber"}`),
+              // The delay grows with the requeues so far: first × factor^requeues (rounded up to a tier).
+              onSome: ({ factor, first }) => {
+                const delay = Duration.millis(Duration.toMillis(first) * factor ** requeueCountOf(delivery))
+                return requeueDelayed(delivery, spec, delay, `nacked by ${consumerName || "a subscriber"} (MESSAGING_NACK_BACKOFF)`)
+              }
+            }).pipe(
               Effect.map((outcome) => {
                 if (outcome === "Requeued") Metrics.nackedUnsafe(spec.queue)
                 if (outcome === "Requeued") counts.requeued++

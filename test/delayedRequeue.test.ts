@@ -216,6 +216,27 @@ describe("nack_delayed through a subscription", () => {
       assert.deepStrictEqual(deaths.map((d) => [d["queue"], d["reason"], d["count"]]), [[`${names.schemas}.retry.1s`, "expired", 2]])
     }), 30_000)
 
+  it.live("MESSAGING_NACK_BACKOFF delays plain nacks, growing with the requeues: 1 s, then 2 s", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv({ ...shortTiers, MESSAGING_NACK_BACKOFF: "1s*2" })
+      const { names, admin } = env
+      yield* publishSchema(admin, names, "flaky")
+      const sub = yield* subscribeSchemas(env.client, { consumerName: "backoff" })
+      const [first] = yield* sub.deliveries(1)
+      yield* sub.nack(first!.info!.deliveryId)
+      // The first plain nack waits in the 1 s tier, the second (one requeue so far) in the 2 s one.
+      yield* waitForQueue(admin, `${names.schemas}.retry.1s`, (q) => q.messageCount === 1)
+      const [second] = yield* sub.deliveries(1, 20_000)
+      assert.deepStrictEqual([second!.info!.deliveryCount, second!.info!.redelivered], [2, true])
+      yield* sub.nack(second!.info!.deliveryId)
+      yield* waitForQueue(admin, `${names.schemas}.retry.2s`, (q) => q.messageCount === 1)
+      const [third] = yield* sub.deliveries(1, 20_000)
+      assert.strictEqual(third!.info!.deliveryCount, 3)
+      yield* sub.ack(third!.info!.deliveryId)
+      yield* sub.settled
+      yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 0)
+    }), 60_000)
+
   it.live("a delay queue deleted behind the proxy's back is declared again before the copy goes in", () =>
     Effect.gen(function*() {
       const env = yield* makeTestEnv(shortTiers)

@@ -11,19 +11,32 @@
  *   backoff when the proxy goes away. It runs until interrupted.
  * - `publish` / `publishBatch`: the Publish and PublishBatch RPCs, answered after the broker's
  *   publisher confirm.
+ * - `getMessagingParams`, `getRoutingKey`, `getQueueInfo`: the unary lookups, and
+ *   `streamSchemaMessages` / `streamValidationMessages`: the unacknowledged server streams (the CLI
+ *   uses these).
  *
  * Every gRPC failure is one of the typed errors of ./errors.ts (`Unavailable`, `InvalidArgument`, …).
+ * Unary calls (and a batch as a whole) get the `timeout` deadline; streams have none.
  */
 import * as grpc from "@grpc/grpc-js"
-import { Context, Duration, Effect, Layer, Redacted } from "effect"
+import { Cause, Context, Duration, Effect, Layer, Queue, Redacted, Stream } from "effect"
 import { readFileSync } from "node:fs"
-import { MessageKind, MessagingServiceClient, type PublishBatchResponse, type PublishRequest, type PublishResponse } from "../../gen/messaging.js"
-import { ClientSetupError } from "../cli/ProxyClient.js"
-import { fromStatus, type MessagingClientError } from "./errors.js"
+import {
+  type GetMessagingParamsResponse,
+  type GetQueueInfoResponse,
+  MessageKind,
+  MessagingServiceClient,
+  type PublishBatchResponse,
+  type PublishRequest,
+  type PublishResponse,
+  type RoutingKey,
+  type SchemaMessageResponse,
+  type ValidationMessageResponse
+} from "../../gen/messaging.js"
+import { ClientSetupError, fromStatus, type MessagingClientError } from "./errors.js"
 import { type Handler, subscribe, type SubscribeOptions } from "./subscription.js"
 import type { Kind } from "./subscription.js"
 
-export { ClientSetupError } from "../cli/ProxyClient.js"
 export * from "./errors.js"
 export type { Delivery, Handler, Kind, MessageOf, SubscribeOptions } from "./subscription.js"
 
@@ -39,7 +52,10 @@ export interface MessagingClientOptions {
   } | undefined
   /** Sent as `authorization: Bearer <key>` on every call. */
   readonly apiKey?: Redacted.Redacted<string> | undefined
-  /** Deadline of unary calls (publish, a batch as a whole) and of a subscription's `opened`; default 30 s. */
+  /**
+   * Deadline of unary calls (publish, the lookups, a batch as a whole) and of a subscription's
+   * `opened`; default 30 s. Streams and subscriptions themselves have none.
+   */
   readonly timeout?: Duration.Input | undefined
   /** Extra grpc-js channel options (merged over the library's keepalive settings). */
   readonly channelOptions?: grpc.ChannelOptions | undefined
@@ -56,7 +72,7 @@ export interface PublishOptions {
   readonly routingKey?: string | undefined
 }
 
-/** The proxy's RPCs for services: acknowledged subscriptions and publishing. */
+/** The proxy's RPCs: acknowledged subscriptions, publishing, the lookups and the plain streams. */
 export class MessagingClient extends Context.Service<MessagingClient, {
   /** host:port this client talks to. */
   readonly target: string
@@ -84,6 +100,23 @@ export class MessagingClient extends Context.Service<MessagingClient, {
     bodies: Iterable<Body>,
     options?: PublishOptions
   ) => Effect.Effect<PublishBatchResponse, MessagingClientError>
+  /** GetMessagingParams: the broker's address, credentials, exchange and queue layout. */
+  readonly getMessagingParams: Effect.Effect<GetMessagingParamsResponse, MessagingClientError>
+  /**
+   * GetRoutingKeySchemas / GetRoutingKeyValidations: `results = false` gives the routing key to
+   * publish the kind's requests with, `true` the one of its results.
+   */
+  readonly getRoutingKey: (kind: Kind, results: boolean) => Effect.Effect<string, MessagingClientError>
+  /** GetQueueInfo: message and consumer counts of the contract, dead-letter and delay queues. */
+  readonly getQueueInfo: Effect.Effect<GetQueueInfoResponse, MessagingClientError>
+  /**
+   * StreamSchemaMessages: the schemas queue's messages as they arrive (acked by the proxy once read,
+   * no settling here). Ends when the server ends the call with OK; ending the stream early (take N,
+   * failure, interruption) cancels the call.
+   */
+  readonly streamSchemaMessages: Stream.Stream<SchemaMessageResponse, MessagingClientError>
+  /** StreamValidationMessages: as `streamSchemaMessages`, for the validations queue. */
+  readonly streamValidationMessages: Stream.Stream<ValidationMessageResponse, MessagingClientError>
 }>()("messaging-proxy/client/MessagingClient") {
   /** Scoped: the grpc-js client is closed when the surrounding scope closes. */
   static readonly make = Effect.fn("MessagingClient.make")(function*(options: MessagingClientOptions) {
@@ -99,6 +132,64 @@ export class MessagingClient extends Context.Service<MessagingClient, {
       return md
     }
 
+    /**
+     * A unary call with the `timeout` deadline. ts-proto's overloads have no (request, options,
+     * callback) form, hence the Metadata argument. The callback gets an error exactly when the final
+     * status is not OK.
+     */
+    const unary = <Res>(
+      method: string,
+      invoke: (
+        metadata: grpc.Metadata,
+        callOptions: Partial<grpc.CallOptions>,
+        callback: (error: grpc.ServiceError | null, response: Res) => void
+      ) => grpc.ClientUnaryCall
+    ): Effect.Effect<Res, MessagingClientError> =>
+      Effect.callback<Res, MessagingClientError>((resume) => {
+        const call = invoke(metadata(), { deadline: Date.now() + timeoutMillis }, (error, response) =>
+          resume(error === null ? Effect.succeed(response) : Effect.fail(fromStatus(method, target, error))))
+        // Interrupted: cancel the RPC; its late CANCELLED callback is then ignored by resume.
+        return Effect.sync(() => call.cancel())
+      })
+
+    /**
+     * A server stream as an Effect Stream. The call lives in the stream's scope: when the consumer
+     * stops (take N, failure, interruption) the finalizer cancels it, and the CANCELLED status that
+     * causes is not an error. The queue is unbounded, but grpc-js reads more from the network only as
+     * messages are taken from it.
+     */
+    const serverStream = <A>(
+      method: string,
+      open: () => grpc.ClientReadableStream<A>
+    ): Stream.Stream<A, MessagingClientError> =>
+      Stream.callback<A, MessagingClientError>((queue) => {
+        let cancelledByUs = false
+        return Effect.acquireRelease(
+          Effect.sync(() => {
+            const call = open()
+            call.on("data", (message: A) => {
+              Queue.offerUnsafe(queue, message)
+            })
+            // Success or failure is decided from 'status' (it carries the code); a Readable 'error'
+            // without a listener would crash the process, so it is swallowed here.
+            call.on("error", () => {})
+            call.on("status", (status: grpc.StatusObject) => {
+              if (status.code === grpc.status.OK || (cancelledByUs && status.code === grpc.status.CANCELLED)) {
+                Queue.endUnsafe(queue)
+              } else {
+                Queue.failCauseUnsafe(queue, Cause.fail(fromStatus(method, target, status)))
+              }
+            })
+            return call
+          }),
+          (call) =>
+            Effect.sync(() => {
+              cancelledByUs = true
+              call.cancel() // a no-op when the call already has its status
+            })
+        )
+      })
+
     const toRequest = (kind: PublishKind, body: Body, publishOptions: PublishOptions | undefined): PublishRequest => ({
       kind: publishKinds[kind],
       body: encodeBody(body),
@@ -108,12 +199,8 @@ export class MessagingClient extends Context.Service<MessagingClient, {
     const publish = (kind: PublishKind, body: Body, publishOptions?: PublishOptions) =>
       Effect.suspend(() => {
         const request = toRequest(kind, body, publishOptions)
-        return Effect.callback<PublishResponse, MessagingClientError>((resume) => {
-          const call = client.publish(request, metadata(), { deadline: Date.now() + timeoutMillis }, (error, response) =>
-            resume(error === null ? Effect.succeed(response) : Effect.fail(fromStatus("Publish", target, error))))
-          // Interrupted: cancel the RPC; its late CANCELLED callback is then ignored by resume.
-          return Effect.sync(() => call.cancel())
-        })
+        return unary<PublishResponse>("Publish", (md, callOptions, callback) =>
+          client.publish(request, md, callOptions, callback))
       }).pipe(Effect.withSpan("MessagingClient.publish", { attributes: { kind } }))
 
     const publishBatch = (kind: PublishKind, bodies: Iterable<Body>, publishOptions?: PublishOptions) =>
@@ -145,7 +232,29 @@ export class MessagingClient extends Context.Service<MessagingClient, {
       subscribe: (kind, handler, subscribeOptions) =>
         subscribe({ client, target, metadata, openTimeoutMillis: timeoutMillis }, kind, handler, subscribeOptions ?? {}),
       publish,
-      publishBatch
+      publishBatch,
+      getMessagingParams: unary<GetMessagingParamsResponse>(
+        "GetMessagingParams",
+        (md, callOptions, callback) => client.getMessagingParams({}, md, callOptions, callback)
+      ),
+      getRoutingKey: (kind, results) =>
+        Effect.map(
+          kind === "schemas"
+            ? unary<RoutingKey>("GetRoutingKeySchemas", (md, callOptions, callback) =>
+              client.getRoutingKeySchemas({ results }, md, callOptions, callback))
+            : unary<RoutingKey>("GetRoutingKeyValidations", (md, callOptions, callback) =>
+              client.getRoutingKeyValidations({ results }, md, callOptions, callback)),
+          (response) => response.routingKey
+        ),
+      getQueueInfo: unary<GetQueueInfoResponse>(
+        "GetQueueInfo",
+        (md, callOptions, callback) => client.getQueueInfo({}, md, callOptions, callback)
+      ),
+      streamSchemaMessages: serverStream("StreamSchemaMessages", () => client.streamSchemaMessages({}, metadata())),
+      streamValidationMessages: serverStream(
+        "StreamValidationMessages",
+        () => client.streamValidationMessages({}, metadata())
+      )
     })
   })
 

@@ -4,13 +4,22 @@
  * A gRPC call that ends with a status other than OK fails with one tagged error per status code
  * (`Unavailable`, `InvalidArgument`, `PermissionDenied`, …), each carrying the method, the target,
  * the numeric `code` and the server's `details`; `isRetryable` says whether trying again later can
- * help (the subscription loop reconnects on exactly those). Messages are worded like the CLI's
- * `GrpcError`, which they are built from. `Reject` is not a gRPC error: a subscription handler fails
- * with it to dead-letter the message it was given.
+ * help (the subscription loop reconnects on exactly those). Their messages are what the CLI prints
+ * (see `statusMessage`). `ClientSetupError` is the one failure of building the client (a TLS file
+ * it cannot read). `Reject` is not a gRPC error: a subscription handler fails with it to dead-letter
+ * the message it was given.
  */
 import * as grpc from "@grpc/grpc-js"
-import { Data } from "effect"
-import { GrpcError } from "../cli/ProxyClient.js"
+import { Data, Schema } from "effect"
+
+/** The client could not be set up (e.g. a TLS file is missing, or a certificate without its key). */
+export class ClientSetupError extends Schema.TaggedError<ClientSetupError>()("ClientSetupError", {
+  reason: Schema.String
+}) {
+  override get message(): string {
+    return this.reason
+  }
+}
 
 /** What every status error carries. */
 export interface StatusFields {
@@ -38,6 +47,23 @@ const retryableCodes: ReadonlySet<number> = new Set([
   grpc.status.CANCELLED
 ])
 
+/**
+ * One line for a failed call, e.g. `cannot reach messaging-proxy at localhost:50055 (UNAVAILABLE: …)`,
+ * `Publish timed out at … (DEADLINE_EXCEEDED: …)`, `Publish failed at … (INVALID_ARGUMENT: …)`.
+ * `codeName` is the status code's name; grpc-js's empty trailing "Resolution note:" is dropped.
+ */
+export const statusMessage = (method: string, target: string, codeName: string, details: string): string => {
+  const status = `${codeName}: ${details.replace(/\s*Resolution note:\s*$/, "")}`
+  switch (codeName) {
+    case "UNAVAILABLE":
+      return `cannot reach messaging-proxy at ${target} (${status})`
+    case "DEADLINE_EXCEEDED":
+      return `${method} timed out at ${target} (${status})`
+    default:
+      return `${method} failed at ${target} (${status})`
+  }
+}
+
 const StatusError = <const Tag extends string>(tag: Tag) =>
   class extends Data.TaggedError(tag)<StatusFields> {
     /** The status code's name, e.g. "UNAVAILABLE". */
@@ -49,7 +75,7 @@ const StatusError = <const Tag extends string>(tag: Tag) =>
       return retryableCodes.has(this.code)
     }
     override get message(): string {
-      return GrpcError.fromStatus(this.method, this.target, this).message
+      return statusMessage(this.method, this.target, this.codeName, this.details)
     }
   }
 
@@ -125,7 +151,7 @@ const tags: ReadonlySet<string> = new Set(Object.values(byCode).map((ErrorClass)
   details: ""
 })._tag))
 
-/** True for the errors of this module (e.g. to print them without a stack, as the CLI does for GrpcError). */
+/** True for the gRPC status errors of this module (e.g. to print them without a stack, as the CLI does). */
 export const isMessagingClientError = (u: unknown): u is MessagingClientError =>
   typeof u === "object" && u !== null && "_tag" in u && typeof u._tag === "string" && tags.has(u._tag) &&
   "code" in u && "details" in u

@@ -35,10 +35,10 @@ import type {
   ValidationMessageResponse,
   ValidationSubscriptionEvent
 } from "../../gen/messaging.js"
-import type { Kind } from "../cli/ProxyClient.js"
 import { fromStatus, type MessagingClientError, Reject, Unavailable, Unknown } from "./errors.js"
 
-export type { Kind } from "../cli/ProxyClient.js"
+/** Which queue family a subscription, stream or routing key is about. */
+export type Kind = "schemas" | "validations"
 
 /** The contract message of a kind's queue. */
 export type MessageOf<K extends Kind> = K extends "schemas" ? SchemaMessageResponse : ValidationMessageResponse
