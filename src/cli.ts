@@ -102,8 +102,14 @@ const ClientLive = Layer.unwrap(
           ? { caPath: Option.getOrUndefined(ca), certPath: Option.getOrUndefined(cert), keyPath: Option.getOrUndefined(key) }
           : undefined,
         apiKey: Option.getOrUndefined(apiKey)
-      })))
+      }).pipe(
+        // The library names its options; a CLI user typed flags.
+        Layer.catch((error) => Layer.effect(MessagingClient, Effect.fail(new ClientSetupError({ reason: cliWords(error.reason) }))))
+      )))
 )
+
+const cliWords = (reason: string): string =>
+  reason.replace(/\btls\.caPath\b/g, "--ca").replace(/\btls\.certPath\b/g, "--cert").replace(/\btls\.keyPath\b/g, "--key")
 
 /**
  * Writes each value as one line of JSON to stdout. When stdout goes away (EPIPE, e.g. `| head -1`)
