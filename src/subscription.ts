@@ -258,26 +258,31 @@ export const serveSubscription = <A>(
         { discard: true }
       )
 
-    /** Takes the ids out of `pending`; reports the unknown ones. */
+    /** Tells the client why these ids are not pending: handed back by the proxy (and why), or unknown. */
+    const reportNotPending = (ids: ReadonlyArray<string>) => {
+      const byReason = new Map<string, Array<string>>()
+      for (const id of ids) {
+        const reason = gone.get(id) ?? "unknown or already settled delivery id"
+        byReason.set(reason, [...(byReason.get(reason) ?? []), id])
+      }
+      return Effect.forEach(byReason, ([reason, grouped]) => settleError(grouped, reason), { discard: true })
+    }
+
+    /** Takes the ids out of `pending`; reports the others. */
     const claim = (ids: ReadonlyArray<string>) =>
       Effect.gen(function*() {
         const found: Array<[string, Delivery]> = []
         const unknown: Array<string> = []
-        const handedBack = new Map<string, Array<string>>()
         for (const id of ids) {
           const delivery = pending.get(id)
-          if (delivery === undefined) {
-            const reason = gone.get(id)
-            if (reason === undefined) unknown.push(id)
-            else handedBack.set(reason, [...(handedBack.get(reason) ?? []), id])
-          } else {
+          if (delivery === undefined) unknown.push(id)
+          else {
             forget(id)
             found.push([id, delivery])
             if (BigInt(id) > highestSettled) highestSettled = BigInt(id)
           }
         }
-        yield* settleError(unknown, "unknown or already settled delivery id")
-        for (const [reason, expired] of handedBack) yield* settleError(expired, reason)
+        yield* reportNotPending(unknown)
         return found
       })
 
@@ -362,17 +367,11 @@ export const serveSubscription = <A>(
       Effect.gen(function*() {
         const until = Date.now() + Math.min(seconds === 0 ? ackDeadlineMs : seconds * 1000, maxAckDeadlineMs)
         const unknown: Array<string> = []
-        const handedBack = new Map<string, Array<string>>()
         for (const id of ids) {
           if (pending.has(id)) deadlines.set(id, until)
-          else {
-            const reason = gone.get(id)
-            if (reason === undefined) unknown.push(id)
-            else handedBack.set(reason, [...(handedBack.get(reason) ?? []), id])
-          }
+          else unknown.push(id)
         }
-        yield* settleError(unknown, "unknown or already settled delivery id")
-        for (const [reason, expired] of handedBack) yield* settleError(expired, reason)
+        yield* reportNotPending(unknown)
       })
 
     /**
