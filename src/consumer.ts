@@ -76,6 +76,17 @@ export interface ConsumeOptions {
 export const brokerConsumerTimeout = (error: ConsumeError): boolean =>
   error._tag === "ConsumerClosedByBroker" && /delivery acknowledgement on channel \d+ timed out/.test(error.reason)
 
+const brokerCancelReason = "consumer cancelled by the broker"
+
+/**
+ * Whether the broker cancelled the consumer (basic.cancel) with its channel still open: RabbitMQ
+ * 4.3 does so for a consumer timeout, every version when the queue is deleted or its node is gone.
+ * Worth one re-attach: if the queue is gone, the new basic.consume says so (404) and the call
+ * ends with that.
+ */
+export const brokerCancelled = (error: ConsumeError): boolean =>
+  error._tag === "ConsumerClosedByBroker" && error.reason === brokerCancelReason
+
 export type ConsumeError = AmqpError | ConnectionLost | ConsumerClosedByBroker
 
 /** amqplib's answer when the connection has used up the broker's channel_max. */
@@ -234,7 +245,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
             // basic.cancel from the broker: the queue was deleted or the node went away.
             Queue.failCauseUnsafe(
               queue,
-              Cause.fail(new ConsumerClosedByBroker({ queue: options.queue, reason: "consumer cancelled by the broker" }))
+              Cause.fail(new ConsumerClosedByBroker({ queue: options.queue, reason: brokerCancelReason }))
             )
             return
           }
@@ -265,9 +276,10 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
   )
 
 /**
- * Runs `stream` again on a new channel whenever the broker connection is lost or the broker's
- * consumer timeout closed the channel, so it (and the gRPC call it feeds) outlives broker
- * restarts. `onReattach` hears of each. Other failures end it.
+ * Runs `stream` again on a new channel whenever the broker connection is lost, the broker's
+ * consumer timeout closed the channel, or the broker cancelled the consumer, so it (and the gRPC
+ * call it feeds) outlives broker restarts and timeouts. `onReattach` hears of each. Other
+ * failures (a queue found missing on the new channel, say) end it.
  */
 export const reattachOnConnectionLoss = <A, R>(
   queue: string,
@@ -278,7 +290,7 @@ export const reattachOnConnectionLoss = <A, R>(
     Stream.retry(
       Schedule.min([Schedule.exponential("100 millis", 2), Schedule.spaced("2 seconds")]).pipe(
         Schedule.setInputType<ConsumeError>(),
-        Schedule.while(({ input }) => input._tag === "ConnectionLost" || brokerConsumerTimeout(input)),
+        Schedule.while(({ input }) => input._tag === "ConnectionLost" || brokerConsumerTimeout(input) || brokerCancelled(input)),
         Schedule.tap(({ input }) => Effect.sync(() => onReattach?.(input))),
         Schedule.tap(({ attempt, duration, input }) =>
           Effect.logWarning("consumer lost its channel; re-attaching", {

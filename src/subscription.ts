@@ -11,7 +11,7 @@ import { Cause, Duration, Effect, Exit, Fiber, FiberSet, Option, Queue, Schedule
 import type { DeliveryInfo, SettleError, SubscriptionOpened, SubscriptionRequest } from "../gen/messaging.js"
 import type { Broker } from "./broker/Broker.js"
 import { batchWrites, CallRejected, finishCall, writeAllWithBackpressure, writeWithBackpressure } from "./callLifecycle.js"
-import { brokerConsumerTimeout, type Delivery } from "./consumer.js"
+import { brokerCancelled, brokerConsumerTimeout, type Delivery } from "./consumer.js"
 import { requeueDelayed } from "./delayedRequeue.js"
 import * as Metrics from "./metrics.js"
 import { deliveryEnvelopeBytes, EncodedDelivery } from "./serialization.js"
@@ -213,10 +213,11 @@ export const serveSubscription = <A>(
       // The broker's consumer timeout closed the channel anyway (a broker before 3.12 ignores the
       // argument, or one set lower): what it held is back in the queue, its ids are void.
       onReattach: (error) => {
-        if (!brokerConsumerTimeout(error) || pending.size === 0) return
+        if (!(brokerConsumerTimeout(error) || brokerCancelled(error)) || pending.size === 0) return
         const ids = [...pending.keys()]
-        const reason = `the broker's consumer timeout closed the subscription's channel (${error.message}); ` +
-          "the delivery went back to the queue"
+        const reason = brokerConsumerTimeout(error)
+          ? `the broker's consumer timeout closed the subscription's channel (${error.message}); the delivery went back to the queue`
+          : `the broker cancelled the subscription's consumer (RabbitMQ 4.3's consumer timeout, or the queue went away: ${error.message}); the delivery went back to the queue`
         for (const id of ids) {
           forget(id)
           remember(id, reason)
