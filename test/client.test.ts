@@ -64,7 +64,7 @@ const startWorker = <K extends Kind, E>(
       lines,
       until,
       /** Waits until the client has written a settle of `outcome` for message `id`. */
-      settled: (id: string, outcome: "ack" | "nack" | "reject") =>
+      settled: (id: string, outcome: "ack" | "nack" | "nackDelayed" | "reject") =>
         until((line) => line.text === "delivery settled" && line.fields["messageId"] === id && line.fields["outcome"] === outcome),
       /** Interrupts the worker: handlers stop, the call is half-closed and its end awaited. */
       stop: Fiber.interrupt(fiber),
@@ -114,7 +114,7 @@ describe("client library (issue 11, part 5)", () => {
       assert.strictEqual(queue.messageCount, 0)
     }), 90_000)
 
-  it.live("a failing handler's message comes back (delivery_count 2) and then succeeds", () =>
+  it.live("a failing handler's message comes back after the backoff (through the proxy's 1 s delay queue, delivery_count 2) and then succeeds", () =>
     Effect.gen(function*() {
       const { names, port, admin } = yield* makeTestEnv()
       const client = yield* connect(port)
@@ -125,7 +125,9 @@ describe("client library (issue 11, part 5)", () => {
           if (delivery.deliveryCount === 1) return yield* Effect.fail(new Error("transient failure"))
         }), { maxInFlight: 5 })
       yield* publishJson(admin, names.exchange, "schemas.*", schemaBody("flaky"))
-      yield* worker.settled("flaky", "nack")
+      yield* worker.settled("flaky", "nackDelayed")
+      // The default backoff (1 s for a first failure) sends it through the 1 s tier.
+      yield* waitForQueue(admin, `${names.schemas}.retry.1s`, (q) => q.messageCount === 1)
       yield* worker.settled("flaky", "ack")
       yield* worker.stop
       assert.deepStrictEqual(calls, [["flaky", 1], ["flaky", 2]])

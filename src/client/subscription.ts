@@ -68,13 +68,17 @@ export interface SubscribeOptions {
   readonly consumerName?: string | undefined
   /**
    * Backoff for failed messages: the delay before a failed delivery comes back, from its
-   * `deliveryCount` (sent as `nack_delayed`, rounded up by the proxy to its next delay tier). Default:
-   * none, a plain `nack` (the message comes back at once).
+   * `deliveryCount` (sent as `nack_delayed`, rounded up by the proxy to its next delay tier; 0 sends
+   * a plain `nack`, back at once). Default: 1 s, doubling with each delivery, at most 10 minutes.
    */
   readonly retryDelay?: ((deliveryCount: number) => Duration.Input) | undefined
   /** When to try again after a failed (re)connect; it gets the error. Default: jittered exponential 200 ms … 10 s, for ever. */
   readonly reconnect?: Schedule.Schedule<unknown, MessagingClientError> | undefined
 }
+
+/** 1 s, 2 s, 4 s, … by delivery, at most 10 minutes. */
+const defaultRetryDelay = (deliveryCount: number): Duration.Input =>
+  Duration.millis(Math.min(1000 * 2 ** Math.max(0, deliveryCount - 1), 600_000))
 
 /** What the subscription needs from the client. */
 export interface SubscriptionContext {
@@ -251,7 +255,7 @@ const session = <K extends Kind, E, R>(
             yield* Effect.logWarning("message rejected by its handler: dead-lettered", { reason })
             request = { action: { $case: "reject", value: { deliveryIds: ids, reason } } }
           } else {
-            const delay = options.retryDelay?.(delivery.deliveryCount)
+            const delay = (options.retryDelay ?? defaultRetryDelay)(delivery.deliveryCount)
             const delayMs = delay === undefined ? 0 : Math.max(0, Math.round(Duration.toMillis(Duration.fromInputUnsafe(delay))))
             yield* Effect.logWarning("message handler failed: the message will be retried", {
               deliveryCount: delivery.deliveryCount,
