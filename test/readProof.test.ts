@@ -99,11 +99,11 @@ describe("contract streams ack only what the client can be shown to have read (i
       assert.deepStrictEqual(yield* until, { stalled: 4000 })
       assert.deepStrictEqual(read, ids, "all, in order, once")
       reader.child.kill("SIGKILL")
-      const back = yield* waitForQueue(admin, names.validations, (q) => q.consumerCount === 0)
-      // Those written more than a window before the end were shown read and acked; the last
-      // window's worth went back (duplicates, since this client had read them).
+      // The last window's worth cannot be shown read: it comes back (duplicates, since this client
+      // had read them) once the channel closes, a moment after the consumer is gone.
+      const back = yield* waitForQueue(admin, names.validations, (q) => q.consumerCount === 0 && q.messageCount > 0)
+      // Those written more than a window before the end were shown read and acked.
       assert.isBelow(back.messageCount, 4000, "some were shown read and acked")
-      assert.isAbove(back.messageCount, 0, "the last window's worth cannot be shown read")
       assertNoneLost(ids, read, yield* drainIds(admin, names.validations))
     }), 120_000)
 
