@@ -172,6 +172,19 @@ export const serveSubscription = <A>(
     if (first._tag === "None") return
     const { maxInFlight, consumerName, limit, ackDeadlineSeconds } = yield* openOptions(first.value, spec)
     opened.consumerName = consumerName
+    // Who settled, in requeue histories and dead-letter headers.
+    const subscriber = consumerName || "a subscriber"
+    /** Where a counted requeue of the subscription's went: the message's queue, or past the limit `.dead`. */
+    const tally = (outcome: "Requeued" | "DeadLettered") => {
+      if (outcome === "Requeued") counts.requeued++
+      else counts.deadLettered++
+    }
+    /** A client's nack (plain or delayed) done: tallied, and counted as a nack when requeued. */
+    const nacked = (outcome: "Requeued" | "DeadLettered") => {
+      if (outcome === "Requeued") Metrics.nackedUnsafe(spec.queue)
+      tally(outcome)
+      return true
+    }
     yield* Effect.annotateLogsScoped({ consumerName })
     yield* Effect.logInfo("subscription opened", { queue: spec.queue, maxInFlight, ackDeadlineSeconds })
     yield* write({
@@ -393,7 +406,7 @@ export const serveSubscription = <A>(
       return Effect.forEach(overdue, (delivery) => {
         moving.add(delivery)
         return requeueCounted(delivery, spec, "ack deadline expired").pipe(
-          Effect.tap((outcome) => Effect.sync(() => outcome === "Requeued" ? counts.requeued++ : counts.deadLettered++)),
+          Effect.tap((outcome) => Effect.sync(() => tally(outcome))),
           // Not moved: hand it back plainly, so a later multiple-ack can never settle it.
           Effect.catch(() => Effect.sync(() => delivery.nack(true))),
           Effect.ensuring(Effect.sync(() => moving.delete(delivery))),
@@ -416,24 +429,19 @@ export const serveSubscription = <A>(
         case "nack":
           return settleEach(action.value.deliveryIds, (delivery) =>
             Option.match(spec.nackBackoff, {
-              onNone: () => requeueCounted(delivery, spec, `nacked by ${consumerName || "a subscriber"}`),
+              onNone: () => requeueCounted(delivery, spec, `nacked by ${subscriber}`),
               // The delay grows with the requeues so far: first × factor^requeues (rounded up to a tier).
               onSome: ({ factor, first }) => {
                 const delay = Duration.millis(Duration.toMillis(first) * factor ** requeueCountOf(delivery))
-                return requeueDelayed(delivery, spec, delay, `nacked by ${consumerName || "a subscriber"} (MESSAGING_NACK_BACKOFF)`)
+                return requeueDelayed(delivery, spec, delay, `nacked by ${subscriber} (MESSAGING_NACK_BACKOFF)`)
               }
             }).pipe(
-              Effect.map((outcome) => {
-                if (outcome === "Requeued") Metrics.nackedUnsafe(spec.queue)
-                if (outcome === "Requeued") counts.requeued++
-                else counts.deadLettered++
-                return true
-              })
+              Effect.map(nacked)
             ))
         case "reject": {
           const reason = action.value.reason.trim() || "rejected by the subscriber"
           return settleEach(action.value.deliveryIds, (delivery) =>
-            delivery.deadLetter(reason, { "x-rejected-by": consumerName || "a subscriber" }).pipe(
+            delivery.deadLetter(reason, { "x-rejected-by": subscriber }).pipe(
               Effect.tap(() => Metrics.deadLettered(spec.queue, "rejected")),
               Effect.map(() => {
                 counts.deadLettered++
@@ -446,13 +454,8 @@ export const serveSubscription = <A>(
         case "nackDelayed": {
           const delay = Duration.millis(action.value.delayMs)
           return settleEach(action.value.deliveryIds, (delivery) =>
-            requeueDelayed(delivery, spec, delay, `nacked by ${consumerName || "a subscriber"} with a delay of ${action.value.delayMs} ms`).pipe(
-              Effect.map((outcome) => {
-                if (outcome === "Requeued") Metrics.nackedUnsafe(spec.queue)
-                if (outcome === "Requeued") counts.requeued++
-                else counts.deadLettered++
-                return true
-              })
+            requeueDelayed(delivery, spec, delay, `nacked by ${subscriber} with a delay of ${action.value.delayMs} ms`).pipe(
+              Effect.map(nacked)
             ))
         }
         case "open":
@@ -504,7 +507,7 @@ export const serveSubscription = <A>(
       const unsettled = [...pending].filter(([id]) => had(id)).map(([, delivery]) => delivery)
       const unread = [...pending].filter(([id]) => !had(id)).map(([, delivery]) => delivery)
       pending.clear()
-      const note = `unsettled when ${consumerName || "a subscriber"} left`
+      const note = `unsettled when ${subscriber} left`
       // Stop the broker pushing first (on every channel involved), or it could hand a requeued
       // copy straight back to us.
       const channels = new Map([...unsettled, ...unread].map((delivery) => [delivery.channel, delivery.stopConsuming] as const))
@@ -519,7 +522,7 @@ export const serveSubscription = <A>(
       // the channel closes only after that (broker/copies.ts), so the message is never in two places.
       return Effect.andThen(Effect.andThen(stop, giveBackUnread), Effect.forEach(unsettled, (delivery) =>
         requeueCounted(delivery, spec, note).pipe(
-          Effect.tap((outcome) => Effect.sync(() => outcome === "Requeued" ? counts.requeued++ : counts.deadLettered++)),
+          Effect.tap((outcome) => Effect.sync(() => tally(outcome))),
           Effect.ignore
         ), { discard: true, concurrency: 16 })).pipe(Effect.timeoutOption("5 seconds"))
     })
