@@ -48,7 +48,7 @@ export const requeueDelayed = (
     delivery,
     policy,
     `${note} (delay ${asked} ms, tier ${target.label})`,
-    (headers) => delivery.moveTo(target.queue, headers)
+    target.queue
   ).pipe(
     Effect.tap((outcome) =>
       outcome === "Requeued"

@@ -65,11 +65,14 @@ const countHeader = "x-requeue-count"
 const historyHeader = "x-requeue-history"
 const historyLimit = 20
 
-export const requeueCountOf = (delivery: Delivery): number => {
-  const raw: unknown = delivery.message.properties.headers?.[countHeader]
-  const count = typeof raw === "number" ? raw : typeof raw === "string" ? Number(raw) : 0
+/** A count header (the proxy's or the broker's): 0 when absent or not a count (publishers set headers too). */
+const countIn = (delivery: Delivery, header: string): number => {
+  const raw: unknown = delivery.message.properties.headers?.[header]
+  const count = typeof raw === "number" ? raw : typeof raw === "string" ? Number(raw) : Number.NaN
   return Number.isSafeInteger(count) && count > 0 ? count : 0
 }
+
+export const requeueCountOf = (delivery: Delivery): number => countIn(delivery, countHeader)
 
 const historyOf = (delivery: Delivery): Array<string> => {
   const raw: unknown = delivery.message.properties.headers?.[historyHeader]
@@ -104,16 +107,16 @@ const deadLetterLogged = (
 
 /**
  * Counts one requeue of the delivery: past `maxRequeues` requeues it is dead-lettered (reason
- * `requeued more than N times`), else `giveBack` gets the headers of the copy that goes back:
- * `x-requeue-count` raised by one and `note` (why, for the history) appended, with a timestamp,
- * to `x-requeue-history` (the last 20). Shared by a plain counted requeue and one with a delay
+ * `requeued more than N times`), else a copy goes to `target` (its own queue, or a delay queue
+ * that leads back there) with `x-requeue-count` raised by one and `note` (why, for the history)
+ * appended, with a timestamp, to `x-requeue-history` (the last 20). Shared by a plain counted requeue and one with a delay
  * (delayedRequeue.ts), so both count toward the same limit.
  */
 export const countedRequeue = (
   delivery: Delivery,
   policy: Pick<AdmissionPolicy<unknown>, "queue" | "maxRequeues">,
   note: string,
-  giveBack: (headers: Record<string, unknown>) => Effect.Effect<void, AmqpError | ConnectionLost>
+  target: string
 ): Effect.Effect<"Requeued" | "DeadLettered", AmqpError | ConnectionLost> => {
   const requeues = requeueCountOf(delivery) + 1
   const history = [...historyOf(delivery), `${new Date().toISOString()} ${note}`].slice(-historyLimit)
@@ -122,7 +125,7 @@ export const countedRequeue = (
     return deadLetterLogged(delivery, policy.queue, "requeue_limit", `requeued more than ${policy.maxRequeues} times`, headers)
       .pipe(Effect.as("DeadLettered" as const))
   }
-  return giveBack(headers).pipe(Effect.as("Requeued" as const))
+  return delivery.moveTo(target, headers).pipe(Effect.as("Requeued" as const))
 }
 
 /**
@@ -134,17 +137,10 @@ export const requeueCounted = (
   policy: Pick<AdmissionPolicy<unknown>, "queue" | "maxRequeues">,
   note: string
 ): Effect.Effect<"Requeued" | "DeadLettered", AmqpError | ConnectionLost> =>
-  countedRequeue(delivery, policy, note, (headers) => delivery.moveTo(policy.queue, headers))
-
-/** A count header the broker sets (absent on a first delivery): 0 when absent or not a count. */
-const brokerHeader = (delivery: Delivery, header: string): number => {
-  const raw: unknown = delivery.message.properties.headers?.[header]
-  const count = typeof raw === "number" ? raw : typeof raw === "string" ? Number(raw) : Number.NaN
-  return Number.isSafeInteger(count) && count > 0 ? count : 0
-}
+  countedRequeue(delivery, policy, note, policy.queue)
 
 /** The broker's `x-delivery-count` of this copy: what its delivery limit is measured on (deliveryLimit.ts). */
-export const brokerDeliveryCountOf = (delivery: Delivery): number => brokerHeader(delivery, "x-delivery-count")
+export const brokerDeliveryCountOf = (delivery: Delivery): number => countIn(delivery, "x-delivery-count")
 
 /**
  * Redeliveries of this copy that the broker counted: quorum queues set `x-delivery-count` on
@@ -154,7 +150,7 @@ export const brokerDeliveryCountOf = (delivery: Delivery): number => brokerHeade
  * for at least one.
  */
 export const brokerRedeliveriesOf = (delivery: Delivery): number => {
-  const count = Math.max(brokerDeliveryCountOf(delivery), brokerHeader(delivery, "x-acquired-count"))
+  const count = Math.max(brokerDeliveryCountOf(delivery), countIn(delivery, "x-acquired-count"))
   if (count > 0) return count
   return delivery.message.fields.redelivered ? 1 : 0
 }
