@@ -208,13 +208,14 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
           // operator may have deleted the target (a dead-letter or delay queue): make sure it
           // exists first. The delivery's own queue exists while it is consumed.
           const moveTo = (target: string, headers: Record<string, unknown>) =>
-            target === options.queue
-              ? copyTo(target, headers)
-              : broker.ensureQueue(target).pipe(
-                // A cut during the declaration is a lost connection too: re-attach, don't fail.
-                Effect.mapError((error) => lostWithConnection() ? new ConnectionLost({ reason: error.message }) : error),
-                Effect.andThen(copyTo(target, headers))
+            (target === options.queue ? copyTo(target, headers) : broker.ensureQueue(target).pipe(
+              Effect.andThen(copyTo(target, headers))
+            )).pipe(
+              // A cut during the declaration or the copy is a lost connection too: re-attach, don't fail.
+              Effect.mapError((error) =>
+                lostWithConnection() && error._tag === "AmqpError" ? new ConnectionLost({ reason: error.message }) : error
               )
+            )
           return {
             message,
             channel,
@@ -231,12 +232,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
                 "x-dead-letter-reason": reason,
                 "x-original-queue": options.queue,
                 "x-dead-lettered-at": new Date().toISOString()
-              }).pipe(
-                // A cut during the declaration is a lost connection too: re-attach, don't fail.
-                Effect.mapError((error) =>
-                  lostWithConnection() && error._tag === "AmqpError" ? new ConnectionLost({ reason: error.message }) : error
-                )
-              )
+              })
           }
         }
 
