@@ -7,9 +7,13 @@ import type { Writable } from "node:stream"
 import { Cause, Effect, Exit } from "effect"
 import { channelsExhausted, type ConsumeError } from "./consumer.js"
 import type { AmqpError } from "./errors.js"
+import { sentStatusCode } from "./http2Stream.js"
 
 /** The part of a grpc-js server call (writable or duplex) the proxy writes to. */
 export type OutgoingCall<A> = grpc.ServerWritableStream<unknown, A> | grpc.ServerDuplexStream<unknown, A>
+
+/** The status of every call the proxy ends because it is shutting down. */
+export const shuttingDown = { code: grpc.status.UNAVAILABLE, details: "messaging-proxy is shutting down" } as const
 
 /** A failure that ends a call with a chosen status (e.g. a bad first message). */
 export class CallRejected {
@@ -121,16 +125,37 @@ export const writeAllWithBackpressure = <A, I>(
   return from(0)
 }
 
-/** Whether a call ended because its deadline passed (grpc-js reports both as a cancel). */
-export const deadlinePassed = (deadline: grpc.Deadline): boolean =>
-  deadline instanceof Date ? deadline.getTime() <= Date.now() : Number.isFinite(deadline) && deadline <= Date.now()
+/**
+ * How much earlier than the server's deadline a client's cancel still counts as its deadline. The
+ * client's clock starts when it sends the call and the server's when it receives it, so a client
+ * that gives up at its deadline resets the stream before the server's own deadline (by the time
+ * the call's first frame took to arrive, longer on a busy machine).
+ */
+const deadlineSlackMs = 1_000
+
+/**
+ * Whether a call that ended without the handler ending it ended on its deadline (grpc-js reports a
+ * client's cancel and its own deadline alike, as a cancel): the deadline is at most
+ * `deadlineSlackMs` away, or grpc-js already sent DEADLINE_EXCEEDED on the stream.
+ */
+export const deadlinePassed = (
+  call: Parameters<typeof sentStatusCode>[0] & { readonly getDeadline: () => grpc.Deadline }
+): boolean => {
+  if (sentStatusCode(call) === grpc.status.DEADLINE_EXCEEDED) return true
+  const deadline = call.getDeadline()
+  const at = deadline instanceof Date ? deadline.getTime() : deadline
+  return Number.isFinite(at) && at - deadlineSlackMs <= Date.now()
+}
 
 /**
  * Ends the call to match `exit` (unless the client already went away) and returns why it ended:
  * OK on success, the failure's status, or UNAVAILABLE when the server interrupted it (shutdown).
  */
 export const finishCall = <A>(call: OutgoingCall<A>, exit: Exit.Exit<unknown, CallError>): string => {
-  if (call.cancelled) return deadlinePassed(call.getDeadline()) ? "deadline exceeded" : "client cancelled"
+  if (call.cancelled) return deadlinePassed(call) ? "deadline exceeded" : "client cancelled"
+  // grpc-js sends DEADLINE_EXCEEDED before the handler hears of it: a subscription can see its
+  // requests end and complete in between.
+  if (sentStatusCode(call) === grpc.status.DEADLINE_EXCEEDED) return "deadline exceeded"
   if (Exit.isSuccess(exit)) {
     call.end()
     return "completed"
@@ -142,7 +167,7 @@ export const finishCall = <A>(call: OutgoingCall<A>, exit: Exit.Exit<unknown, Ca
     return `${grpc.status[status.code]}: ${status.details}`
   }
   if (Cause.hasInterruptsOnly(exit.cause)) {
-    call.emit("error", { code: grpc.status.UNAVAILABLE, details: "messaging-proxy is shutting down" })
+    call.emit("error", shuttingDown)
     return "server shutting down"
   }
   call.emit("error", { code: grpc.status.INTERNAL, details: "internal error" })

@@ -9,7 +9,9 @@ import { HealthImplementation } from "grpc-health-check"
 import { Broker } from "./broker/Broker.js"
 import { declaredQueues } from "./broker/topology.js"
 import { ProxyConfig } from "./config.js"
+import { shuttingDown } from "./callLifecycle.js"
 import { AmqpError } from "./errors.js"
+import { trackForeignStreams } from "./foreignStreams.js"
 import { makeHandlers } from "./handlers.js"
 import { makeReflectionService } from "./reflection.js"
 import { MessagingServiceDefinition } from "./serialization.js"
@@ -111,8 +113,9 @@ const make = Effect.gen(function*() {
   const queues = declaredQueues(settings.rabbit)
   const entries = ["", serviceName, publishingEntry, ...queues]
   const health = new HealthImplementation(Object.fromEntries(entries.map((name) => [name, "NOT_SERVING" as const])))
-  health.addToServer(server)
-  makeReflectionService().addToServer(server)
+  const foreignStreams = trackForeignStreams(server)
+  health.addToServer(foreignStreams.server)
+  makeReflectionService().addToServer(foreignStreams.server)
 
   yield* Stream.zipLatest(
     Stream.zipLatest(broker.connectedChanges, broker.publishingBlockedChanges),
@@ -150,6 +153,10 @@ const make = Effect.gen(function*() {
         server.tryShutdown(() => Deferred.doneUnsafe(stopped, Exit.void))
         // Interrupt the streams: each ends its call with UNAVAILABLE and requeues what is unacked.
         yield* FiberSet.clear(handlerFibers)
+        // Then health Watch and reflection streams, which would otherwise hold their connections
+        // open. Every stream whose client keeps its input open is reset once its status is out
+        // (http2Stream.ts), so the connections close as soon as the statuses are sent.
+        foreignStreams.endAll(shuttingDown)
         yield* Deferred.await(stopped)
         yield* Effect.logInfo("gRPC server stopped")
       }).pipe(

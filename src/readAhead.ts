@@ -18,6 +18,7 @@
  */
 import type * as grpc from "@grpc/grpc-js"
 import type * as http2 from "node:http2"
+import { http2SessionOf } from "./http2Stream.js"
 
 /** grpc-js's call stream buffers 16 messages (objectMode highWaterMark), plus one being parsed. */
 const clientBufferedMessages = 17
@@ -41,20 +42,6 @@ const windowOf = (session: http2.Http2Session): { bytes: number } => {
   return largest
 }
 
-/**
- * The HTTP/2 session under a grpc-js server call. grpc-js does not expose it: its call holds a
- * `BaseServerInterceptingCall` (no server interceptors are installed) whose `stream` is the
- * `ServerHttp2Stream` (grpc-js 1.10+, server-interceptors.ts). `undefined` if that ever changes.
- */
-const sessionOf = (call: grpc.ServerWritableStream<unknown, unknown>): http2.Http2Session | undefined => {
-  const inner: unknown = (call as unknown as { readonly call?: unknown }).call
-  const stream: unknown = typeof inner === "object" && inner !== null ? (inner as { readonly stream?: unknown }).stream : undefined
-  const session: unknown = typeof stream === "object" && stream !== null ? (stream as { readonly session?: unknown }).session : undefined
-  return typeof session === "object" && session !== null && "remoteSettings" in session
-    ? session as http2.Http2Session
-    : undefined
-}
-
 export interface ReadAhead {
   /** Records a message of `bytes` (gRPC framing included) written on the stream. */
   readonly written: (bytes: number) => void
@@ -67,7 +54,7 @@ export interface ReadAhead {
  * `GRPC_CLIENT_READ_AHEAD_BYTES`. Falls back to a 16 MiB window if grpc-js's internals move.
  */
 export const readAheadOf = (call: grpc.ServerWritableStream<unknown, unknown>, allowanceBytes: number): ReadAhead => {
-  const session = sessionOf(call)
+  const session = http2SessionOf(call)
   const window = session === undefined ? { bytes: unknownWindowBytes } : windowOf(session)
   let largestMessage = 0
   return {

@@ -7,6 +7,7 @@ import * as grpc from "@grpc/grpc-js"
 import type * as amqp from "amqplib"
 import { Cause, Data, Effect, Exit, type Fiber, Option } from "effect"
 import { Broker } from "./broker/Broker.js"
+import { shuttingDown } from "./callLifecycle.js"
 
 /** Runs an Effect needing the broker as a handler fiber (the `run` the handlers get). */
 export type RunHandler = <A, E>(effect: Effect.Effect<A, E, Broker>) => Fiber.Fiber<A, E>
@@ -41,7 +42,6 @@ export const liveConnection = (
     return Option.isSome(connection) ? connection.value : yield* new BrokerNotConnected()
   })
 
-const SHUTTING_DOWN: Status = { code: grpc.status.UNAVAILABLE, details: "messaging-proxy is shutting down" }
 
 /** Answers a unary-response call from the work's exit and logs how it ended. */
 export const replyWith = <A, E>(callback: grpc.sendUnaryData<A>, statusOf: (error: E) => Status) =>
@@ -58,7 +58,7 @@ export const replyWith = <A, E>(callback: grpc.sendUnaryData<A>, statusOf: (erro
   }
   if (Cause.hasInterruptsOnly(exit.cause)) {
     // Client cancel (grpc-js drops the answer) or server shutdown.
-    return Effect.sync(() => callback(SHUTTING_DOWN))
+    return Effect.sync(() => callback(shuttingDown))
   }
   return Effect.logError("call failed with a defect", { cause: Cause.pretty(exit.cause) }).pipe(
     Effect.andThen(Effect.sync(() => callback({ code: grpc.status.INTERNAL, details: "internal error" })))

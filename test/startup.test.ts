@@ -8,6 +8,7 @@ import { type AddressInfo, createServer } from "node:net"
 import * as grpc from "@grpc/grpc-js"
 import { MessagingServiceClient, type SchemaSubscriptionEvent } from "../gen/messaging.js"
 import { schemaBody } from "./fixtures/bodies.js"
+import { HealthClient } from "./support/health.js"
 import { grpcPortOf, runProxy } from "./support/process.js"
 import { type Admin, makeAdmin, makeNames, proxyEnv, publishJson, type TestNames, waitForQueue } from "./support/harness.js"
 
@@ -79,23 +80,30 @@ describe("start-up", () => {
       const admin = yield* makeAdmin(names)
       const result = yield* runProxy(proxyEnv(names), (kill) => kill())
       assert.strictEqual(result.code, 0, result.stderr)
-      assert.include(result.stdout, "gRPC server stopped")
+      assert.include(result.stdout, "gRPC server stopped", result.stdout.split("\n").filter((l) => !l.includes("unreachable")).join("\n"))
       yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0)
     }))
 
-  it.live("SIGTERM ends open calls with UNAVAILABLE, requeues what is unsettled, exits 0", () =>
+  it.live("SIGTERM ends open calls with UNAVAILABLE (a subscription whose client keeps its input open, a health Watch), requeues what is unsettled, and stops the server without waiting for the clients (issue 12)", () =>
     Effect.gen(function*() {
       const names = makeNames()
       const admin = yield* makeAdmin(names)
       yield* declareSchemasQueue(names, admin)
       for (const id of ["s-1", "s-2", "s-3"]) yield* publishJson(admin, names.exchange, "schemas.*", schemaBody(id))
       const statuses: Array<grpc.StatusObject> = []
+      const watchStatuses: Array<grpc.StatusObject> = []
       const result = yield* runProxy(proxyEnv(names), (kill, stdout) => {
         const port = grpcPortOf(stdout)
         const client = new MessagingServiceClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure())
+        // Never half-closed: the client keeps its input open, as `(echo …; sleep 30) | buf curl` does.
         const subscription = client.subscribeSchemaMessages()
         subscription.on("error", () => undefined)
         subscription.on("status", (s: grpc.StatusObject) => statuses.push(s))
+        // A health Watch never ends by itself either.
+        const watch = new HealthClient(`127.0.0.1:${port}`, grpc.credentials.createInsecure()).watch({ service: "" })
+        watch.on("data", () => undefined)
+        watch.on("error", () => undefined)
+        watch.on("status", (s: grpc.StatusObject) => watchStatuses.push(s))
         subscription.write({ action: { $case: "open", value: { maxInFlight: 10, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
         let delivered = 0
         subscription.on("data", (e: SchemaSubscriptionEvent) => {
@@ -104,14 +112,47 @@ describe("start-up", () => {
         })
       }, "gRPC server listening")
       assert.strictEqual(result.code, 0, result.stderr)
+      // Prompt, shown by the events rather than a clock: every call ended, so the server closed
+      // its connections and stopped on its own, not at the shutdown timeout.
+      assert.include(result.stdout, "gRPC server stopped", result.stdout.split("\n").filter((l) => !l.includes("unreachable")).join("\n"))
+      assert.notInclude(result.stdout, "shutdown timeout reached")
       yield* Effect.callback<void>((resume) => {
-        const check = () => statuses.length > 0 ? resume(Effect.void) : setImmediate(check)
+        const check = () => statuses.length > 0 && watchStatuses.length > 0 ? resume(Effect.void) : setImmediate(check)
         check()
       })
-      assert.strictEqual(statuses[0]?.code, grpc.status.UNAVAILABLE)
-      assert.strictEqual(statuses[0]?.details, "messaging-proxy is shutting down")
+      // The status itself, not the stream reset that follows it.
+      assert.deepStrictEqual([statuses[0]?.code, statuses[0]?.details], [grpc.status.UNAVAILABLE, "messaging-proxy is shutting down"])
+      assert.deepStrictEqual([watchStatuses[0]?.code, watchStatuses[0]?.details], [grpc.status.UNAVAILABLE, "messaging-proxy is shutting down"])
       const state = yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0 && q.messageCount === 3)
       assert.strictEqual(state.messageCount, 3, "the unsettled deliveries are back in the queue")
+    }))
+
+  it.live("a call that ends on its deadline is logged as such, a cancel as a cancel (issue 12)", () =>
+    Effect.gen(function*() {
+      const names = makeNames()
+      yield* makeAdmin(names)
+      let toCancel: grpc.ClientReadableStream<unknown> | undefined
+      const endedLines = (stdout: string) => stdout.split("\n").filter((l) => /"(stream|subscription) ended"/.test(l))
+      const result = yield* runProxy(proxyEnv(names), (_kill, stdout) => {
+        const client = new MessagingServiceClient(`127.0.0.1:${grpcPortOf(stdout)}`, grpc.credentials.createInsecure())
+        const onDeadline = { deadline: Date.now() + 1_000 }
+        client.streamSchemaMessages({}, onDeadline).on("error", () => undefined)
+        const subscription = client.subscribeSchemaMessages(onDeadline)
+        subscription.on("error", () => undefined)
+        subscription.write({ action: { $case: "open", value: { maxInFlight: 1, consumerName: "on-deadline", maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
+        toCancel = client.streamValidationMessages({})
+        toCancel.on("error", () => undefined)
+      }, "gRPC server listening", (stdout, kill) => {
+        // Cancelled once its consumer is up, so the proxy sees a cancel, not a call that never began.
+        if (stdout.includes(`"stream opened",{"queue":"${names.validations}"`)) toCancel?.cancel()
+        if (endedLines(stdout).length === 3) kill()
+      })
+      assert.strictEqual(result.code, 0, result.stderr)
+      const reasons = endedLines(result.stdout).map((line) => {
+        const [, fields] = (JSON.parse(line) as { message: [string, { queue: string; reason: string }] }).message
+        return `${fields.queue === names.validations ? "validations" : "schemas"}: ${fields.reason}`
+      })
+      assert.sameMembers(reasons, ["schemas: deadline exceeded", "schemas: deadline exceeded", "validations: client cancelled"])
     }))
 
   it.live("SIGTERM while the broker is unreachable, with a stream waiting for it, still exits 0 without the shutdown timeout", () =>
@@ -139,7 +180,7 @@ describe("start-up", () => {
       )
       assert.strictEqual(result.code, 0, result.stderr)
       // Prompt, shown by the events rather than a clock: the server stopped on its own.
-      assert.include(result.stdout, "gRPC server stopped")
+      assert.include(result.stdout, "gRPC server stopped", result.stdout.split("\n").filter((l) => !l.includes("unreachable")).join("\n"))
       assert.notInclude(result.stdout, "shutdown timeout reached")
       const status = yield* Deferred.await(streamStatus)
       assert.strictEqual(status.code, grpc.status.UNAVAILABLE, status.details)

@@ -1,0 +1,76 @@
+/**
+ * The HTTP/2 stream under a grpc-js server call, for the few things grpc-js does not expose: the
+ * peer's flow-control settings (readAhead.ts), the status grpc-js sent on its own (a deadline),
+ * and closing a stream whose client still has its input open once the call has ended.
+ *
+ * grpc-js does not expose the stream: its call holds a `BaseServerInterceptingCall` (no server
+ * interceptors are installed) whose `stream` is the `ServerHttp2Stream` (grpc-js 1.10+,
+ * server-interceptors.ts). Every function here does nothing (or answers `undefined`) if that
+ * ever changes.
+ */
+import type * as grpc from "@grpc/grpc-js"
+import * as http2 from "node:http2"
+
+/** A grpc-js server call of any kind. */
+type AnyServerCall =
+  | grpc.ServerUnaryCall<unknown, unknown>
+  | grpc.ServerReadableStream<unknown, unknown>
+  | grpc.ServerWritableStream<unknown, unknown>
+  | grpc.ServerDuplexStream<unknown, unknown>
+
+/** The call's `ServerHttp2Stream`, or `undefined` if grpc-js's internals moved. */
+export const http2StreamOf = (call: AnyServerCall): http2.ServerHttp2Stream | undefined => {
+  const inner: unknown = (call as unknown as { readonly call?: unknown }).call
+  const stream: unknown = typeof inner === "object" && inner !== null ? (inner as { readonly stream?: unknown }).stream : undefined
+  return typeof stream === "object" && stream !== null && "session" in stream && "respond" in stream
+    ? stream as http2.ServerHttp2Stream
+    : undefined
+}
+
+/** The HTTP/2 session the call runs on, or `undefined`. */
+export const http2SessionOf = (call: AnyServerCall): http2.Http2Session | undefined => http2StreamOf(call)?.session
+
+/**
+ * The `grpc-status` already sent on the call's stream (in its trailers, or in a trailers-only
+ * response), or `undefined` if none was. grpc-js sends DEADLINE_EXCEEDED itself when the
+ * `grpc-timeout` a client sent runs out, before the handler hears of it.
+ */
+export const sentStatusCode = (call: AnyServerCall): number | undefined => {
+  const stream = http2StreamOf(call)
+  if (stream === undefined) return undefined
+  // Node's types say otherwise, but both are undefined until sent.
+  const trailers: http2.OutgoingHttpHeaders | undefined = stream.sentTrailers
+  const headers: http2.OutgoingHttpHeaders | undefined = stream.sentHeaders
+  const sent = trailers?.["grpc-status"] ?? headers?.["grpc-status"]
+  return sent === undefined ? undefined : Number(sent)
+}
+
+/** How often `closeAfterStatus` looks whether the status has left, and for how long. */
+const sentCheckIntervalMs = 5
+const sentCheckLimit = 2_000
+
+/**
+ * Once the call's status has left (the stream's END_STREAM is sent), ends a stream whose client
+ * still has its input open with RST_STREAM(NO_ERROR), as RFC 9113 §8.1 lets a server that has
+ * sent its complete response do, and as grpc-go's server does. Without it the stream stays
+ * half-closed until the client ends its side: it holds one of the connection's concurrent
+ * streams, and the server's graceful shutdown, which waits for every stream to close, waits for it
+ * (e.g. `(echo …; sleep 30) | buf curl …` on a subscription).
+ *
+ * The reset must not overtake the status: nghttp2 sends a RST_STREAM ahead of the stream's
+ * remaining DATA and trailers, and grpc-js, grpcio and buf curl then report INTERNAL instead of
+ * the status. Node has no event for "END_STREAM sent", so this looks at the stream's state every
+ * 5 ms, for at most 10 s (a client that reads nothing may never let the last DATA out; the stream
+ * then stays as it was, and shutdown's timeout covers it).
+ */
+export const closeAfterStatus = (call: AnyServerCall): void => {
+  const stream = http2StreamOf(call)
+  if (stream === undefined) return
+  let checks = 0
+  const check = () => {
+    if (stream.closed || stream.destroyed || stream.readableEnded) return
+    if (stream.state.localClose === 1) return void stream.close(http2.constants.NGHTTP2_NO_ERROR)
+    if (++checks < sentCheckLimit) setTimeout(check, sentCheckIntervalMs).unref()
+  }
+  check()
+}
