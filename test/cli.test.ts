@@ -4,6 +4,7 @@
  * and a readable one-line error when the server is down.
  */
 import { assert, describe, it } from "@effect/vitest"
+import { statusMessage } from "../src/client/errors.js"
 import { Effect } from "effect"
 import { execFile } from "node:child_process"
 import { createHash, randomBytes } from "node:crypto"
@@ -97,4 +98,14 @@ describe("CLI", () => {
       assert.match(result.stderr.trim(), /^error: cannot reach messaging-proxy at 127\.0\.0\.1:1 \(UNAVAILABLE/)
       assert.strictEqual(result.stderr.trim().split("\n").length, 1)
     }))
+
+  it("UNAVAILABLE from the proxy itself is not read as an unreachable proxy (issue 12)", () => {
+    assert.strictEqual(
+      statusMessage("GetMessagingParams", "localhost:50055", "UNAVAILABLE", "messaging-proxy is shutting down"),
+      "GetMessagingParams failed at localhost:50055: messaging-proxy is unavailable (UNAVAILABLE: messaging-proxy is shutting down)"
+    )
+    for (const local of ["No connection established. Last error: connect ECONNREFUSED 127.0.0.1:1", "Connection dropped", "read ECONNRESET"]) {
+      assert.match(statusMessage("Publish", "h:1", "UNAVAILABLE", local), /^cannot reach messaging-proxy at h:1 \(UNAVAILABLE: /)
+    }
+  })
 })

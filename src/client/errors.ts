@@ -48,7 +48,16 @@ const retryableCodes: ReadonlySet<number> = new Set([
 ])
 
 /**
- * One line for a failed call, e.g. `cannot reach messaging-proxy at localhost:50055 (UNAVAILABLE: …)`,
+ * The details grpc-js gives an UNAVAILABLE it made itself, without a server's answer: no
+ * connection (refused, name not resolved, TLS failed), or the connection dropped mid-call
+ * (grpc-js 1.14, subchannel-call.ts and load-balancer-pick-first.ts).
+ */
+const notConnected = /^No connection established|^Connection dropped|^Name resolution failed|^Failed to connect|^Stream refused|^Write (error|failed)|\b(ECONNRESET|ETIMEDOUT|ECONNREFUSED)\b/
+
+/**
+ * One line for a failed call, e.g. `cannot reach messaging-proxy at localhost:50055 (UNAVAILABLE: No
+ * connection established…)`, `Publish failed at …: messaging-proxy is unavailable (UNAVAILABLE:
+ * messaging-proxy is shutting down)`,
  * `Publish timed out at … (DEADLINE_EXCEEDED: …)`, `Publish failed at … (INVALID_ARGUMENT: …)`.
  * `codeName` is the status code's name; grpc-js's empty trailing "Resolution note:" is dropped.
  */
@@ -56,7 +65,11 @@ export const statusMessage = (method: string, target: string, codeName: string, 
   const status = `${codeName}: ${details.replace(/\s*Resolution note:\s*$/, "")}`
   switch (codeName) {
     case "UNAVAILABLE":
-      return `cannot reach messaging-proxy at ${target} (${status})`
+      // UNAVAILABLE is also what the proxy answers itself (shutting down, broker unreachable):
+      // only grpc-js's own connection failures mean the proxy could not be reached.
+      return notConnected.test(details)
+        ? `cannot reach messaging-proxy at ${target} (${status})`
+        : `${method} failed at ${target}: messaging-proxy is unavailable (${status})`
     case "DEADLINE_EXCEEDED":
       return `${method} timed out at ${target} (${status})`
     default:
