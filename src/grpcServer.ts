@@ -18,11 +18,15 @@ import { MessagingServiceDefinition } from "./serialization.js"
 import { makeAccess } from "./access.js"
 import { type CallObserver, guardHandlers } from "./guard.js"
 import { recordRpc } from "./metrics.js"
+import { enforcePingPolicy, type PingPolicy } from "./pingPolicy.js"
 import { serverCredentials } from "./tls.js"
 
 const serviceName = "messaging.MessagingService"
 /** The health entry of publishing: Publish/PublishBatch, and the copies behind requeues and dead-letters. */
 export const publishingEntry = "publishing"
+
+/** gRPC's defaults for a server that permits keepalive pings: one per 10 s (C++ allows 5 min). */
+const clientPingPolicy: PingPolicy = { minIntervalMs: 10_000, maxStrikes: 2 }
 
 export class GrpcServer extends Context.Service<GrpcServer, {
   /** The bound port (differs from the configured one when that is 0). */
@@ -92,9 +96,6 @@ const make = Effect.gen(function*() {
     "grpc.max_send_message_length": limits.maxMessageBytes,
     "grpc.keepalive_time_ms": limits.keepaliveTimeSeconds * 1000,
     "grpc.keepalive_timeout_ms": limits.keepaliveTimeoutSeconds * 1000,
-    // Clients may ping idle connections (their keepalive), but not more often than every 10 s.
-    "grpc.keepalive_permit_without_calls": 1,
-    "grpc.http2.min_ping_interval_without_data_ms": 10_000,
     // Our own per-connection stream limit answers RESOURCE_EXHAUSTED first; HTTP/2's is a backstop
     // with headroom for unary calls, since above it clients queue instead of getting an error.
     "grpc.max_concurrent_streams": http2MaxConcurrentStreams
@@ -169,6 +170,15 @@ const make = Effect.gen(function*() {
         })
       )
   )
+  // Clients may ping (their keepalive), but not more often than every 10 s while nothing is sent
+  // to them; grpc-js does not enforce this itself (pingPolicy.ts).
+  const pingPolicyApplied = enforcePingPolicy(server, clientPingPolicy, (peer) =>
+    run(Effect.logWarning("connection closed: too many pings", {
+      peer,
+      minIntervalMs: clientPingPolicy.minIntervalMs,
+      maxStrikes: clientPingPolicy.maxStrikes
+    })))
+  if (!pingPolicyApplied) yield* Effect.logWarning("client ping policy not enforced: grpc-js internals changed")
   yield* Effect.logInfo("gRPC server listening", {
     address,
     port,

@@ -4,9 +4,10 @@
  */
 import { assert, describe, it } from "@effect/vitest"
 import * as grpc from "@grpc/grpc-js"
-import { Effect, Exit } from "effect"
+import { Deferred, Effect, Exit } from "effect"
 import { createHash, randomBytes } from "node:crypto"
 import { readFileSync } from "node:fs"
+import * as http2 from "node:http2"
 import { MessagingServiceClient } from "../gen/messaging.js"
 import { makePki, type Pki } from "./support/certs.js"
 import { schemaBody } from "./fixtures/bodies.js"
@@ -252,6 +253,53 @@ describe("limits", () => {
       // Pings every 1 s, 1 s to answer: the proxy gives up on the connection within a few seconds.
       yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 0, 15_000)
     }), { timeout: 30_000 })
+
+  it.live("client pings: back-to-back pings on a connection that gets nothing are refused with GOAWAY too_many_pings; pings between responses are not (issue 12)", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      const connect = Effect.acquireRelease(
+        Effect.callback<http2.ClientHttp2Session>((resume) => {
+          const session = http2.connect(`http://127.0.0.1:${env.port}`)
+          session.on("error", () => undefined)
+          session.once("connect", () => resume(Effect.succeed(session)))
+        }),
+        (session) => Effect.sync(() => session.destroy())
+      )
+      const ping = (session: http2.ClientHttp2Session) =>
+        Effect.callback<boolean>((resume) => {
+          const sent = session.ping((error) => resume(Effect.succeed(error === null)))
+          if (!sent) resume(Effect.succeed(false))
+        })
+      /** A GetRoutingKeySchemas call over the raw session: the server writes a response. */
+      const call = (session: http2.ClientHttp2Session) =>
+        Effect.callback<string>((resume) => {
+          const request = session.request({
+            ":method": "POST",
+            ":path": "/messaging.MessagingService/GetRoutingKeySchemas",
+            "content-type": "application/grpc",
+            te: "trailers"
+          })
+          request.on("error", () => undefined)
+          request.on("trailers", (trailers) => resume(Effect.succeed(String(trailers["grpc-status"]))))
+          request.on("data", () => undefined)
+          request.end(Buffer.alloc(5)) // one empty message: no compression flag, length 0
+        })
+
+      // Pings between responses (what flow-control probes of a receiving client look like).
+      const busy = yield* connect
+      for (let i = 0; i < 10; i++) {
+        assert.strictEqual(yield* call(busy), "0")
+        assert.isTrue(yield* ping(busy), `ping ${i} after a response was answered`)
+      }
+      assert.isFalse(busy.closed || busy.destroyed)
+
+      // Back-to-back pings with nothing sent: the third early one (two strikes allowed) ends it.
+      const idle = yield* connect
+      const goaway = Deferred.makeUnsafe<{ code: number; data: string }>()
+      idle.once("goaway", (code, _lastStreamId, data) => Deferred.doneUnsafe(goaway, Exit.succeed({ code, data: data?.toString() ?? "" })))
+      for (let i = 0; i < 5 && !idle.closed && !idle.destroyed; i++) yield* ping(idle)
+      assert.deepStrictEqual(yield* Deferred.await(goaway), { code: http2.constants.NGHTTP2_ENHANCE_YOUR_CALM, data: "too_many_pings" })
+    }))
 
   it.live("streams over MESSAGING_MAX_STREAMS_PER_CALLER get RESOURCE_EXHAUSTED naming the limit", () =>
     Effect.gen(function*() {
