@@ -81,6 +81,14 @@ const brokerBlockedMetric = perKey((key) => {
 const brokerReconnectsMetric = perKey((connection) =>
   counter("broker_reconnects_total", "broker connections re-established after a loss", { connection })
 )
+const brokerConnectFailuresMetric = perKey((key) => {
+  const [connection, reason] = split2(key)
+  return counter(
+    "broker_connect_failures_total",
+    "failed attempts to connect to the broker, by reason: unreachable, credentials_refused, vhost_not_found, vhost_access_refused, tls_failed, other",
+    { connection, reason }
+  )
+})
 const rpcRequestsMetric = perKey((key) => {
   const [method, code] = split2(key)
   return counter("rpc_requests_total", "gRPC calls by method and final status code", { method, code })
@@ -149,6 +157,8 @@ export const trackBrokerConnection = (connection: string): Effect.Effect<
     readonly connected: (node: string) => Effect.Effect<void>
     readonly blocked: (node: string, on: boolean) => Effect.Effect<void>
     readonly lost: (node: string) => Effect.Effect<void>
+    /** One failed attempt to connect, and why (refusal.ts). */
+    readonly failed: (reason: string) => Effect.Effect<void>
   },
   never,
   Scope.Scope
@@ -172,7 +182,8 @@ export const trackBrokerConnection = (connection: string): Effect.Effect<
           Effect.andThen(reconnect ? Metric.update(reconnects, 1) : Effect.void)
         )
       })
-    return { connected, blocked, lost }
+    const failed = (reason: string) => Metric.update(brokerConnectFailuresMetric(connection + sep + reason), 1)
+    return { connected, blocked, lost, failed }
   })
 
 // --- exporter -------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 import * as grpc from "@grpc/grpc-js"
 import type * as amqp from "amqplib"
 import { Cause, Data, Effect, Exit, type Fiber, Option } from "effect"
-import { Broker } from "./broker/Broker.js"
+import { Broker, connectGrace } from "./broker/Broker.js"
 import { shuttingDown } from "./callLifecycle.js"
 
 /** Runs an Effect needing the broker as a handler fiber (the `run` the handlers get). */
@@ -17,15 +17,16 @@ export interface Status {
   readonly details: string
 }
 
-/** The proxy has no broker connection right now (and none came up within the grace period). */
-export class BrokerNotConnected extends Data.TaggedError("BrokerNotConnected")<{}> {
+/**
+ * The proxy has no broker connection right now (and none came up within the grace period);
+ * `reason` says why the last attempt failed, when one did (refusal.ts), e.g. "broker not
+ * connected: the broker refused the credentials of user 'api': ACCESS_REFUSED - …".
+ */
+export class BrokerNotConnected extends Data.TaggedError("BrokerNotConnected")<{ readonly reason: string | undefined }> {
   override get message(): string {
-    return "broker not connected"
+    return this.reason === undefined ? "broker not connected" : `broker not connected: ${this.reason}`
   }
 }
-
-/** How long a call waits for a reconnect in progress before answering UNAVAILABLE. */
-const CONNECT_GRACE = "2 seconds"
 
 /**
  * The live connection (the publishers' own, or the consumers'), or BrokerNotConnected once the
@@ -37,9 +38,11 @@ export const liveConnection = (
   Effect.gen(function*() {
     const broker = yield* Broker
     const connection = yield* (role === "publishers" ? broker.publishingConnection : broker.connection).pipe(
-      Effect.timeoutOption(CONNECT_GRACE)
+      Effect.timeoutOption(connectGrace)
     )
-    return Option.isSome(connection) ? connection.value : yield* new BrokerNotConnected()
+    if (Option.isSome(connection)) return connection.value
+    const failure = yield* broker.connectFailure(role)
+    return yield* new BrokerNotConnected({ reason: Option.isSome(failure) ? failure.value.description : undefined })
   })
 
 

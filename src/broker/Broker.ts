@@ -23,6 +23,7 @@ import { blockedChanges, type Live, supervise, whenLive } from "./connection.js"
 import { type Copies, makeCopies } from "./copies.js"
 import { shuffled } from "./nodes.js"
 import { makeChannelPool } from "./pool.js"
+import { type ConnectFailure, isRefusal } from "./refusal.js"
 import { declarationOptions, delayQueues } from "./delayQueues.js"
 import { declaredQueues, declareExchange, declareQueue, declareQueues } from "./topology.js"
 
@@ -48,6 +49,11 @@ export class Broker extends Context.Service<Broker, {
    * dead-lettering), if it is missing; used before a copy to a dead-letter or delay queue.
    */
   readonly ensureQueue: (queue: string) => Effect.Effect<void, AmqpError>
+  /**
+   * Why the consumers' or the publishers' connection could not be opened, while it cannot (None
+   * while connected, and before the first attempt failed); refusal.ts.
+   */
+  readonly connectFailure: (role: "consumers" | "publishers") => Effect.Effect<Option.Option<ConnectFailure>>
   /** Queues the proxy could not declare, by name, with the broker's reason; emits the current value first. */
   readonly unavailableQueueChanges: Stream.Stream<ReadonlyMap<string, string>>
   readonly unavailableQueues: Effect.Effect<ReadonlyMap<string, string>>
@@ -128,11 +134,14 @@ const make = Effect.gen(function*() {
       Effect.ignore
     )
 
+  const consumersFailure = yield* SubscriptionRef.make(Option.none<ConnectFailure>())
+  const publishersFailure = yield* SubscriptionRef.make(Option.none<ConnectFailure>())
   const primary = yield* supervise({
     rabbit,
     tls,
     order,
     startAt: 0,
+    lastFailure: consumersFailure,
     label: "consumers",
     connectionName: rabbit.connectionName,
     prepare: (live) =>
@@ -154,6 +163,7 @@ const make = Effect.gen(function*() {
     tls,
     order,
     startAt: 0,
+    lastFailure: publishersFailure,
     label: "publishers",
     connectionName: `${rabbit.connectionName} (publishing)`,
     connectedLine: "publishing connection to broker open",
@@ -187,7 +197,8 @@ const make = Effect.gen(function*() {
     ),
     publishingBlockedChanges: blockedChanges(publishers),
     copies,
-    openChannel: pool.openChannel,
+    openChannel: failFastWhileRefused(pool.openChannel, consumersFailure),
+    connectFailure: (role) => SubscriptionRef.get(role === "consumers" ? consumersFailure : publishersFailure),
     ensureQueue: (queue) => {
       // On the primary, which may not be the caller's connection: when the primary goes away
       // meanwhile, declare again on the next one rather than fail a call whose own channel is fine.
@@ -206,3 +217,28 @@ const make = Effect.gen(function*() {
     unavailableQueues: SubscriptionRef.get(unavailable)
   })
 })
+
+/** How long a caller waits for a connection before a refusal in progress fails it. */
+export const connectGrace = Duration.seconds(2)
+
+/**
+ * `openChannel`, failing with the cause once `connectGrace` has passed while the broker refuses
+ * the connection (credentials, vhost, TLS): a stream opened then gets UNAVAILABLE naming it, not
+ * a silent wait until its deadline. While the broker is merely unreachable it waits on, as a
+ * stream opened during a failover should.
+ */
+const failFastWhileRefused = <A, R>(
+  openChannel: Effect.Effect<A, AmqpError, R>,
+  failure: SubscriptionRef.SubscriptionRef<Option.Option<ConnectFailure>>
+): Effect.Effect<A, AmqpError, R> => {
+  const refused = SubscriptionRef.changes(failure).pipe(
+    Stream.map(Option.filter(isRefusal)),
+    Stream.filter(Option.isSome),
+    Stream.runHead,
+    Effect.flatMap(Option.match({
+      onNone: () => Effect.never,
+      onSome: (refusal) => Effect.fail(new AmqpError({ operation: "connect to the broker", cause: refusal.value.description }))
+    }))
+  )
+  return Effect.raceFirst(openChannel, Effect.andThen(Effect.sleep(connectGrace), refused))
+}

@@ -13,6 +13,14 @@ import { AmqpError } from "../errors.js"
 import * as Metrics from "../metrics.js"
 import { negotiatedChannelMax } from "./channels.js"
 import { nodeCursor, nodeLabel } from "./nodes.js"
+import {
+  classifyConnectError,
+  type ConnectFailure,
+  type ConnectFailureReason,
+  explainOpenRefusal,
+  isRefusal,
+  openRefusedByAmqplib
+} from "./refusal.js"
 
 type Rabbit = ProxySettings["rabbit"]
 
@@ -42,6 +50,11 @@ export interface Live {
 interface Session extends Live {
   /** Completes with the reason once the connection closes. */
   readonly closed: Deferred.Deferred<string>
+}
+
+/** A failed attempt: the error, why (for a failed connect; undefined when the setup after it failed), and the node. */
+class AttemptFailed {
+  constructor(readonly error: AmqpError, readonly failure: ConnectFailure | undefined, readonly node: string) {}
 }
 
 const connectOnce = (rabbit: Rabbit, node: BrokerNode, tls: amqp.SocketOptions | undefined, connectionName: string) =>
@@ -128,6 +141,11 @@ export interface SuperviseOptions {
   readonly prepare?: (live: Live) => Effect.Effect<void, AmqpError>
   /** Runs after each successful connect (and `prepare`), inside the connection's lifetime. */
   readonly onConnected?: (live: Live) => Effect.Effect<void, never, Scope.Scope>
+  /**
+   * Holds why the last attempt to connect failed (None once connected), for callers' statuses:
+   * see refusal.ts.
+   */
+  readonly lastFailure?: SubscriptionRef.SubscriptionRef<Option.Option<ConnectFailure>>
   /** The INFO line once connected; operators and scripts wait for the primary's "connected to broker". */
   readonly connectedLine: string
   readonly lostLine: string
@@ -143,30 +161,59 @@ export const supervise = (options: SuperviseOptions) =>
     // A series from the start, at 0: a proxy that never reaches the broker still exports one.
     yield* connectionMetrics.lost(nodeLabel(cursor.current()))
 
+    // The refusal last logged as an ERROR: the same one again is a WARN, a new one an ERROR.
+    let refusalLogged: ConnectFailureReason | undefined
     const backoff = Schedule.min([
       Schedule.exponential("200 millis", 2),
       Schedule.spaced(rabbit.reconnectMaxDelay)
     ]).pipe(
       Schedule.jittered,
-      Schedule.setInputType<AmqpError>(),
-      Schedule.tap(({ attempt, duration, input }) =>
-        Effect.logWarning(
-          input.operation.startsWith("connect to") ? "broker unreachable, retrying" : "broker connection setup failed, retrying",
-          {
-            connection: label,
-            attempt,
-            retryInMs: Math.round(Duration.toMillis(duration)),
-            nextNode: nodeLabel(cursor.current()),
-            error: input.message
-          }
+      Schedule.setInputType<AttemptFailed>(),
+      Schedule.tap(({ attempt, duration, input: { error, failure, node } }) => {
+        const fields = {
+          connection: label,
+          attempt,
+          retryInMs: Math.round(Duration.toMillis(duration)),
+          nextNode: nodeLabel(cursor.current())
+        }
+        if (failure === undefined) {
+          return Effect.logWarning("broker connection setup failed, retrying", { ...fields, error: error.message })
+        }
+        if (!isRefusal(failure)) {
+          refusalLogged = undefined
+          return Effect.logWarning("broker unreachable, retrying", { ...fields, reason: failure.reason, error: error.message })
+        }
+        const first = refusalLogged !== failure.reason
+        refusalLogged = failure.reason
+        return (first ? Effect.logError : Effect.logWarning)(
+          first ? `broker refused the connection: ${failure.description}` : "broker still refuses the connection, retrying",
+          { ...fields, node, reason: failure.reason, user: rabbit.user, vhost: rabbit.vhost, ...(first ? {} : { error: failure.description }) }
         )
-      )
+      })
     )
 
-    const open = Effect.suspend(() => connectOnce(rabbit, cursor.current(), tls, options.connectionName)).pipe(
-      Effect.tap((session) =>
-        options.prepare ? options.prepare(session).pipe(Effect.onError(() => closeQuietly(session.connection))) : Effect.void
-      ),
+    /** Why an attempt failed: amqplib's error, classified (connect errors only), and the node. */
+    const classify = (error: AmqpError, node: BrokerNode) =>
+      Effect.gen(function*() {
+        if (!error.operation.startsWith("connect to")) return new AttemptFailed(error, undefined, nodeLabel(node))
+        const classified = classifyConnectError(error.cause, rabbit.user, rabbit.vhost)
+        const failure = openRefusedByAmqplib(error.cause)
+          ? yield* explainOpenRefusal(classified, rabbit, node, tls)
+          : classified
+        yield* connectionMetrics.failed(failure.reason)
+        if (options.lastFailure) yield* SubscriptionRef.set(options.lastFailure, Option.some(failure))
+        return new AttemptFailed(error, failure, nodeLabel(node))
+      })
+
+    const open = Effect.suspend(() => {
+      const node = cursor.current()
+      return connectOnce(rabbit, node, tls, options.connectionName).pipe(
+        Effect.tap((session) =>
+          options.prepare ? options.prepare(session).pipe(Effect.onError(() => closeQuietly(session.connection))) : Effect.void
+        ),
+        Effect.catch((error) => Effect.flatMap(classify(error, node), Effect.fail))
+      )
+    }).pipe(
       // Whatever failed (node down, refused, declaration), the next attempt goes to the next node.
       Effect.tapError(() => Effect.sync(cursor.advance))
     )
@@ -176,6 +223,8 @@ export const supervise = (options: SuperviseOptions) =>
       // be able to stop the retry loop while the broker is unreachable.
       const live = yield* open.pipe(Effect.retry(backoff))
       const node = nodeLabel(live.node)
+      refusalLogged = undefined
+      if (options.lastFailure) yield* SubscriptionRef.set(options.lastFailure, Option.none())
       yield* Effect.addFinalizer(() => closeQuietly(live.connection))
       yield* SubscriptionRef.set(current, Option.some<Live>(live))
       if (options.onConnected) yield* options.onConnected(live)
