@@ -5,7 +5,7 @@
  */
 import type * as amqp from "amqplib"
 import { Cause, Duration, Effect, Queue, Schedule, Stream } from "effect"
-import { Broker } from "./broker/Broker.js"
+import { Broker, brokerRefused } from "./broker/Broker.js"
 import { settleQuietly } from "./broker/channels.js"
 import { AmqpError, ConnectionLost, ConsumerClosedByBroker } from "./errors.js"
 
@@ -139,9 +139,12 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
     (queue) =>
       Effect.gen(function*() {
         const broker = yield* Broker
-        // A channel that cannot be opened right after a drop means the connection is gone too.
+        // A channel that cannot be opened right after a drop means the connection is gone too;
+        // a broker that refuses the connection ends the call (UNAVAILABLE, naming why).
         const channel = yield* broker.openChannel.pipe(
-          Effect.mapError((error) => channelsExhausted(error) ? error : new ConnectionLost({ reason: error.message }))
+          Effect.mapError((error) =>
+            channelsExhausted(error) || brokerRefused(error) ? error : new ConnectionLost({ reason: error.message })
+          )
         )
         let closingOurselves = false
         let channelClosed = false

@@ -279,7 +279,8 @@ export const admittedDeliveries = <A>(
   reattachOnConnectionLoss(
     options.queue,
     Stream.unwrap(Effect.gen(function*() {
-      const connection = yield* (yield* Broker).connection
+      const broker = yield* Broker
+      const connection = yield* broker.unlessRefused(broker.connection)
       const limits = yield* queueLimitsOrDeclared(connection, policy.queue, policy.declaredAs)
       return consume(options).pipe(Stream.mapArrayEffect((chunk) => admitAll(chunk, policy, limits)))
     })),

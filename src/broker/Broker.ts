@@ -54,6 +54,13 @@ export class Broker extends Context.Service<Broker, {
    * while connected, and before the first attempt failed); refusal.ts.
    */
   readonly connectFailure: (role: "consumers" | "publishers") => Effect.Effect<Option.Option<ConnectFailure>>
+  /**
+   * `effect` (which waits for the consumers' connection), failing with an AmqpError naming the
+   * cause once `connectGrace` has passed while the broker refuses that connection (credentials,
+   * vhost, TLS; `brokerRefused` tells it apart). While the broker is merely unreachable it waits
+   * on, as a stream opened during a failover should.
+   */
+  readonly unlessRefused: <A, E, R>(effect: Effect.Effect<A, E, R>) => Effect.Effect<A, E | AmqpError, R>
   /** Queues the proxy could not declare, by name, with the broker's reason; emits the current value first. */
   readonly unavailableQueueChanges: Stream.Stream<ReadonlyMap<string, string>>
   readonly unavailableQueues: Effect.Effect<ReadonlyMap<string, string>>
@@ -198,6 +205,7 @@ const make = Effect.gen(function*() {
     publishingBlockedChanges: blockedChanges(publishers),
     copies,
     openChannel: failFastWhileRefused(pool.openChannel, consumersFailure),
+    unlessRefused: (effect) => failFastWhileRefused(effect, consumersFailure),
     connectFailure: (role) => SubscriptionRef.get(role === "consumers" ? consumersFailure : publishersFailure),
     ensureQueue: (queue) => {
       // On the primary, which may not be the caller's connection: when the primary goes away
@@ -218,27 +226,30 @@ const make = Effect.gen(function*() {
   })
 })
 
+const refusedOperation = "connect to the broker"
+
+/** Whether `openChannel` failed because the broker refuses the connection (not worth a re-attach). */
+export const brokerRefused = (error: AmqpError): boolean => error.operation === refusedOperation
+
 /** How long a caller waits for a connection before a refusal in progress fails it. */
 export const connectGrace = Duration.seconds(2)
 
 /**
- * `openChannel`, failing with the cause once `connectGrace` has passed while the broker refuses
- * the connection (credentials, vhost, TLS): a stream opened then gets UNAVAILABLE naming it, not
- * a silent wait until its deadline. While the broker is merely unreachable it waits on, as a
- * stream opened during a failover should.
+ * `waiting`, failing once `connectGrace` has passed while `failure` holds a refusal: a stream
+ * opened then gets UNAVAILABLE naming the cause, not a silent wait until its deadline.
  */
-const failFastWhileRefused = <A, R>(
-  openChannel: Effect.Effect<A, AmqpError, R>,
+const failFastWhileRefused = <A, E, R>(
+  waiting: Effect.Effect<A, E, R>,
   failure: SubscriptionRef.SubscriptionRef<Option.Option<ConnectFailure>>
-): Effect.Effect<A, AmqpError, R> => {
+): Effect.Effect<A, E | AmqpError, R> => {
   const refused = SubscriptionRef.changes(failure).pipe(
     Stream.map(Option.filter(isRefusal)),
     Stream.filter(Option.isSome),
     Stream.runHead,
     Effect.flatMap(Option.match({
       onNone: () => Effect.never,
-      onSome: (refusal) => Effect.fail(new AmqpError({ operation: "connect to the broker", cause: refusal.value.description }))
+      onSome: (refusal) => Effect.fail(new AmqpError({ operation: refusedOperation, cause: refusal.value.description }))
     }))
   )
-  return Effect.raceFirst(openChannel, Effect.andThen(Effect.sleep(connectGrace), refused))
+  return Effect.raceFirst(waiting, Effect.andThen(Effect.sleep(connectGrace), refused))
 }
