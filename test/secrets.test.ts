@@ -7,29 +7,27 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as grpc from "@grpc/grpc-js"
 import { Effect } from "effect"
-import { execFile } from "node:child_process"
 import { createHash, randomBytes } from "node:crypto"
 import { MessagingServiceClient } from "../gen/messaging.js"
 import { schemaBody } from "./fixtures/bodies.js"
+import { clusterNode, ensureCluster, nodeAmqpUrl, rabbitmqctl } from "./support/cluster.js"
 import { makeAdmin, makeNames, proxyEnv, publishJson, publishRaw, waitForQueue } from "./support/harness.js"
 import { grpcPortOf, runProxy } from "./support/process.js"
 
-const rabbitmqctl = (...args: Array<string>) =>
-  Effect.callback<void, Error>((resume) => {
-    execFile("rabbitmqctl", args, (error, _stdout, stderr) =>
-      resume(error ? Effect.fail(new Error(`rabbitmqctl ${args[0]}: ${stderr || error.message}`)) : Effect.void))
-  })
-
-/** A broker user of the test's own, so its password is a secret nothing else prints. */
+/**
+ * A broker user of the test's own, so its password is a secret nothing else prints. It lives on
+ * node 1 of the local cluster: tests never change the users of the shared broker.
+ */
 const brokerUser = Effect.acquireRelease(
   Effect.gen(function*() {
+    yield* ensureCluster
     const user = `mp-test-${randomBytes(4).toString("hex")}`
     const password = `pw-${randomBytes(16).toString("hex")}`
-    yield* rabbitmqctl("add_user", user, password)
-    yield* rabbitmqctl("set_permissions", "-p", "/", user, ".*", ".*", ".*")
+    yield* rabbitmqctl(1, "add_user", user, password)
+    yield* rabbitmqctl(1, "set_permissions", "-p", "/", user, ".*", ".*", ".*")
     return { user, password }
   }),
-  ({ user }) => Effect.ignore(rabbitmqctl("delete_user", user))
+  ({ user }) => Effect.ignore(rabbitmqctl(1, "delete_user", user))
 )
 
 const metadataWith = (key: string) => {
@@ -43,11 +41,13 @@ describe("secrets", () => {
     Effect.gen(function*() {
       const { user, password } = yield* brokerUser
       const names = makeNames()
-      const admin = yield* makeAdmin(names)
+      const admin = yield* makeAdmin(names, nodeAmqpUrl(1))
       const goodKey = `key-${randomBytes(16).toString("hex")}`
       const wrongKey = `wrong-${randomBytes(16).toString("hex")}`
       const hash = createHash("sha256").update(goodKey).digest("hex")
       const env = proxyEnv(names, {
+        RABBITMQ_HOST: "127.0.0.1",
+        RABBITMQ_PORT: String(clusterNode(1).port),
         RABBITMQ_USER: user,
         RABBITMQ_PASSWORD: password,
         MESSAGING_API_KEYS: `tester:${hash}:admin`,
