@@ -6,6 +6,7 @@
 import type * as amqp from "amqplib"
 import { Cause, Duration, Effect, Queue, Schedule, Stream } from "effect"
 import { Broker, brokerRefused } from "./broker/Broker.js"
+import * as Metrics from "./metrics.js"
 import { settleQuietly } from "./broker/channels.js"
 import { AmqpError, ConnectionLost, ConsumerClosedByBroker } from "./errors.js"
 
@@ -235,7 +236,22 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
                 "x-dead-letter-reason": reason,
                 "x-original-queue": options.queue,
                 "x-dead-lettered-at": new Date().toISOString()
-              })
+              }).pipe(
+                // The dead-letter queue refused the copy (a max-length with reject-publish, say):
+                // the message stays where it is, and an operator has to know. A lost connection
+                // says nothing about the dead-letter queue; it is logged where it is handled.
+                Effect.tapError((error) =>
+                  error._tag === "ConnectionLost" ? Effect.void : Metrics.deadLetterFailed(options.queue).pipe(
+                    Effect.andThen(Effect.logWarning("dead-letter failed; the message stays in its queue", {
+                      queue: options.queue,
+                      deadLetterQueue: options.deadLetterQueue,
+                      messageId: message.properties.messageId,
+                      reason,
+                      error: error.message
+                    }))
+                  )
+                )
+              )
           }
         }
 

@@ -58,6 +58,13 @@ const deadLetteredMetric = perKey((key) => {
   const [queue, reason_kind] = split2(key)
   return counter("messages_dead_lettered_total", "messages moved to the dead-letter queue", { queue, reason_kind })
 })
+const deadLetterFailuresMetric = perKey((queue) =>
+  counter(
+    "dead_letter_failures_total",
+    "dead-letters that failed (the dead-letter queue refused the copy, e.g. max-length with reject-publish): the message stayed in its queue",
+    { queue }
+  )
+)
 const redeliveredMetric = perKey((queue) =>
   counter("messages_redelivered_total", "deliveries the broker flagged as redelivered", { queue })
 )
@@ -130,6 +137,9 @@ export const nackedUnsafe = (queue: string): void => nackedMetric(queue).updateU
 
 export const deadLettered = (queue: string, kind: DeadLetterKind): Effect.Effect<void> =>
   Metric.update(deadLetteredMetric(queue + sep + kind), 1)
+
+/** A dead-letter of a message of `queue` that failed: the message stayed in `queue`. */
+export const deadLetterFailed = (queue: string): Effect.Effect<void> => Metric.update(deadLetterFailuresMetric(queue), 1)
 
 /** A delivery the broker flagged as redelivered (a consumer before it was lost or let go). */
 export const redeliveredUnsafe = (queue: string): void => redeliveredMetric(queue).updateUnsafe(1, globalContext)

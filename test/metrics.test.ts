@@ -12,8 +12,9 @@ import { type AddressInfo, createServer, type Server } from "node:net"
 import { ProxyLive } from "../src/app.js"
 import * as Metrics from "../src/metrics.js"
 import { schemaBody } from "./fixtures/bodies.js"
-import { makeNames, proxyEnv, publishJson, publishRaw, quiet, waitForQueue } from "./support/harness.js"
+import { makeNames, proxyEnv, publishJson, publishRaw, queueState, quiet, waitForQueue } from "./support/harness.js"
 import { makeMetricsTestEnv, sample, scrape, scrapeUntil } from "./support/metrics.js"
+import { healthClient, SERVING, waitForHealth } from "./support/health.js"
 import { startRelay } from "./support/relay.js"
 import { subscribeSchemas } from "./support/subscriber.js"
 
@@ -230,5 +231,34 @@ describe("metrics endpoint", () => {
         error.pipe(Option.map((e) => (e as Error).message), Option.getOrElse(() => "")),
         new RegExp(`^bind metrics server to 127\\.0\\.0\\.1:${taken} failed: .*EADDRINUSE`)
       )
+    }))
+})
+
+describe("dead-letter failures (issue 12)", () => {
+  it.live("a dead-letter queue that refuses the copy (max-length 0, reject-publish): counted per queue, the message stays, the stream ends UNAVAILABLE", () =>
+    Effect.gen(function*() {
+      const env = yield* makeMetricsTestEnv({}, (names, admin) =>
+        Effect.promise(() =>
+          admin.channel.assertQueue(names.schemasDead, { durable: true, arguments: { "x-max-length": 0, "x-overflow": "reject-publish" } })
+        ).pipe(Effect.asVoid))
+      const port = Option.getOrThrow(env.metricsPort)
+      const queue = env.names.schemas
+      // The dead-letter queue existed before the proxy: wait for the rest of its topology.
+      yield* waitForHealth(yield* healthClient(env.port), SERVING)
+      yield* publishRaw(env.admin, env.names.exchange, "schemas.*", Buffer.from("{not json"), { messageId: "bad" })
+      const status = yield* Effect.callback<grpc.StatusObject>((resume) => {
+        const call = env.client.streamSchemaMessages({})
+        call.on("error", () => undefined)
+        call.on("data", () => undefined)
+        call.on("status", (s: grpc.StatusObject) => resume(Effect.succeed(s)))
+      })
+      assert.strictEqual(status.code, grpc.status.UNAVAILABLE, status.details)
+      const failures = (body: string) => sample(body, m("dead_letter_failures_total"), { queue })
+      const body = yield* scrapeUntil(port, (b) => (failures(b) ?? 0) >= 1)
+      assert.isAtLeast(failures(body) ?? 0, 1)
+      assert.isUndefined(sample(body, m("messages_dead_lettered_total"), { queue, reason_kind: "malformed" }))
+      // Nothing lost: the body is back in its queue once the stream's channel has closed.
+      yield* waitForQueue(env.admin, queue, (q) => q.consumerCount === 0 && q.messageCount === 1)
+      assert.strictEqual((yield* queueState(env.admin, env.names.schemasDead)).messageCount, 0)
     }))
 })

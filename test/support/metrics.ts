@@ -6,7 +6,7 @@ import { ConfigProvider, Context, Effect, Layer, Option, type Scope } from "effe
 import { ProxyLive } from "../../src/app.js"
 import { GrpcServer } from "../../src/grpcServer.js"
 import { MetricsServer } from "../../src/metrics.js"
-import { grpcClient, makeAdmin, makeNames, proxyEnv, type TestEnv, waitForQueue } from "./harness.js"
+import { type Admin, grpcClient, makeAdmin, makeNames, proxyEnv, type TestEnv, type TestNames, waitForQueue } from "./harness.js"
 
 export type MetricsTestEnv = TestEnv["Service"] & {
   /** None when metrics are disabled. */
@@ -15,11 +15,14 @@ export type MetricsTestEnv = TestEnv["Service"] & {
 
 /** Proxy (metrics on a free loopback port unless `extra` says otherwise) + admin + client. */
 export const makeMetricsTestEnv = (
-  extra: Record<string, string> = {}
+  extra: Record<string, string> = {},
+  /** Runs before the proxy starts, e.g. to declare a queue the proxy will find. */
+  before: (names: TestNames, admin: Admin) => Effect.Effect<void, Error> = () => Effect.void
 ): Effect.Effect<MetricsTestEnv, Error, Scope.Scope> =>
   Effect.gen(function*() {
     const names = makeNames()
     const admin = yield* makeAdmin(names)
+    yield* before(names, admin)
     const env = proxyEnv(names, { METRICS_HOST: "127.0.0.1", METRICS_PORT: "0", ...extra })
     const context = yield* Layer.buildWithScope(
       ProxyLive.pipe(Layer.provide(ConfigProvider.layer(ConfigProvider.fromUnknown(env)))),
