@@ -54,11 +54,11 @@ const program = Effect.gen(function*() {
   for (let round = 1; round <= rounds; round++) {
     yield* publish
     yield* subscribe
-    yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 0 && q.consumerCount === 0, 30_000)
+    yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 0 && q.consumerCount === 0)
     const afterSubscribe = heapMiB()
     yield* publish
     yield* readMessages(client.streamSchemaMessages({}), n)
-    yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 0 && q.consumerCount === 0, 30_000)
+    yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 0 && q.consumerCount === 0)
     console.log(`round ${round}: heap after ${n} subscribed ${afterSubscribe} MiB, after ${n} streamed ${heapMiB()} MiB`)
   }
 })

@@ -75,7 +75,7 @@ const program = Effect.gen(function*() {
   yield* waitForQueue(admin, names.schemas)
   console.log(`publishing ${total} messages…`)
   yield* publishBacklog(admin, names.exchange)
-  yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === total, 60_000)
+  yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === total)
 
   const streamResult = yield* sample((onRead) => {
     const call = client.streamSchemaMessages({})

@@ -83,7 +83,7 @@ describe("a memory alarm (issue 10, fault 6)", () => {
       yield* sub.nack(victim!.info!.deliveryId)
       // The same subscription goes on: an ack frees a slot, and the next message arrives.
       yield* sub.ack(second!.info!.deliveryId)
-      const [third] = yield* sub.deliveries(1, 30_000)
+      const [third] = yield* sub.deliveries(1)
       assert.strictEqual(third?.message?.id, "s-3")
       // Another call opened during the alarm receives everything.
       const stream = client.streamValidationMessages({})
@@ -91,20 +91,20 @@ describe("a memory alarm (issue 10, fault 6)", () => {
       assert.deepStrictEqual(streamed.map((m: ValidationMessageResponse) => m.id).sort(), ["v-1", "v-2", "v-3"])
 
       // Health: publishing is NOT_SERVING while blocked; the server and its queues stay SERVING.
-      yield* waitForHealth(health, NOT_SERVING, publishingEntry, 60_000)
+      yield* waitForHealth(health, NOT_SERVING, publishingEntry)
       assert.strictEqual(yield* check(""), SERVING)
       assert.strictEqual(yield* check("messaging.MessagingService"), SERVING)
       assert.strictEqual(yield* check(names.schemas), SERVING)
       // Metrics: the publishers' connection is blocked, the consumers' is not.
       const blocked = (connection: string) => (body: string) =>
         sample(body, "messaging_proxy_broker_blocked", { connection, node: alarmedNode })
-      const during = yield* scrapeUntil(metricsPort, (body) => blocked("publishers")(body) === 1, 60_000)
+      const during = yield* scrapeUntil(metricsPort, (body) => blocked("publishers")(body) === 1)
       assert.strictEqual(blocked("publishers")(during), 1)
       assert.strictEqual(blocked("consumers")(during), 0)
 
       // A nack now that the block is known: a plain requeue, back at once (uncounted, flagged).
       yield* sub.nack(third!.info!.deliveryId)
-      const [thirdAgain] = yield* sub.deliveries(1, 30_000)
+      const [thirdAgain] = yield* sub.deliveries(1)
       assert.deepStrictEqual(
         [thirdAgain?.message?.id, thirdAgain?.info?.redelivered, thirdAgain?.info?.deliveryCount],
         ["s-3", true, 2]
@@ -112,7 +112,7 @@ describe("a memory alarm (issue 10, fault 6)", () => {
       yield* sub.ack(thirdAgain!.info!.deliveryId)
       // A reject now: a dead-letter cannot fall back to a plain requeue (it would come straight
       // back), so it is held, unacked and not yet copied, until the alarm clears.
-      const [fourth] = yield* sub.deliveries(1, 30_000)
+      const [fourth] = yield* sub.deliveries(1)
       assert.strictEqual(fourth?.message?.id, "s-4")
       yield* sub.send({ action: { $case: "reject", value: { deliveryIds: [fourth!.info!.deliveryId], reason: "rejected during the alarm" } } })
       yield* sub.settled
@@ -121,10 +121,10 @@ describe("a memory alarm (issue 10, fault 6)", () => {
       // The alarm clears: the victim's copy is confirmed and its original acked; it comes back once, counted.
       yield* watermark("0.4")
       yield* memoryAlarm(false)
-      yield* waitForHealth(health, SERVING, publishingEntry, 60_000)
-      const after = yield* scrapeUntil(metricsPort, (body) => blocked("publishers")(body) === 0, 60_000)
+      yield* waitForHealth(health, SERVING, publishingEntry)
+      const after = yield* scrapeUntil(metricsPort, (body) => blocked("publishers")(body) === 0)
       assert.strictEqual(blocked("publishers")(after), 0)
-      const [back] = yield* sub.deliveries(1, 30_000)
+      const [back] = yield* sub.deliveries(1)
       assert.deepStrictEqual([back?.message?.id, back?.info?.deliveryCount], ["victim", 2])
       yield* sub.ack(back!.info!.deliveryId)
       yield* sub.settled

@@ -7,6 +7,7 @@
  * the proxy's status, so whatever it wrote has been applied before the queue is inspected.
  */
 import { assert, describe, it } from "@effect/vitest"
+import { explainIfInterrupted } from "./support/waiting.js"
 import { Deferred, Effect, Exit, Fiber, Logger, Queue, References, Scope } from "effect"
 import { schemaBody, validationBody } from "./fixtures/bodies.js"
 import { delayQueuesOf, makeAdmin, makeNames, makeTestEnv, publishJson, startProxy, waitForQueue } from "./support/harness.js"
@@ -52,14 +53,11 @@ const startWorker = <K extends Kind, E>(
         Effect.provideService(References.MinimumLogLevel, "Debug")
       )
     )
-    /** Takes log lines until `done` says so (a guard, not an assertion, fails after 60 s). */
+    /** Takes log lines until `done` says so (no deadline of its own: support/waiting.ts). */
     const until = (done: (line: LogLine) => boolean) =>
       Effect.gen(function*() {
         while (!done(yield* Queue.take(incoming))) {}
-      }).pipe(Effect.timeoutOrElse({
-        duration: "60 seconds",
-        orElse: () => Effect.fail(new Error(`log line not seen; got: ${JSON.stringify(lines)}`))
-      }))
+      }).pipe(explainIfInterrupted("a log line of the client", () => lines))
     return {
       lines,
       until,
@@ -99,8 +97,8 @@ describe("client library (issue 11, part 5)", () => {
       yield* canary.next() // opened
       yield* publishJson(admin, names.exchange, "schemas.*", schemaBody("canary"))
       yield* canary.deliveries(1)
-      yield* canary.deliveries(1, 30_000)
-      const [third] = yield* canary.deliveries(1, 30_000)
+      yield* canary.deliveries(1)
+      const [third] = yield* canary.deliveries(1)
       assert.strictEqual(third?.info?.deliveryCount, 3)
       yield* canary.ack(third!.info!.deliveryId)
       yield* canary.settled
@@ -112,7 +110,7 @@ describe("client library (issue 11, part 5)", () => {
       assert.deepStrictEqual(worker.settleErrors(), [])
       const queue = yield* waitForQueue(admin, names.validations, (q) => q.consumerCount === 0)
       assert.strictEqual(queue.messageCount, 0)
-    }), 90_000)
+    }))
 
   it.live("a failing handler's message comes back after the backoff (through the proxy's 1 s delay queue, delivery_count 2) and then succeeds", () =>
     Effect.gen(function*() {
@@ -135,7 +133,7 @@ describe("client library (issue 11, part 5)", () => {
       assert.deepStrictEqual(worker.settleErrors(), [])
       const queue = yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0)
       assert.strictEqual(queue.messageCount, 0)
-    }), 60_000)
+    }))
 
   it.live("a Reject dead-letters the message with its reason", () =>
     Effect.gen(function*() {
@@ -158,7 +156,7 @@ describe("client library (issue 11, part 5)", () => {
       assert.strictEqual(dead.properties.headers?.["x-rejected-by"], "client-test")
       const queue = yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0)
       assert.strictEqual(queue.messageCount, 0)
-    }), 60_000)
+    }))
 
   it.live("the client resumes after the proxy restarts, and nothing is lost", () =>
     Effect.gen(function*() {
@@ -217,7 +215,7 @@ describe("client library (issue 11, part 5)", () => {
       assert.deepStrictEqual(worker.settleErrors(), [])
       const queue = yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0)
       assert.strictEqual(queue.messageCount, 0)
-    }), 120_000)
+    }))
 
   it.live("publish and publishBatch are confirmed; failures are typed by status code", () =>
     Effect.gen(function*() {
@@ -239,5 +237,5 @@ describe("client library (issue 11, part 5)", () => {
       const halfBatch = yield* Effect.flip(client.publishBatch("schema", [schemaBody("p-5"), "{"]))
       assert.strictEqual(halfBatch._tag, "InvalidArgument")
       assert.match(halfBatch.details, /published 1 before this one/)
-    }), 60_000)
+    }))
 })

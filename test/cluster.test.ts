@@ -73,5 +73,5 @@ describe("local RabbitMQ cluster", () => {
 
       yield* promise(`delete ${queue}`, () => ch1.deleteQueue(queue))
       assert.isFalse(yield* queueExists(c2, queue), "deleted on mpc1, gone from mpc2")
-    }), 120_000)
+    }))
 })

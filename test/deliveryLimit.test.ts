@@ -189,7 +189,7 @@ describe("the broker's delivery limit, measured", () => {
         { count: 3, id: "limited" },
         { count: 0, id: "sentinel" }
       ])
-      const state = yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0, Number.POSITIVE_INFINITY)
+      const state = yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0)
       assert.strictEqual(state.messageCount, 1, "only the sentinel is left: the limited message was dropped")
     }))
 
@@ -218,7 +218,7 @@ describe("the broker's delivery limit, measured", () => {
 
 /** Waits (no clock) until `queue` holds `count` ready messages and no consumer. */
 const waitForReady = (admin: Admin, queue: string, count: number) =>
-  waitForQueue(admin, queue, (q) => q.messageCount === count && q.consumerCount === 0, Number.POSITIVE_INFINITY)
+  waitForQueue(admin, queue, (q) => q.messageCount === count && q.consumerCount === 0)
 
 describe("the proxy at the broker's delivery limit", () => {
   it.live("StreamSchemaMessages: a message already delivered up to the limit is dead-lettered with the reason, the next one is streamed", () =>
@@ -368,13 +368,13 @@ const killedOnDelivery = (names: TestNames, admin: Admin): Effect.Effect<Round, 
       call.write({ action: { $case: "open", value: { maxInFlight: 1, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
     })
     // Whichever comes first: a delivery (then the broker takes it back), or the message in .dead.
-    const deadLettered = waitForQueue(admin, names.schemasDead, (q) => q.messageCount === 1, Number.POSITIVE_INFINITY).pipe(
+    const deadLettered = waitForQueue(admin, names.schemasDead, (q) => q.messageCount === 1).pipe(
       Effect.as(undefined)
     )
     const delivery = yield* Effect.raceFirst(Deferred.await(delivered), deadLettered)
     if (delivery === undefined) child.kill("SIGTERM")
     yield* Queue.take(events)
     // A quorum queue drops the proxy's consumer and takes back what it held in one step.
-    const after = yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0, Number.POSITIVE_INFINITY)
+    const after = yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0)
     return { delivery, stdout, ready: after.messageCount }
   }).pipe(Effect.scoped)

@@ -26,7 +26,7 @@ describe("consumers' connection pool", () => {
         return call
       })
       yield* Effect.addFinalizer(() => Effect.sync(() => streams.forEach((s) => s.cancel())))
-      yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 20, 20_000)
+      yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 20)
 
       const node = "127.0.0.1:5672"
       const body = yield* scrapeUntil(metricsPort, (b) =>
@@ -37,10 +37,10 @@ describe("consumers' connection pool", () => {
 
       const ids = Array.from({ length: 60 }, (_, i) => `pool-${i}`)
       yield* Effect.forEach(ids, (id) => publishJson(admin, names.exchange, "schemas.*", schemaBody(id)), { discard: true })
-      yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 0 && received.length >= 60, 20_000)
+      yield* waitForQueue(admin, names.schemas, (q) => q.messageCount === 0 && received.length >= 60)
       assert.deepStrictEqual([...received].sort(), [...ids].sort())
 
       for (const stream of streams) stream.cancel()
-      yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0, 20_000)
+      yield* waitForQueue(admin, names.schemas, (q) => q.consumerCount === 0)
     }))
 })

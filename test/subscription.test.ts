@@ -263,7 +263,7 @@ describe("acknowledged subscriptions", () => {
       const opened = yield* large.next()
       assert.strictEqual(opened.event?.$case === "opened" ? opened.event.value.maxMessageBytes : -1, 8 * 1024 * 1024)
       yield* publishJson(env.admin, env.names.exchange, "schemas.*", big("big-2"))
-      const [got] = yield* large.deliveries(1, 15_000)
+      const [got] = yield* large.deliveries(1)
       assert.strictEqual(got?.message?.id, "big-2")
       yield* large.ack(got!.info!.deliveryId)
       yield* large.settled
@@ -293,18 +293,18 @@ describe("broker failures", () => {
 
       // The unacked one is redelivered, flagged, on the same call; new messages follow.
       yield* publishSchemas(env, ["after-1"])
-      const after = yield* sub.deliveries(2, 15_000)
+      const after = yield* sub.deliveries(2)
       assert.deepStrictEqual(after.map((d) => d.message?.id).sort(), ["after-1", "before-2"])
       const redelivered = after.find((d) => d.message?.id === "before-2")
       assert.isTrue(redelivered?.info?.redelivered)
       assert.strictEqual(redelivered?.info?.deliveryCount, 2)
       yield* sub.ack(...idsOf(after))
       // The server stream re-attached too.
-      yield* waitForQueue(env.admin, env.names.validations, (q) => q.consumerCount === 1, 15_000)
+      yield* waitForQueue(env.admin, env.names.validations, (q) => q.consumerCount === 1)
       yield* publishJson(env.admin, env.names.exchange, "validation.*", { id: "v-after", task: "sample_validation" })
       const [v] = yield* readMessages(stream, 1)
       assert.strictEqual(v?.id, "v-after")
-    }), { timeout: 60_000 })
+    }))
 
   it.live("a nack while the publishers' connection is away still requeues: a plain requeue, uncounted, since no copy can go out", () =>
     Effect.gen(function*() {
@@ -321,7 +321,7 @@ describe("broker failures", () => {
       assert.deepStrictEqual([again?.message?.id, again?.info?.redelivered, again?.info?.deliveryCount], ["pc-1", true, 2])
       yield* sub.ack(again!.info!.deliveryId)
       yield* waitForQueue(env.admin, env.names.schemas, (q) => q.messageCount === 0 && q.consumerCount === 1)
-    }), { timeout: 60_000 })
+    }))
 
   it.live("a queue deleted under a stream ends only that stream, with a precise status: the broker's cancel is followed by one re-attach, which finds the queue gone (NOT_FOUND)", () =>
     Effect.gen(function*() {

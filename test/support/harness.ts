@@ -4,6 +4,7 @@
  * amqplib admin channel (publish like the API, inspect queues) and a grpc-js client built from the
  * generated stubs. Everything declared is deleted when the test's scope closes.
  */
+import { explainIfInterrupted } from "./waiting.js"
 import * as grpc from "@grpc/grpc-js"
 import * as amqp from "amqplib"
 import { ConfigProvider, Context, Duration, Effect, Layer, type Scope } from "effect"
@@ -157,26 +158,25 @@ export const queueState = (admin: Admin, queue: string) =>
     }
   })
 
-/** Polls until the queue satisfies `predicate`; fails with the last state after `timeoutMs`. */
+/**
+ * Polls until the queue satisfies `predicate` (no deadline of its own: see waiting.ts). A failed
+ * check (the queue does not exist yet) is polled again too.
+ */
 export const waitForQueue = (
   admin: Admin,
   queue: string,
-  predicate: (state: amqp.Replies.AssertQueue) => boolean = () => true,
-  timeoutMs = 5_000
-) =>
-  Effect.gen(function*() {
-    const started = Date.now()
+  predicate: (state: amqp.Replies.AssertQueue) => boolean = () => true
+) => {
+  let last: unknown
+  return Effect.gen(function*() {
     while (true) {
       const state = yield* Effect.result(queueState(admin, queue))
+      last = state
       if (state._tag === "Success" && predicate(state.success)) return state.success
-      if (Date.now() - started > timeoutMs) {
-        return yield* Effect.fail(
-          new Error(`queue ${queue} not as expected after ${timeoutMs} ms: ${JSON.stringify(state)}`)
-        )
-      }
       yield* Effect.sleep("5 millis")
     }
-  })
+  }).pipe(explainIfInterrupted(`queue ${queue}`, () => last))
+}
 
 export class TestEnv extends Context.Service<TestEnv, {
   readonly names: TestNames

@@ -1,4 +1,5 @@
 /** A minimal grpc.health.v1 client for the tests (two one-field messages, encoded by hand). */
+import { explainIfInterrupted } from "./waiting.js"
 import * as grpc from "@grpc/grpc-js"
 import { BinaryReader, BinaryWriter } from "@bufbuild/protobuf/wire"
 import { Effect } from "effect"
@@ -59,9 +60,9 @@ export const healthClient = (port: number) =>
 
 /**
  * Waits, through Watch (which sends the current status, then every change), until `service`
- * reports `status`. Fails after `timeoutMs` naming the last status seen.
+ * reports `status` (no deadline of its own: waiting.ts).
  */
-export const waitForHealth = (health: HealthClient, status: number, service = "", timeoutMs = 15_000) =>
+export const waitForHealth = (health: HealthClient, status: number, service = "") =>
   Effect.suspend(() => {
     let last: number | undefined
     return Effect.callback<void, Error>((resume) => {
@@ -77,19 +78,13 @@ export const waitForHealth = (health: HealthClient, status: number, service = ""
         if (error.code !== grpc.status.CANCELLED) resume(Effect.fail(new Error(`health watch failed: ${error.message}`)))
       })
       return Effect.sync(() => call.cancel())
-    }).pipe(
-      Effect.timeoutOrElse({
-        duration: timeoutMs,
-        orElse: () =>
-          Effect.fail(new Error(`health of '${service}' still ${last ?? "unreported"}, not ${status}, after ${timeoutMs} ms`))
-      })
-    )
+    }).pipe(explainIfInterrupted(`health of '${service}' to be ${status}`, () => last ?? "unreported"))
   })
 
 /**
  * Records every status `service` reports through one Watch opened now, so that a dip shorter than
  * the time it takes to open a Watch is still seen. `until(predicate)` waits (event-driven) until
- * the statuses so far satisfy it; fails after `timeoutMs` with what was seen.
+ * the statuses so far satisfy it (no deadline of its own: waiting.ts).
  */
 export const recordHealth = (health: HealthClient, service = "") =>
   Effect.acquireRelease(
@@ -102,7 +97,7 @@ export const recordHealth = (health: HealthClient, service = "") =>
         for (const wake of waiters) wake()
       })
       call.on("error", () => undefined)
-      const until = (predicate: (seen: ReadonlyArray<number>) => boolean, timeoutMs = 60_000) =>
+      const until = (predicate: (seen: ReadonlyArray<number>) => boolean) =>
         Effect.callback<void>((resume) => {
           const check = () => {
             if (!predicate(statuses)) return
@@ -112,12 +107,7 @@ export const recordHealth = (health: HealthClient, service = "") =>
           waiters.add(check)
           check()
           return Effect.sync(() => waiters.delete(check))
-        }).pipe(
-          Effect.timeoutOrElse({
-            duration: timeoutMs,
-            orElse: () => Effect.fail(new Error(`health of '${service}' reported ${JSON.stringify(statuses)} in ${timeoutMs} ms`))
-          })
-        )
+        }).pipe(explainIfInterrupted(`health statuses of '${service}' to satisfy a condition`, () => statuses))
       return { statuses, until, call }
     }),
     ({ call }) => Effect.sync(() => call.cancel())

@@ -2,6 +2,7 @@
  * Metrics test support: a proxy like `makeTestEnv`'s that also reports its metrics port, a scrape
  * of GET /metrics, and a reader for one sample of the Prometheus text format.
  */
+import { explainIfInterrupted } from "./waiting.js"
 import { ConfigProvider, Context, Effect, Layer, Option, type Scope } from "effect"
 import { ProxyLive } from "../../src/app.js"
 import { GrpcServer } from "../../src/grpcServer.js"
@@ -69,13 +70,15 @@ export const sample = (body: string, name: string, labels: Record<string, string
   return undefined
 }
 
-/** Scrapes until `done` holds for the body (counters move after the client has seen the effect). */
-export const scrapeUntil = (port: number, done: (body: string) => boolean, timeoutMs = 5_000) =>
-  Effect.gen(function*() {
-    const started = Date.now()
+/** Scrapes until `done` holds for the body (counters move after the client has seen the effect; no deadline: waiting.ts). */
+export const scrapeUntil = (port: number, done: (body: string) => boolean) => {
+  let last = ""
+  return Effect.gen(function*() {
     while (true) {
       const { body } = yield* scrape(port)
-      if (done(body) || Date.now() - started > timeoutMs) return body
+      last = body
+      if (done(body)) return body
       yield* Effect.sleep("20 millis")
     }
-  })
+  }).pipe(explainIfInterrupted(`a metrics scrape of port ${port} to satisfy a condition`, () => last))
+}

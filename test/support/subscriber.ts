@@ -1,6 +1,7 @@
 /** A test-side subscriber: a bidi call whose events land in a queue the test takes from. */
+import { explainIfInterrupted } from "./waiting.js"
 import * as grpc from "@grpc/grpc-js"
-import { Cause, Effect, Option, Queue, type Scope } from "effect"
+import { Cause, Effect, Queue, type Scope } from "effect"
 import type {
   MessagingServiceClient,
   SchemaDelivery,
@@ -10,10 +11,10 @@ import type {
 
 export interface Subscriber {
   readonly call: grpc.ClientDuplexStream<SubscriptionRequest, SchemaSubscriptionEvent>
-  /** The next event, failing if none arrives within `timeout`. */
-  readonly next: (timeout?: number) => Effect.Effect<SchemaSubscriptionEvent, Error>
+  /** The next event (no deadline of its own: waiting.ts); fails if the call ends first. */
+  readonly next: () => Effect.Effect<SchemaSubscriptionEvent, Error>
   /** The next `count` deliveries (other events are skipped). */
-  readonly deliveries: (count: number, timeout?: number) => Effect.Effect<Array<SchemaDelivery>, Error>
+  readonly deliveries: (count: number) => Effect.Effect<Array<SchemaDelivery>, Error>
   readonly send: (request: SubscriptionRequest) => Effect.Effect<void>
   readonly ack: (...ids: Array<string>) => Effect.Effect<void>
   readonly nack: (...ids: Array<string>) => Effect.Effect<void>
@@ -52,20 +53,18 @@ export const subscribeSchemas = (
           ackDeadlineSeconds: open.ackDeadlineSeconds ?? 0
         } } })
     }
-    const next = (timeout = 5_000) =>
+    let lastEvent: SchemaSubscriptionEvent | undefined
+    const next = () =>
       Queue.take(events).pipe(
-        Effect.timeoutOption(timeout),
-        Effect.flatMap(Option.match({
-          onNone: () => Effect.fail(new Error(`no subscription event within ${timeout} ms`)),
-          onSome: Effect.succeed
-        })),
-        Effect.catchIf(Cause.isDone, () => Effect.fail(new Error(`call ended: ${JSON.stringify(finalStatus)}`)))
+        Effect.tap((event) => Effect.sync(() => { lastEvent = event })),
+        Effect.catchIf(Cause.isDone, () => Effect.fail(new Error(`call ended: ${JSON.stringify(finalStatus)}`))),
+        explainIfInterrupted("a subscription event", () => ({ lastEvent, finalStatus }))
       )
-    const deliveries = (count: number, timeout = 5_000) =>
+    const deliveries = (count: number) =>
       Effect.gen(function*() {
         const found: Array<SchemaDelivery> = []
         while (found.length < count) {
-          const event = yield* next(timeout)
+          const event = yield* next()
           if (event.event?.$case === "delivery") found.push(event.event.value)
         }
         return found
