@@ -57,7 +57,7 @@ export const statusOf = (error: CallError): { code: grpc.status; details: string
  * This relies on grpc-js's `sendMessage` never refusing a message here: a refusal (too large,
  * or a serializer that throws) ends the HTTP/2 stream, and the next write of the same batch would
  * then fail without a status. So sizes are checked at admission, before anything is written
- * (redelivery.ts), and no server interceptor (which could hold a message back) is installed.
+ * (redelivery.ts), and the one server interceptor (authInterceptor.ts) passes messages through.
  */
 export const batchWrites = <A>(call: OutgoingCall<A>): void => {
   const writable: Writable = call

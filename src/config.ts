@@ -12,8 +12,9 @@ export class ConfigInvalid extends Data.TaggedError("ConfigInvalid")<{
   readonly expected: string
 }> {
   override get message(): string {
-    const shown = this.value === undefined ? "<redacted>" : JSON.stringify(this.value)
-    return `invalid configuration: ${this.variable}=${shown}: expected ${this.expected}`
+    return this.value === undefined
+      ? `invalid configuration: ${this.variable} (value not shown: it may hold a secret): expected ${this.expected}`
+      : `invalid configuration: ${this.variable}=${JSON.stringify(this.value)}: expected ${this.expected}`
   }
 }
 
@@ -176,20 +177,23 @@ const setting = <A>(
         )
     }))
 
+/** A parse: the value, or what was expected (for a secret-bearing variable, also where it failed, never what it held). */
 type Parsed<A> = { readonly value: A } | { readonly expected: string }
 
 /** A variable whose value is parsed by hand; `parse` returns the value or what was expected. */
 const parsed = <A>(
   variable: string,
   fallback: A,
-  parse: (raw: string) => Parsed<A>
+  parse: (raw: string) => Parsed<A>,
+  /** Its value may hold a secret (a key pasted where a hash belongs): never echo it. */
+  secret = false
 ): Effect.Effect<A, ConfigInvalid | Config.ConfigError> =>
   Effect.flatMap(Config.option(Config.String(variable)), (raw) => {
     if (Option.isNone(raw) || raw.value.trim() === "") return Effect.succeed(fallback)
     const result = parse(raw.value)
     return "value" in result
       ? Effect.succeed(result.value)
-      : Effect.fail(new ConfigInvalid({ variable, value: raw.value, expected: result.expected }))
+      : Effect.fail(new ConfigInvalid({ variable, value: secret ? undefined : raw.value, expected: result.expected }))
   })
 
 /** 1s, 5s, 30s, 2m, 10m, 1h. */
@@ -235,15 +239,28 @@ const parseScopes = (raw: string): ReadonlySet<Scope> | undefined => {
 const entries = (raw: string) => raw.split(",").map((e) => e.trim()).filter((e) => e !== "")
 
 const apiKeysExpected = "comma-separated name:sha256-hex:scope[+scope…] entries, scopes from " + Scopes.join(", ")
+/**
+ * `name:sha256-hex:scope[+scope…]` entries. A bad entry is described by its position and the part
+ * that is wrong, never by its text: someone may have pasted a key where its hash belongs.
+ */
 const parseApiKeys = (raw: string): Parsed<ReadonlyArray<ApiKey>> => {
   const keys: Array<ApiKey> = []
-  for (const entry of entries(raw)) {
-    const [name, hash, scopeList, ...rest] = entry.split(":")
+  const all = entries(raw)
+  for (const [index, entry] of all.entries()) {
+    const fields = entry.split(":")
+    const [name, hash, scopeList] = fields
     const scopes = parseScopes(scopeList ?? "")
-    if (!name || !hash || !/^[0-9a-fA-F]{64}$/.test(hash) || !scopes || rest.length > 0) {
-      return { expected: apiKeysExpected }
-    }
-    keys.push({ name, sha256: Buffer.from(hash, "hex"), scopes })
+    const problem = fields.length !== 3
+      ? `it has ${fields.length} ':'-separated field${fields.length === 1 ? "" : "s"}, not 3`
+      : !name
+      ? "its name is empty"
+      : !hash || !/^[0-9a-fA-F]{64}$/.test(hash)
+      ? `its second field is not a SHA-256 digest in hex (64 hex digits; it has ${hash?.length ?? 0} characters)`
+      : !scopes
+      ? `its scopes are not from ${Scopes.join(", ")}`
+      : undefined
+    if (problem !== undefined) return { expected: `${apiKeysExpected} (entry ${index + 1} of ${all.length}: ${problem})` }
+    keys.push({ name: name!, sha256: Buffer.from(hash!, "hex"), scopes: scopes! })
   }
   return { value: keys }
 }
@@ -349,7 +366,7 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
     quietStreamAckAfter: seconds("MESSAGING_QUIET_STREAM_ACK_SECONDS", 300, 86_400).pipe(Effect.map(Duration.seconds))
   })
   const auth = yield* Effect.all({
-    apiKeys: parsed("MESSAGING_API_KEYS", [] as ReadonlyArray<ApiKey>, parseApiKeys),
+    apiKeys: parsed("MESSAGING_API_KEYS", [] as ReadonlyArray<ApiKey>, parseApiKeys, true),
     certificateIdentities: parsed("MESSAGING_TLS_CLIENT_IDENTITIES", [] as ReadonlyArray<CertificateIdentity>, parseIdentities)
   })
   const metrics = yield* Effect.gen(function*() {

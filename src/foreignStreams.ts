@@ -6,7 +6,7 @@
  * ends them with a status, as it does the proxy's own calls.
  */
 import type * as grpc from "@grpc/grpc-js"
-import { closeAfterStatus } from "./http2Stream.js"
+import { resetAfterStatus } from "./http2Stream.js"
 
 type StreamingCall = grpc.ServerWritableStream<unknown, unknown> | grpc.ServerDuplexStream<unknown, unknown>
 
@@ -28,7 +28,7 @@ export const trackForeignStreams = (server: grpc.Server): ForeignStreams => {
     // 'cancelled' follows every end of a grpc-js call, whoever ended it.
     call.once("cancelled", () => {
       open.delete(call)
-      closeAfterStatus(call)
+      resetAfterStatus(call)
     })
     handler(call)
   }

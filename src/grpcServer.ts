@@ -16,6 +16,7 @@ import { makeHandlers } from "./handlers.js"
 import { makeReflectionService } from "./reflection.js"
 import { MessagingServiceDefinition } from "./serialization.js"
 import { makeAccess } from "./access.js"
+import { authorizeBeforeBody } from "./authInterceptor.js"
 import { type CallObserver, guardHandlers } from "./guard.js"
 import { recordRpc } from "./metrics.js"
 import { enforcePingPolicy, type PingPolicy } from "./pingPolicy.js"
@@ -92,6 +93,8 @@ const make = Effect.gen(function*() {
   const { grpc: limits } = settings
   const http2MaxConcurrentStreams = limits.maxConcurrentStreamsPerConnection + 100
   const server = new grpc.Server({
+    // Credentials and scope on the metadata, before any request message is read.
+    interceptors: [authorizeBeforeBody(access, observer)],
     "grpc.max_receive_message_length": limits.maxMessageBytes,
     "grpc.max_send_message_length": limits.maxMessageBytes,
     "grpc.keepalive_time_ms": limits.keepaliveTimeSeconds * 1000,

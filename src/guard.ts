@@ -9,7 +9,7 @@ import type { MessagingServiceServer, MessagingServiceService } from "../gen/mes
 import type { Access, Decision } from "./access.js"
 import { deadlinePassed } from "./callLifecycle.js"
 import type { Scope } from "./config.js"
-import { closeAfterStatus } from "./http2Stream.js"
+import { resetAfterStatus } from "./http2Stream.js"
 
 type Kind = "unary" | "clientStream" | "serverStream" | "bidi"
 
@@ -80,7 +80,7 @@ const guardStream = (method: string, scope: Scope, handler: StreamLike, access: 
   call.once("cancelled", () => {
     slot.release()
     // The status is out: a client that keeps its input open must not keep the stream open too.
-    closeAfterStatus(call)
+    resetAfterStatus(call)
     const expired = deadlinePassed(call)
     observer.ended(method, code ?? (expired ? grpc.status.DEADLINE_EXCEEDED : grpc.status.CANCELLED), secondsSince(started))
   })

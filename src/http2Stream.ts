@@ -1,30 +1,37 @@
 /**
  * The HTTP/2 stream under a grpc-js server call, for the few things grpc-js does not expose: the
  * peer's flow-control settings (readAhead.ts), the status grpc-js sent on its own (a deadline),
- * and closing a stream whose client still has its input open once the call has ended.
+ * and resetting a stream whose client still has its input open once the call has ended.
  *
- * grpc-js does not expose the stream: its call holds a `BaseServerInterceptingCall` (no server
- * interceptors are installed) whose `stream` is the `ServerHttp2Stream` (grpc-js 1.10+,
+ * grpc-js does not expose the stream: a server call holds (`call`) its chain of intercepting calls,
+ * one `ServerInterceptingCall` per server interceptor (`nextCall`), down to the
+ * `BaseServerInterceptingCall` whose `stream` is the `ServerHttp2Stream` (grpc-js 1.10+,
  * server-interceptors.ts). Every function here does nothing (or answers `undefined`) if that
  * ever changes.
  */
 import type * as grpc from "@grpc/grpc-js"
 import * as http2 from "node:http2"
 
-/** A grpc-js server call of any kind. */
+/** A grpc-js server call of any kind, or one of its intercepting calls. */
 type AnyServerCall =
   | grpc.ServerUnaryCall<unknown, unknown>
   | grpc.ServerReadableStream<unknown, unknown>
   | grpc.ServerWritableStream<unknown, unknown>
   | grpc.ServerDuplexStream<unknown, unknown>
+  | grpc.ServerInterceptingCallInterface
+
+const isObject = (value: unknown): value is Record<string, unknown> => typeof value === "object" && value !== null
 
 /** The call's `ServerHttp2Stream`, or `undefined` if grpc-js's internals moved. */
 export const http2StreamOf = (call: AnyServerCall): http2.ServerHttp2Stream | undefined => {
-  const inner: unknown = (call as unknown as { readonly call?: unknown }).call
-  const stream: unknown = typeof inner === "object" && inner !== null ? (inner as { readonly stream?: unknown }).stream : undefined
-  return typeof stream === "object" && stream !== null && "session" in stream && "respond" in stream
-    ? stream as http2.ServerHttp2Stream
-    : undefined
+  let current: unknown = call
+  // A handler's call, its intercepting calls (one per interceptor), the base call: a short chain.
+  for (let depth = 0; depth < 8 && isObject(current); depth++) {
+    const stream = current["stream"]
+    if (isObject(stream) && "session" in stream && "respond" in stream) return stream as unknown as http2.ServerHttp2Stream
+    current = "nextCall" in current ? current["nextCall"] : current["call"]
+  }
+  return undefined
 }
 
 /** The HTTP/2 session the call runs on, or `undefined`. */
@@ -50,7 +57,7 @@ const sentCheckIntervalMs = 5
 const sentCheckLimit = 2_000
 
 /**
- * Once the call's status has left (the stream's END_STREAM is sent), ends a stream whose client
+ * Once the call's status has left (the stream's END_STREAM is sent), resets a stream whose client
  * still has its input open with RST_STREAM(NO_ERROR), as RFC 9113 §8.1 lets a server that has
  * sent its complete response do, and as grpc-go's server does. Without it the stream stays
  * half-closed until the client ends its side: it holds one of the connection's concurrent
@@ -63,7 +70,7 @@ const sentCheckLimit = 2_000
  * 5 ms, for at most 10 s (a client that reads nothing may never let the last DATA out; the stream
  * then stays as it was, and shutdown's timeout covers it).
  */
-export const closeAfterStatus = (call: AnyServerCall): void => {
+export const resetAfterStatus = (call: AnyServerCall): void => {
   const stream = http2StreamOf(call)
   if (stream === undefined) return
   let checks = 0
