@@ -17,7 +17,7 @@ export interface Exited {
  */
 export const runProxy = (
   env: Record<string, string>,
-  whenUp?: (kill: () => void, stdout: string) => void,
+  whenUp?: (kill: () => void, stdout: string, pid: number) => void,
   marker = "connected to broker",
   onOutput?: (stdout: string, kill: () => void) => void
 ) =>
@@ -33,7 +33,7 @@ export const runProxy = (
       if (whenUp && stdout.includes(marker)) {
         const up = whenUp
         whenUp = undefined
-        up(() => child.kill("SIGTERM"), stdout)
+        up(() => child.kill("SIGTERM"), stdout, child.pid ?? 0)
       }
       onOutput?.(stdout, () => child.kill("SIGTERM"))
     })
