@@ -10,6 +10,7 @@
  *                                            publish a JSON body through the proxy (Publish RPC: validated,
  *                                            answered after the broker's confirm) [--routing-key K]
  *   queues                                   GetQueueInfo: message and consumer counts of the six queues and the delay queues, and whether each is available
+ *   health [--service S]                     grpc.health.v1 Check: prints the status, exits 0 when SERVING (for probes)
  *
  * Shared flags: --host, --port (env MESSAGING_CONNECTION_HOST / _PORT), --timeout (unary deadline, seconds).
  * Output is JSON on stdout (one object per line for streams). Failures are one `error: ...` line on
@@ -314,6 +315,29 @@ const queues = Command.make("queues", {}, Effect.fn("cli.queues")(function*() {
   Command.provide(ClientLive)
 )
 
+// ---------------------------------------------------------------------------------------------------------
+// health
+
+/** The proxy is up but not serving what was asked: exit 1, for probes (the image's HEALTHCHECK). */
+class NotServing extends Schema.TaggedError<NotServing>()("NotServing", { message: Schema.String }) {}
+
+const health = Command.make("health", {
+  service: Flag.String("service").pipe(
+    Flag.withDescription("the health entry: \"\" (default) the proxy, or messaging.MessagingService, publishing, a queue"),
+    Flag.withDefault("")
+  )
+}, Effect.fn("cli.health")(function*({ service }) {
+  const client = yield* MessagingClient
+  const status = yield* client.checkHealth(service)
+  yield* printJson({ service, status })
+  if (status !== "SERVING") {
+    return yield* new NotServing({ message: `messaging-proxy at ${client.target} reports '${service}' ${status}` })
+  }
+})).pipe(
+  Command.withDescription("Check the proxy's health (grpc.health.v1 Check): exit 0 when SERVING, 1 otherwise"),
+  Command.provide(ClientLive)
+)
+
 /** The message body as bytes, from a file or from stdin ("-"). Published unchanged. */
 const readBody = Effect.fnUntraced(function*(file: string) {
   const chunks = file === "-"
@@ -341,7 +365,7 @@ const describeFile = (file: string) => file === "-" ? "stdin" : file
 // ---------------------------------------------------------------------------------------------------------
 // main
 
-const cli = root.pipe(Command.withSubcommands([params, routingKey, stream, publish, send, queues]))
+const cli = root.pipe(Command.withSubcommands([params, routingKey, stream, publish, send, queues, health]))
 
 /**
  * Prints a failure as a single `error: ...` line (no stack, no pretty cause). Errors the CLI framework
@@ -354,7 +378,7 @@ const reportFailure = <A, E, R>(self: Effect.Effect<A, E, R>): Effect.Effect<A, 
     const error = Cause.squash(cause)
     if (!Runtime.getErrorReported(error)) return Effect.void
     const known = isMessagingClientError(error) || error instanceof ClientSetupError ||
-      error instanceof BrokerError || error instanceof InputError
+      error instanceof BrokerError || error instanceof InputError || error instanceof NotServing
     // Anything else is a bug: keep the full cause (with stack) for it.
     const text = known ? error.message : Cause.pretty(cause)
     return Console.error(`error: ${known ? text.replace(/\s*\n\s*/g, " ") : text}`)

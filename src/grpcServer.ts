@@ -25,6 +25,12 @@ import { serverCredentials } from "./tls.js"
 const serviceName = "messaging.MessagingService"
 /** The health entry of publishing: Publish/PublishBatch, and the copies behind requeues and dead-letters. */
 export const publishingEntry = "publishing"
+/**
+ * The health entry that is SERVING from start to shutdown whatever the broker does: for liveness
+ * probes, which must not restart every replica while the broker is away (Kubernetes' grpc probe
+ * names it as `service`).
+ */
+export const livenessEntry = "liveness"
 
 /** gRPC's defaults for a server that permits keepalive pings: one per 10 s (C++ allows 5 min). */
 const clientPingPolicy: PingPolicy = { minIntervalMs: 10_000, maxStrikes: 2 }
@@ -115,8 +121,9 @@ const make = Effect.gen(function*() {
   // out of service together, and with them the consumers that drain the queues, which is what
   // ends a memory alarm.
   const queues = declaredQueues(settings.rabbit)
-  const entries = ["", serviceName, publishingEntry, ...queues]
+  const entries = ["", serviceName, publishingEntry, livenessEntry, ...queues]
   const health = new HealthImplementation(Object.fromEntries(entries.map((name) => [name, "NOT_SERVING" as const])))
+  health.setStatus(livenessEntry, "SERVING")
   const foreignStreams = trackForeignStreams(server)
   health.addToServer(foreignStreams.server)
   makeReflectionService().addToServer(foreignStreams.server)

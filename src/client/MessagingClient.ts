@@ -19,6 +19,7 @@
  * Unary calls (and a batch as a whole) get the `timeout` deadline; streams have none.
  */
 import * as grpc from "@grpc/grpc-js"
+import { service as healthService } from "grpc-health-check"
 import { Cause, Context, Duration, Effect, Layer, Queue, Redacted, Stream } from "effect"
 import { readFileSync } from "node:fs"
 import {
@@ -110,6 +111,12 @@ export class MessagingClient extends Context.Service<MessagingClient, {
   /** GetQueueInfo: message and consumer counts of the contract, dead-letter and delay queues. */
   readonly getQueueInfo: Effect.Effect<GetQueueInfoResponse, MessagingClientError>
   /**
+   * grpc.health.v1.Health/Check of `service` ("" = the proxy as a whole, the default; also
+   * "messaging.MessagingService", "publishing", or a queue's name): "SERVING" or "NOT_SERVING"
+   * (the grpc-health-check names). An unknown service fails with NotFound.
+   */
+  readonly checkHealth: (service?: string) => Effect.Effect<string, MessagingClientError>
+  /**
    * StreamSchemaMessages: the schemas queue's messages as they arrive (acked by the proxy once read,
    * no settling here). Ends when the server ends the call with OK; ending the stream early (take N,
    * failure, interruption) cancels the call.
@@ -125,6 +132,8 @@ export class MessagingClient extends Context.Service<MessagingClient, {
       createGrpcClient(options),
       (client) => Effect.sync(() => client.close())
     )
+    // The health service on the same channel (its own connection would be a second one to open).
+    const health = new HealthServiceClient(target, grpc.credentials.createInsecure(), { channelOverride: client.getChannel() }) as unknown as HealthCheckClient
     const timeoutMillis = Duration.toMillis(Duration.fromInputUnsafe(options.timeout ?? "30 seconds"))
     const metadata = () => {
       const md = new grpc.Metadata()
@@ -250,6 +259,11 @@ export class MessagingClient extends Context.Service<MessagingClient, {
         "GetQueueInfo",
         (md, callOptions, callback) => client.getQueueInfo({}, md, callOptions, callback)
       ),
+      checkHealth: (service = "") =>
+        Effect.map(
+          unary<{ readonly status: string }>("Check", (md, callOptions, callback) => health.Check({ service }, md, callOptions, callback)),
+          (response) => response.status
+        ),
       streamSchemaMessages: serverStream("StreamSchemaMessages", () => client.streamSchemaMessages({}, metadata())),
       streamValidationMessages: serverStream(
         "StreamValidationMessages",
@@ -264,6 +278,17 @@ export class MessagingClient extends Context.Service<MessagingClient, {
 }
 
 // Internal
+
+/** grpc.health.v1.Health as grpc-health-check defines it (proto-loader: enums as their names). */
+const HealthServiceClient = grpc.makeClientConstructor(healthService as grpc.ServiceDefinition, "grpc.health.v1.Health")
+interface HealthCheckClient {
+  Check(
+    request: { readonly service: string },
+    metadata: grpc.Metadata,
+    options: Partial<grpc.CallOptions>,
+    callback: (error: grpc.ServiceError | null, response: { readonly status: string }) => void
+  ): grpc.ClientUnaryCall
+}
 
 const publishKinds: Record<PublishKind, MessageKind> = {
   schema: MessageKind.MESSAGE_KIND_SCHEMA,
