@@ -123,3 +123,23 @@ describe("Kubernetes manifests (deploy/kubernetes)", () => {
     assert.strictEqual(container?.livenessProbe.grpc.service, "liveness")
   })
 })
+
+describe("nix flake", () => {
+  it("flake.lock pins the nixpkgs flake.nix asks for, at one revision with its hash (no nix here to evaluate it)", () => {
+    const lock = JSON.parse(readFileSync(join(root, "flake.lock"), "utf8")) as {
+      version: number
+      root: string
+      nodes: Record<string, { inputs?: Record<string, string>; locked?: Record<string, string | number>; original?: Record<string, string> }>
+    }
+    const url = /inputs\.nixpkgs\.url = "github:([^/]+)\/([^/]+)\/([^"]+)";/.exec(readFileSync(join(root, "flake.nix"), "utf8"))
+    assert.isNotNull(url)
+    const [, owner, repo, ref] = url!
+    assert.strictEqual(lock.version, 7)
+    assert.deepStrictEqual(lock.nodes[lock.root]?.inputs, { nixpkgs: "nixpkgs" })
+    const nixpkgs = lock.nodes["nixpkgs"]!
+    assert.deepStrictEqual(nixpkgs.original, { owner, repo, ref, type: "github" })
+    assert.match(String(nixpkgs.locked?.["rev"]), /^[0-9a-f]{40}$/)
+    assert.match(String(nixpkgs.locked?.["narHash"]), /^sha256-[A-Za-z0-9+/]{43}=$/)
+    assert.strictEqual(nixpkgs.locked?.["owner"], owner)
+  })
+})
