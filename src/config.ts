@@ -25,6 +25,29 @@ export type ExchangeType = (typeof ExchangeTypes)[number]
 export const QueueTypes = ["classic", "quorum"] as const
 export type QueueType = (typeof QueueTypes)[number]
 
+/**
+ * OpenTelemetry's sampler (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`): `always_on`,
+ * `always_off`, `traceidratio`, or one of them `parentbased_` (the default, parentbased_always_on:
+ * follow the caller's sampled flag, decide alone for a trace that starts here).
+ */
+export interface TraceSampler {
+  readonly root: "always_on" | "always_off" | "traceidratio"
+  readonly parentBased: boolean
+  /** For traceidratio: the share of traces kept, 0 to 1. */
+  readonly ratio: number
+}
+
+/** OTEL_RESOURCE_ATTRIBUTES values are percent-encoded; a malformed one is taken as written. */
+const decodedOrAsIs = (value: string): string => {
+  try {
+    return decodeURIComponent(value)
+  } catch {
+    return value
+  }
+}
+
+const samplers = ["always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"] as const
+
 /** One RabbitMQ node of the cluster (AMQP listener). */
 export interface BrokerNode {
   readonly host: string
@@ -104,6 +127,17 @@ export interface ProxySettings {
     readonly certificateIdentities: ReadonlyArray<CertificateIdentity>
   }
   readonly metrics: Option.Option<{ readonly host: string; readonly port: number }>
+  /**
+   * OpenTelemetry traces over OTLP/HTTP: on when `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+   * `OTEL_EXPORTER_OTLP_ENDPOINT` is set (and `OTEL_SDK_DISABLED` is not true, and
+   * `OTEL_TRACES_EXPORTER` is unset or includes `otlp`); None otherwise. The exporter reads the
+   * endpoint, headers, `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` itself (tracing.ts).
+   */
+  readonly tracing: Option.Option<{
+    readonly sampler: TraceSampler
+    /** `OTEL_SERVICE_NAME`, else `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, else messaging-proxy. */
+    readonly serviceName: string
+  }>
   readonly debug: boolean
   /** Requeues (nacks, lost consumers) after which a message is dead-lettered instead. */
   readonly maxRequeues: number
@@ -375,6 +409,29 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
     const port = yield* setting("METRICS_PORT", ListenPort, "a port number between 0 and 65535", 9464)
     return enabled ? Option.some({ host, port }) : Option.none()
   })
+  const tracing = yield* Effect.gen(function*() {
+    const endpoint = (yield* optionalPath("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) ?? (yield* optionalPath("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    const disabled = yield* bool("OTEL_SDK_DISABLED", false)
+    const exporters = (yield* setting("OTEL_TRACES_EXPORTER", Schema.String, "a list of exporters", "otlp")).split(",").map((e) => e.trim())
+    const kind = yield* setting("OTEL_TRACES_SAMPLER", Schema.Literals(samplers), `one of ${samplers.join(", ")}`, "parentbased_always_on")
+    const ratio = yield* setting(
+      "OTEL_TRACES_SAMPLER_ARG",
+      Schema.NumberFromString.check(Schema.isBetween({ minimum: 0, maximum: 1 })),
+      "a ratio between 0 and 1",
+      1
+    )
+    const explicitName = (yield* optionalPath("OTEL_SERVICE_NAME"))?.trim()
+    const attributes = yield* setting("OTEL_RESOURCE_ATTRIBUTES", Schema.String, "key=value pairs", "")
+    const attributeName = /(?:^|,)\s*service\.name\s*=\s*([^,]+)/.exec(attributes)?.[1]?.trim()
+    const serviceName = explicitName || (attributeName ? decodedOrAsIs(attributeName) : "messaging-proxy")
+    if (endpoint === undefined || disabled || !exporters.includes("otlp")) return Option.none()
+    const sampler: TraceSampler = {
+      root: kind.replace("parentbased_", "") as TraceSampler["root"],
+      parentBased: kind.startsWith("parentbased_"),
+      ratio
+    }
+    return Option.some({ sampler, serviceName })
+  })
   const debug = yield* bool("MESSAGING_CONNECTION_DEBUG", false)
   const maxRequeues = yield* setting("MESSAGING_MAX_REQUEUES", NonNegativeInt, "a whole number (0 = never requeue)", 5)
   const subscriptions = yield* Effect.gen(function*() {
@@ -459,7 +516,7 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
       "RABBITMQ_ROUTING_KEY_RESULTS_VALIDATIONS", "validation.result.*"
     )
   })
-  return { grpc, limits, auth, metrics, debug, maxRequeues, subscriptions, rabbit }
+  return { grpc, limits, auth, metrics, tracing, debug, maxRequeues, subscriptions, rabbit }
 })
 
 export class ProxyConfig extends Context.Service<ProxyConfig, ProxySettings>()("messaging-proxy/ProxyConfig") {

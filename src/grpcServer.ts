@@ -21,6 +21,7 @@ import { type CallObserver, guardHandlers } from "./guard.js"
 import { recordRpc } from "./metrics.js"
 import { enforcePingPolicy, type PingPolicy } from "./pingPolicy.js"
 import { serverCredentials } from "./tls.js"
+import { Tracing } from "./tracing.js"
 
 const serviceName = "messaging.MessagingService"
 /** The health entry of publishing: Publish/PublishBatch, and the copies behind requeues and dead-letters. */
@@ -79,6 +80,7 @@ const allowStreamResetBurst = (server: grpc.Server, http2MaxConcurrentStreams: n
 const make = Effect.gen(function*() {
   const settings = yield* ProxyConfig
   const broker = yield* Broker
+  const tracing = yield* Tracing
   const handlerFibers = yield* FiberSet.make()
   const run = yield* FiberSet.runtime(handlerFibers)<Broker>()
 
@@ -110,7 +112,7 @@ const make = Effect.gen(function*() {
     "grpc.max_concurrent_streams": http2MaxConcurrentStreams
   })
   allowStreamResetBurst(server, http2MaxConcurrentStreams)
-  server.addService(MessagingServiceDefinition, guardHandlers(makeHandlers(settings, run), access, observer))
+  server.addService(MessagingServiceDefinition, guardHandlers(makeHandlers(settings, run), access, observer, tracing))
   // The server ("" and the service) follows the broker connections; each declared queue has an
   // entry of its own, named by the queue, that is also NOT_SERVING while that queue is unavailable.
   // `publishing` is NOT_SERVING also while the broker blocks the publishers' connection (a memory

@@ -10,6 +10,7 @@ import type { Access, Decision } from "./access.js"
 import { deadlinePassed } from "./callLifecycle.js"
 import type { Scope } from "./config.js"
 import { resetAfterStatus } from "./http2Stream.js"
+import { endRpcSpan, setRpcSpan, startRpcSpan, type Tracing } from "./tracing.js"
 
 type Kind = "unary" | "clientStream" | "serverStream" | "bidi"
 
@@ -42,12 +43,16 @@ type StreamLike = (call: grpc.ServerWritableStream<unknown, unknown> | grpc.Serv
 
 const secondsSince = (started: number) => (performance.now() - started) / 1000
 
-const guardUnary = (method: string, scope: Scope, handler: UnaryLike, access: Access, observer: CallObserver): UnaryLike =>
+const guardUnary = (method: string, scope: Scope, handler: UnaryLike, access: Access, observer: CallObserver, tracing: Tracing["Service"]): UnaryLike =>
 (call, callback) => {
   const started = performance.now()
+  const span = startRpcSpan(tracing, method, call.metadata)
+  setRpcSpan(call, span)
   const decision = access.authorize(call, scope, method)
   const respond: grpc.sendUnaryData<unknown> = (error, value, trailer, flags) => {
-    observer.ended(method, error ? (error.code ?? grpc.status.UNKNOWN) : grpc.status.OK, secondsSince(started))
+    const code = error ? (error.code ?? grpc.status.UNKNOWN) : grpc.status.OK
+    observer.ended(method, code, secondsSince(started))
+    endRpcSpan(span, code)
     callback(error, value, trailer, flags)
   }
   if (decision._tag === "Denied") {
@@ -57,12 +62,15 @@ const guardUnary = (method: string, scope: Scope, handler: UnaryLike, access: Ac
   handler(call, respond)
 }
 
-const guardStream = (method: string, scope: Scope, handler: StreamLike, access: Access, observer: CallObserver): StreamLike =>
+const guardStream = (method: string, scope: Scope, handler: StreamLike, access: Access, observer: CallObserver, tracing: Tracing["Service"]): StreamLike =>
 (call) => {
   const started = performance.now()
+  const span = startRpcSpan(tracing, method, call.metadata)
+  setRpcSpan(call, span)
   const refuse = (decision: Extract<Decision, { _tag: "Denied" }>) => {
     observer.refused(method, call.getPeer(), decision)
     observer.ended(method, decision.code, secondsSince(started))
+    endRpcSpan(span, decision.code)
     call.emit("error", { code: decision.code, details: decision.details })
   }
   const decision = access.authorize(call, scope, method)
@@ -82,7 +90,9 @@ const guardStream = (method: string, scope: Scope, handler: StreamLike, access: 
     // The status is out: a client that keeps its input open must not keep the stream open too.
     resetAfterStatus(call)
     const expired = deadlinePassed(call)
-    observer.ended(method, code ?? (expired ? grpc.status.DEADLINE_EXCEEDED : grpc.status.CANCELLED), secondsSince(started))
+    const final = code ?? (expired ? grpc.status.DEADLINE_EXCEEDED : grpc.status.CANCELLED)
+    observer.ended(method, final, secondsSince(started))
+    endRpcSpan(span, final)
   })
   handler(call)
 }
@@ -90,15 +100,16 @@ const guardStream = (method: string, scope: Scope, handler: StreamLike, access: 
 export const guardHandlers = (
   handlers: MessagingServiceServer,
   access: Access,
-  observer: CallObserver
+  observer: CallObserver,
+  tracing: Tracing["Service"]
 ): MessagingServiceServer => {
   const guarded: Record<string, UnaryLike | StreamLike> = {}
   for (const [key, { method, scope, kind }] of Object.entries(rpcTable)) {
     const handler = handlers[key]
     if (handler === undefined) throw new Error(`no handler for ${method}`)
     guarded[key] = kind === "unary" || kind === "clientStream"
-      ? guardUnary(method, scope, handler as UnaryLike, access, observer)
-      : guardStream(method, scope, handler as StreamLike, access, observer)
+      ? guardUnary(method, scope, handler as UnaryLike, access, observer, tracing)
+      : guardStream(method, scope, handler as StreamLike, access, observer, tracing)
   }
   return guarded as unknown as MessagingServiceServer
 }

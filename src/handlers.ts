@@ -25,6 +25,7 @@ import type { RunHandler } from "./unaryCall.js"
 import type { AdmissionPolicy } from "./redelivery.js"
 import { encodeWith } from "./serialization.js"
 import { type QueueStreamSpec, serveQueueStream } from "./streaming.js"
+import { underRpcSpan } from "./tracing.js"
 import { serveSubscription, type SubscriptionEvent, type SubscriptionSpec } from "./subscription.js"
 
 export const messagingParams = ({ rabbit }: ProxySettings): GetMessagingParamsResponse => ({
@@ -87,7 +88,7 @@ const runForCall = (
   work: Effect.Effect<void, never, Broker>
 ) => {
   if (call.cancelled) return
-  const fiber = run(work.pipe(Effect.annotateLogs({ streamId: randomUUID().slice(0, 8), peer: call.getPeer(), rpc })))
+  const fiber = run(work.pipe(Effect.annotateLogs({ streamId: randomUUID().slice(0, 8), peer: call.getPeer(), rpc }), underRpcSpan(call)))
   // Also fires after a normal end; interrupting a finished fiber is a no-op.
   call.once("cancelled", () => fiber.interruptUnsafe())
 }

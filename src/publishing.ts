@@ -29,6 +29,7 @@ import { Broker } from "./broker/Broker.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
 import { contractQueues, type ProxySettings, type QueueBinding } from "./config.js"
 import { AmqpError, describe, replyCode } from "./errors.js"
+import { formatTraceparent } from "./tracing.js"
 import { BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
 
 type Rabbit = ProxySettings["rabbit"]
@@ -102,7 +103,18 @@ export interface ValidPublish {
   readonly messageId: string
   readonly routingKey: string
   readonly body: Buffer
+  /** AMQP headers: the caller's trace context (`traceparent`), when tracing is on. */
+  readonly headers?: Record<string, string> | undefined
 }
+
+/**
+ * The current span's `traceparent` as AMQP headers (the Publish RPC's server span), so that a
+ * consumer of the message, the proxy's own included, continues the trace; none when tracing is off.
+ */
+const traceHeaders: Effect.Effect<Record<string, string> | undefined> = Effect.map(
+  Effect.option(Effect.currentParentSpan),
+  Option.match({ onNone: () => undefined, onSome: (span) => ({ traceparent: formatTraceparent(span) }) })
+)
 
 const MAX_REASON = 300
 const reject = (reason: string) =>
@@ -273,7 +285,8 @@ class PublishChannel {
         persistent: true,
         mandatory: true,
         messageId: message.messageId,
-        contentType: "application/json"
+        contentType: "application/json",
+        ...(message.headers === undefined ? {} : { headers: message.headers })
       }, settle)
     } catch (cause) {
       // amqplib throws synchronously once the channel is closed or closing; should its 'close'
@@ -342,7 +355,7 @@ const channelFor = (connection: amqp.ChannelModel): Promise<PublishChannel> => {
 
 export const publishOne = (rabbit: Rabbit, request: PublishRequest): Effect.Effect<PublishResponse, PublishError, Broker> =>
   Effect.gen(function*() {
-    const message = yield* Effect.fromResult(validatePublish(rabbit, request))
+    const message = { ...yield* Effect.fromResult(validatePublish(rabbit, request)), headers: yield* traceHeaders }
     const confirmed = yield* send(rabbit.exchange, message)
     yield* confirmed
     yield* Effect.logDebug("published", { messageId: message.messageId, routingKey: message.routingKey })
@@ -445,6 +458,8 @@ export const publishBatch = (
       catch: (cause) => new ClientStreamFailed({ cause })
     })
 
+    // One context for the batch: its server span.
+    const headers = yield* traceHeaders
     while (true) {
       const item = yield* next
       if (item.done === true) break
@@ -455,7 +470,7 @@ export const publishBatch = (
         yield* settleAll
         return yield* stop(valid.failure)
       }
-      const message = valid.success
+      const message = { ...valid.success, headers }
       // + protobuf tag and length of the repeated field, generously
       const size = Buffer.byteLength(message.messageId) + 8
       if (idBytes + size > MAX_RESPONSE_ID_BYTES) {

@@ -8,6 +8,7 @@ import type * as amqp from "amqplib"
 import { Cause, Data, Effect, Exit, type Fiber, Option } from "effect"
 import { Broker, connectGrace } from "./broker/Broker.js"
 import { shuttingDown } from "./callLifecycle.js"
+import { underRpcSpan } from "./tracing.js"
 
 /** Runs an Effect needing the broker as a handler fiber (the `run` the handlers get). */
 export type RunHandler = <A, E>(effect: Effect.Effect<A, E, Broker>) => Fiber.Fiber<A, E>
@@ -81,7 +82,8 @@ export const runCall = <A, E>(
   const fiber = run(
     work.pipe(
       Effect.onExit(replyWith(callback, statusOf)),
-      Effect.annotateLogs({ rpc, peer: call.getPeer() })
+      Effect.annotateLogs({ rpc, peer: call.getPeer() }),
+      underRpcSpan(call)
     )
   )
   // Also fires after a normal end; interrupting a finished fiber is a no-op.

@@ -133,7 +133,7 @@ describe("nix flake", () => {
     }
     const url = /inputs\.nixpkgs\.url = "github:([^/]+)\/([^/]+)\/([^"]+)";/.exec(readFileSync(join(root, "flake.nix"), "utf8"))
     assert.isNotNull(url)
-    const [, owner, repo, ref] = url!
+    const [owner, repo, ref] = [url![1]!, url![2]!, url![3]!]
     assert.strictEqual(lock.version, 7)
     assert.deepStrictEqual(lock.nodes[lock.root]?.inputs, { nixpkgs: "nixpkgs" })
     const nixpkgs = lock.nodes["nixpkgs"]!
