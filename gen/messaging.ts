@@ -432,12 +432,30 @@ export interface SubscriptionOpened {
 
 export interface SchemaDelivery {
   info?: DeliveryInfo | undefined;
-  message?: SchemaMessageResponse | undefined;
+  message?:
+    | SchemaMessageResponse
+    | undefined;
+  /**
+   * The proxy's delivery span of this message, while tracing is on (absent otherwise): a worker
+   * that starts its spans under it joins the publisher's trace.
+   */
+  traceContext?: TraceContext | undefined;
 }
 
 export interface ValidationDelivery {
   info?: DeliveryInfo | undefined;
-  message?: ValidationMessageResponse | undefined;
+  message?:
+    | ValidationMessageResponse
+    | undefined;
+  /** As in SchemaDelivery. */
+  traceContext?: TraceContext | undefined;
+}
+
+/** W3C trace context (https://www.w3.org/TR/trace-context/), in its header forms. */
+export interface TraceContext {
+  traceparent: string;
+  /** The publisher's tracestate, passed on unchanged; empty when it had none. */
+  tracestate: string;
 }
 
 export interface SchemaSubscriptionEvent {
@@ -3517,7 +3535,7 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
 };
 
 function createBaseSchemaDelivery(): SchemaDelivery {
-  return { info: undefined, message: undefined };
+  return { info: undefined, message: undefined, traceContext: undefined };
 }
 
 export const SchemaDelivery: MessageFns<SchemaDelivery> = {
@@ -3527,6 +3545,9 @@ export const SchemaDelivery: MessageFns<SchemaDelivery> = {
     }
     if (message.message !== undefined) {
       SchemaMessageResponse.encode(message.message, writer.uint32(18).fork()).join();
+    }
+    if (message.traceContext !== undefined) {
+      TraceContext.encode(message.traceContext, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -3560,6 +3581,14 @@ export const SchemaDelivery: MessageFns<SchemaDelivery> = {
             message.message = SchemaMessageResponse.decode(reader, reader.uint32());
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.traceContext = TraceContext.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3576,6 +3605,11 @@ export const SchemaDelivery: MessageFns<SchemaDelivery> = {
     return {
       info: isSet(object.info) ? DeliveryInfo.fromJSON(object.info) : undefined,
       message: isSet(object.message) ? SchemaMessageResponse.fromJSON(object.message) : undefined,
+      traceContext: isSet(object.traceContext)
+        ? TraceContext.fromJSON(object.traceContext)
+        : isSet(object.trace_context)
+        ? TraceContext.fromJSON(object.trace_context)
+        : undefined,
     };
   },
 
@@ -3586,6 +3620,9 @@ export const SchemaDelivery: MessageFns<SchemaDelivery> = {
     }
     if (message.message !== undefined) {
       obj.message = SchemaMessageResponse.toJSON(message.message);
+    }
+    if (message.traceContext !== undefined) {
+      obj.traceContext = TraceContext.toJSON(message.traceContext);
     }
     return obj;
   },
@@ -3601,12 +3638,15 @@ export const SchemaDelivery: MessageFns<SchemaDelivery> = {
     message.message = (object.message !== undefined && object.message !== null)
       ? SchemaMessageResponse.fromPartial(object.message)
       : undefined;
+    message.traceContext = (object.traceContext !== undefined && object.traceContext !== null)
+      ? TraceContext.fromPartial(object.traceContext)
+      : undefined;
     return message;
   },
 };
 
 function createBaseValidationDelivery(): ValidationDelivery {
-  return { info: undefined, message: undefined };
+  return { info: undefined, message: undefined, traceContext: undefined };
 }
 
 export const ValidationDelivery: MessageFns<ValidationDelivery> = {
@@ -3616,6 +3656,9 @@ export const ValidationDelivery: MessageFns<ValidationDelivery> = {
     }
     if (message.message !== undefined) {
       ValidationMessageResponse.encode(message.message, writer.uint32(18).fork()).join();
+    }
+    if (message.traceContext !== undefined) {
+      TraceContext.encode(message.traceContext, writer.uint32(26).fork()).join();
     }
     return writer;
   },
@@ -3649,6 +3692,14 @@ export const ValidationDelivery: MessageFns<ValidationDelivery> = {
             message.message = ValidationMessageResponse.decode(reader, reader.uint32());
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.traceContext = TraceContext.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3665,6 +3716,11 @@ export const ValidationDelivery: MessageFns<ValidationDelivery> = {
     return {
       info: isSet(object.info) ? DeliveryInfo.fromJSON(object.info) : undefined,
       message: isSet(object.message) ? ValidationMessageResponse.fromJSON(object.message) : undefined,
+      traceContext: isSet(object.traceContext)
+        ? TraceContext.fromJSON(object.traceContext)
+        : isSet(object.trace_context)
+        ? TraceContext.fromJSON(object.trace_context)
+        : undefined,
     };
   },
 
@@ -3675,6 +3731,9 @@ export const ValidationDelivery: MessageFns<ValidationDelivery> = {
     }
     if (message.message !== undefined) {
       obj.message = ValidationMessageResponse.toJSON(message.message);
+    }
+    if (message.traceContext !== undefined) {
+      obj.traceContext = TraceContext.toJSON(message.traceContext);
     }
     return obj;
   },
@@ -3690,6 +3749,94 @@ export const ValidationDelivery: MessageFns<ValidationDelivery> = {
     message.message = (object.message !== undefined && object.message !== null)
       ? ValidationMessageResponse.fromPartial(object.message)
       : undefined;
+    message.traceContext = (object.traceContext !== undefined && object.traceContext !== null)
+      ? TraceContext.fromPartial(object.traceContext)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseTraceContext(): TraceContext {
+  return { traceparent: "", tracestate: "" };
+}
+
+export const TraceContext: MessageFns<TraceContext> = {
+  encode(message: TraceContext, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.traceparent !== "") {
+      writer.uint32(10).string(message.traceparent);
+    }
+    if (message.tracestate !== "") {
+      writer.uint32(18).string(message.tracestate);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TraceContext {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTraceContext();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.traceparent = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.tracestate = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TraceContext {
+    return {
+      traceparent: isSet(object.traceparent) ? globalThis.String(object.traceparent) : "",
+      tracestate: isSet(object.tracestate) ? globalThis.String(object.tracestate) : "",
+    };
+  },
+
+  toJSON(message: TraceContext): unknown {
+    const obj: any = {};
+    if (message.traceparent !== "") {
+      obj.traceparent = message.traceparent;
+    }
+    if (message.tracestate !== "") {
+      obj.tracestate = message.tracestate;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<TraceContext>): TraceContext {
+    return TraceContext.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<TraceContext>): TraceContext {
+    const message = createBaseTraceContext();
+    message.traceparent = object.traceparent ?? "";
+    message.tracestate = object.tracestate ?? "";
     return message;
   },
 };

@@ -112,7 +112,7 @@ const make = Effect.gen(function*() {
     "grpc.max_concurrent_streams": http2MaxConcurrentStreams
   })
   allowStreamResetBurst(server, http2MaxConcurrentStreams)
-  server.addService(MessagingServiceDefinition, guardHandlers(makeHandlers(settings, run), access, observer, tracing))
+  server.addService(MessagingServiceDefinition, guardHandlers(makeHandlers(settings, run, tracing), access, observer, tracing))
   // The server ("" and the service) follows the broker connections; each declared queue has an
   // entry of its own, named by the queue, that is also NOT_SERVING while that queue is unavailable.
   // `publishing` is NOT_SERVING also while the broker blocks the publishers' connection (a memory

@@ -25,7 +25,7 @@ import type { RunHandler } from "./unaryCall.js"
 import type { AdmissionPolicy } from "./redelivery.js"
 import { encodeWith } from "./serialization.js"
 import { type QueueStreamSpec, serveQueueStream } from "./streaming.js"
-import { underRpcSpan } from "./tracing.js"
+import { type Tracing, underRpcSpan } from "./tracing.js"
 import { serveSubscription, type SubscriptionEvent, type SubscriptionSpec } from "./subscription.js"
 
 export const messagingParams = ({ rabbit }: ProxySettings): GetMessagingParamsResponse => ({
@@ -48,12 +48,14 @@ const routingKey = (binding: QueueBinding): RoutingKey => ({ routingKey: binding
 
 const queueSpec = <A>(
   settings: ProxySettings,
+  tracing: Tracing["Service"],
   binding: QueueBinding,
   decode: AdmissionPolicy<A>["decode"],
   encode: AdmissionPolicy<A>["encode"]
 ): QueueStreamSpec<A> & SubscriptionSpec<A> => ({
   queue: binding.queue,
   deadLetterQueue: deadLetterQueue(settings.rabbit, binding.queue),
+  tracing,
   prefetch: settings.rabbit.prefetch,
   clientReadAheadBytes: settings.grpc.clientReadAheadBytes,
   quietStreamAckAfter: settings.limits.quietStreamAckAfter,
@@ -93,7 +95,7 @@ const runForCall = (
   call.once("cancelled", () => fiber.interruptUnsafe())
 }
 
-export const makeHandlers = (settings: ProxySettings, run: RunHandler): MessagingServiceServer => {
+export const makeHandlers = (settings: ProxySettings, run: RunHandler, tracing: Tracing["Service"]): MessagingServiceServer => {
   const streamHandler = <Req, A>(rpc: string, spec: QueueStreamSpec<A>): grpc.handleServerStreamingCall<Req, A> =>
   (call) => runForCall(run, call as grpc.ServerWritableStream<unknown, unknown>, rpc, serveQueueStream(call, spec))
   const subscriptionHandler = <A, Event extends SubscriptionEvent<A>>(
@@ -109,8 +111,8 @@ export const makeHandlers = (settings: ProxySettings, run: RunHandler): Messagin
     )
   const params = messagingParams(settings)
   const { rabbit } = settings
-  const schemas = queueSpec(settings, rabbit.schemas, decodeSchemaMessage, encodeWith(SchemaMessageResponse))
-  const validations = queueSpec(settings, rabbit.validations, decodeValidationMessage, encodeWith(ValidationMessageResponse))
+  const schemas = queueSpec(settings, tracing, rabbit.schemas, decodeSchemaMessage, encodeWith(SchemaMessageResponse))
+  const validations = queueSpec(settings, tracing, rabbit.validations, decodeValidationMessage, encodeWith(ValidationMessageResponse))
   return {
     getMessagingParams: (_call, callback) => callback(null, params),
     getRoutingKeySchemas: (call, callback) =>

@@ -11,6 +11,7 @@
 import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire"
 import {
   DeliveryInfo,
+  TraceContext,
   MessagingServiceService,
   SchemaMessageResponse,
   SchemaSubscriptionEvent,
@@ -56,23 +57,34 @@ const responseEncoder = <A>(codec: Codec<A>) => {
 
 /** A subscription's delivery event around a message encoded at admission. */
 export class EncodedDelivery {
-  constructor(readonly info: DeliveryInfo, readonly message: Uint8Array) {}
+  constructor(
+    readonly info: DeliveryInfo,
+    readonly message: Uint8Array,
+    readonly traceContext?: TraceContext | undefined
+  ) {}
 }
 
-/** The most bytes the delivery event adds around its message (tags, lengths, DeliveryInfo). */
-export const deliveryEnvelopeBytes = 64
+/**
+ * The most bytes the delivery event adds around its message: tags, lengths and DeliveryInfo (64),
+ * and a trace context (a 55-character traceparent and a tracestate of at most 512, W3C trace
+ * context §3.3.1.5, with their tags and lengths).
+ */
+export const deliveryEnvelopeBytes = 64 + 640
 
 const eventEncoder = <A>(codec: Codec<A>) => {
   const encode = encoder(codec)
   return (value: A | EncodedDelivery): Buffer => value instanceof EncodedDelivery ? encodeDelivery(value) : encode(value)
 }
 
-/** event.delivery (field 2) { info (field 1), message (field 2) }, as the generated code would. */
+/** event.delivery (field 2) { info (field 1), message (field 2), trace_context (field 3) }, as the generated code would. */
 const encodeDelivery = (value: EncodedDelivery): Buffer =>
   asBuffer(withWriter((w) => {
     w.uint32((2 << 3) | WireType.LengthDelimited).fork()
     DeliveryInfo.encode(value.info, w.uint32((1 << 3) | WireType.LengthDelimited).fork()).join()
     w.uint32((2 << 3) | WireType.LengthDelimited).bytes(value.message)
+    if (value.traceContext !== undefined) {
+      TraceContext.encode(value.traceContext, w.uint32((3 << 3) | WireType.LengthDelimited).fork()).join()
+    }
     return w.join().finish()
   }))
 

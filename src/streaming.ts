@@ -23,6 +23,7 @@ import type * as amqp from "amqplib"
 import { Duration, Effect, Stream } from "effect"
 import type { Broker } from "./broker/Broker.js"
 import { batchWrites, finishCall, writeAllWithBackpressure } from "./callLifecycle.js"
+import { endSpan, startDeliverySpan, type Tracing } from "./tracing.js"
 import { ackThrough, type Delivery } from "./consumer.js"
 import * as Metrics from "./metrics.js"
 import { readAheadOf } from "./readAhead.js"
@@ -31,6 +32,8 @@ import { makeUnreadLedger } from "./unreadLedger.js"
 
 export interface QueueStreamSpec<A> extends AdmissionPolicy<A> {
   readonly deadLetterQueue: string
+  /** A span per delivery while tracing is on (tracing.ts). */
+  readonly tracing: Tracing["Service"]
   /** RABBITMQ_PREFETCH: messages held ready beyond what the client's window takes. */
   readonly prefetch: number
   /** GRPC_CLIENT_READ_AHEAD_BYTES (readAhead.ts). */
@@ -192,7 +195,7 @@ export const serveQueueStream = <Req, A>(
       growIfStarved()
     }
 
-    const write = (delivery: Delivery, encoded: Uint8Array): boolean => {
+    const write = (delivery: Delivery, encoded: Uint8Array, deliveryCount: number): boolean => {
       unwritten--
       const bytes = encoded.byteLength + grpcFrameBytes
       const unread: Unread = { channel: delivery.channel, deliveryTag: delivery.message.fields.deliveryTag }
@@ -200,7 +203,11 @@ export const serveQueueStream = <Req, A>(
       rememberMessageSize(spec.queue, bytes)
       ledger.written(unread, bytes)
       quietTimer ??= setTimeout(onQuiet, quietMs)
-      return outgoing.write(encoded, written(bytes))
+      // The contract's messages have no field for it: the trace continues in the proxy only.
+      const traced = startDeliverySpan(spec.tracing, spec.queue, delivery.message, deliveryCount)
+      const accepted = outgoing.write(encoded, written(bytes))
+      endSpan(traced?.span)
+      return accepted
     }
 
     const deliveries = admittedDeliveries({
@@ -227,7 +234,8 @@ export const serveQueueStream = <Req, A>(
         return writeAllWithBackpressure(outgoing, admissions, (admission) =>
           // A write that never completes (cancel) leaves its message unacked, and the channel's
           // close requeues it.
-          admission._tag === "DeadLettered" || write(admission.admitted.delivery, admission.admitted.encoded))
+          admission._tag === "DeadLettered" ||
+            write(admission.admitted.delivery, admission.admitted.encoded, admission.admitted.deliveryCount))
       })
     )
 

@@ -15,6 +15,7 @@ import { brokerCancelled, brokerConsumerTimeout, type Delivery } from "./consume
 import { requeueDelayed } from "./delayedRequeue.js"
 import * as Metrics from "./metrics.js"
 import { deliveryEnvelopeBytes, EncodedDelivery } from "./serialization.js"
+import { endSpan, startDeliverySpan, type Tracing } from "./tracing.js"
 import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn, requeueCounted, requeueCountOf } from "./redelivery.js"
 
 /** The event shape both subscription RPCs share (SchemaSubscriptionEvent, ValidationSubscriptionEvent). */
@@ -28,6 +29,8 @@ export interface SubscriptionEvent<A> {
 
 export interface SubscriptionSpec<A> extends AdmissionPolicy<A> {
   readonly deadLetterQueue: string
+  /** A span per delivery while tracing is on (tracing.ts). */
+  readonly tracing: Tracing["Service"]
   readonly defaultMaxInFlight: number
   /** The most a client may ask for: what one subscription may make the proxy hold. */
   readonly maxInFlightLimit: number
@@ -253,7 +256,10 @@ export const serveSubscription = <A>(
           deadlines.set(deliveryId, Date.now() + ackDeadlineMs)
           counts.delivered++
           Metrics.deliveredUnsafe(spec.queue, rpc)
-          return outgoing.write(new EncodedDelivery({ deliveryId, redelivered, deliveryCount }, encoded))
+          const traced = startDeliverySpan(spec.tracing, spec.queue, delivery.message, deliveryCount)
+          const accepted = outgoing.write(new EncodedDelivery({ deliveryId, redelivered, deliveryCount }, encoded, traced?.context))
+          endSpan(traced?.span)
+          return accepted
         })
       })
     )

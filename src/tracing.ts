@@ -12,6 +12,8 @@
  *   status) and handed to the call's work through `rpcSpanOf`.
  */
 import * as grpc from "@grpc/grpc-js"
+import type * as amqp from "amqplib"
+import type { TraceContext as TraceContextField } from "../gen/messaging.js"
 import { ConfigProvider, Context, Effect, Exit, Layer, Option, Tracer } from "effect"
 import { FetchHttpClient } from "effect/http"
 import { OtlpSerialization, OtlpTracer } from "effect/observability"
@@ -199,4 +201,38 @@ export const endRpcSpan = (span: StartedSpan | undefined, code: grpc.status): vo
   if (span === undefined) return
   span.attribute("rpc.grpc.status_code", code)
   endSpan(span, serverErrorCodes.has(code) ? grpc.status[code] : undefined)
+}
+
+/**
+ * The span of one delivery (kind consumer; OpenTelemetry's messaging conventions), a child of the
+ * publisher's context when the AMQP message carries `traceparent`/`tracestate` headers (what
+ * OpenTelemetry-instrumented publishers write, pika's instrumentation among them), and the trace
+ * context to hand the client: this span's, with the publisher's tracestate. Undefined while
+ * tracing is off. From the proxy's receipt of the message to its hand-off to the client.
+ */
+export const startDeliverySpan = (
+  tracing: Tracing["Service"],
+  queue: string,
+  message: amqp.ConsumeMessage,
+  deliveryCount: number
+): { readonly span: StartedSpan; readonly context: TraceContextField } | undefined => {
+  if (!tracing.enabled) return undefined
+  const headers = message.properties.headers ?? {}
+  const parent = parseTraceparent(headers["traceparent"], headers["tracestate"])
+  const span = tracing.startSpan(`${queue} deliver`, {
+    kind: "consumer",
+    parent,
+    attributes: {
+      "messaging.system": "rabbitmq",
+      "messaging.operation.type": "deliver",
+      "messaging.destination.name": queue,
+      "messaging.rabbitmq.destination.routing_key": message.fields.routingKey,
+      "messaging.rabbitmq.message.delivery_tag": message.fields.deliveryTag,
+      ...(typeof message.properties.messageId === "string" ? { "messaging.message.id": message.properties.messageId } : {}),
+      // Not an OpenTelemetry name: the proxy's count (x-delivery-count, x-requeue-count; redelivery.ts).
+      "messaging.rabbitmq.message.delivery_count": deliveryCount
+    }
+  })
+  if (span === undefined) return undefined
+  return { span, context: { traceparent: formatTraceparent(span), tracestate: parent?.traceState ?? "" } }
 }
