@@ -30,14 +30,15 @@ import { defaultProxyMain, ProxyChild, stopAllChildren } from "./proxyProcess.js
 import { QUEUE_TYPES, type QuorumResult, runQuorum } from "./quorum.js"
 import { runStreams } from "./streams.js"
 import { bodyFactory, MODE_LABEL, MODES, prefill, type RunRecord, runThroughput } from "./throughput.js"
+import { dropAllReceiver, tracingCost, tracingModes, type TracingOutcome } from "./tracing.js"
 import { envFlag, envInt, errorText, fmt, fmtInt, log, mb, now, type PhaseOutcome, sleep, table } from "./util.js"
 
-type Phase = "throughput" | "latency" | "streams" | "cancel" | "profile" | "quorum"
-const ALL_PHASES: ReadonlyArray<Phase> = ["throughput", "profile", "latency", "streams", "cancel", "quorum"]
+type Phase = "throughput" | "latency" | "streams" | "cancel" | "profile" | "quorum" | "tracing"
+const ALL_PHASES: ReadonlyArray<Phase> = ["throughput", "profile", "latency", "streams", "cancel", "quorum", "tracing"]
 
 const settings = () => {
   const profile = envFlag("BENCH_PROFILE")
-  const requested = (process.env["BENCH_PHASES"] ?? "throughput,latency,streams,cancel,quorum")
+  const requested = (process.env["BENCH_PHASES"] ?? "throughput,latency,streams,cancel,quorum,tracing")
     .split(",").map((p) => p.trim()).filter((p) => p.length > 0)
   for (const p of requested) {
     if (!ALL_PHASES.includes(p as Phase)) throw new Error(`BENCH_PHASES: unknown phase ${JSON.stringify(p)}`)
@@ -317,6 +318,9 @@ const main = async () => {
         case "quorum":
           results["quorum"] = await runQuorumPhase(bench, s)
           break
+        case "tracing":
+          results["tracing"] = await runTracingPhase(bench, admin, s)
+          break
         case "cancel":
           results["cancel"] = await bench.phase("cancel", (proxy) =>
             runCancel({ admin, proxy, connectionName: bench.connectionName("cancel"), cycles: s.cancelCycles }))
@@ -421,6 +425,35 @@ const runProfilePhase = async (bench: Bench, admin: Admin, s: Settings): Promise
 }
 
 /** The quorum phase: one proxy child per queue type on the local cluster (quorum.ts). */
+/** Tracing off, then on (always_on, to a receiver that drops everything): bench/tracing.ts. */
+const runTracingPhase = async (bench: Bench, admin: Admin, s: Settings): Promise<TracingOutcome> => {
+  const receiver = await dropAllReceiver()
+  try {
+    const drains = (label: string, env: Record<string, string>) =>
+      bench.phase("tracing", (proxy) =>
+        runThroughput({
+          admin,
+          proxy,
+          messages: s.messages,
+          bodyBytes: s.bodyBytes,
+          prefetch: s.prefetch,
+          repetitions: s.repetitions,
+          warmupMessages: s.warmupMessages,
+          modes: tracingModes,
+          label
+        }), { label, env })
+    const off = await drains("tracing off", {})
+    const on = await drains("tracing on", { OTEL_EXPORTER_OTLP_ENDPOINT: receiver.url, OTEL_TRACES_SAMPLER: "always_on" })
+    if (off.result === undefined || on.result === undefined) return { error: off.error ?? on.error ?? "no result" }
+    return { result: { off: off.result, on: on.result, spansReceived: receiver.spans(), costUsPerMsg: tracingCost(off.result, on.result) } }
+  } catch (error) {
+    log(`phase tracing failed: ${errorText(error)}`)
+    return { error: errorText(error) }
+  } finally {
+    await receiver.close()
+  }
+}
+
 const runQuorumPhase = async (bench: Bench, s: Settings): Promise<PhaseOutcome<QuorumResult>> => {
   try {
     const result = await runQuorum({
@@ -652,6 +685,19 @@ const render = (report: { environment: Record<string, unknown>; durationSeconds:
     if (runs.length > 0) out.push(table(runs))
     summary.push(["quorum / classic msg/s ((a) / (b))", `${fmt(r.quorumToClassic.direct, 3)} / ${fmt(r.quorumToClassic.stream, 3)}`, "", ""])
   } else if (q?.error) summary.push(["quorum vs classic", `failed: ${q.error}`, "", "FAIL"])
+
+  const tr = results["tracing"] as TracingOutcome | undefined
+  if (tr?.result) {
+    const { off, on, spansReceived, costUsPerMsg } = tr.result
+    out.push("", "Tracing: off, then on (always_on, OTLP/HTTP to a receiver that drops everything)")
+    const rows = [["", "msg/s off", "msg/s on", "proxy CPU µs/msg off", "proxy CPU µs/msg on", "cost µs/msg"]]
+    for (const mode of ["stream", "subscribe"] as const) {
+      rows.push([MODE_LABEL[mode], fmtInt(off.medianMsgPerSec[mode]), fmtInt(on.medianMsgPerSec[mode]),
+        fmt(off.medianProxyCpuUsPerMsg[mode], 1), fmt(on.medianProxyCpuUsPerMsg[mode], 1), fmt(costUsPerMsg[mode], 1)])
+      summary.push([`tracing cost per message ${MODE_LABEL[mode]}`, `${fmt(costUsPerMsg[mode], 1)} µs proxy CPU`, "", ""])
+    }
+    out.push(table(rows), `spans received while on: ${spansReceived}`)
+  } else if (tr?.error) summary.push(["tracing", `failed: ${tr.error}`, "", "FAIL"])
 
   if (summary.length > 1) out.push("", "Summary", table(summary))
   for (const [phase, o] of outcomes) {
