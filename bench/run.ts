@@ -278,15 +278,7 @@ const main = async () => {
       switch (phase) {
         case "throughput":
           results["throughput"] = await bench.phase("throughput", (proxy) =>
-            runThroughput({
-              admin,
-              proxy,
-              messages: s.messages,
-              bodyBytes: s.bodyBytes,
-              prefetch: s.prefetch,
-              repetitions: s.repetitions,
-              warmupMessages: s.warmupMessages
-            }))
+            runThroughput({ admin, proxy, ...drainSettings(s) }))
           break
         case "profile":
           results["profile"] = await runProfilePhase(bench, admin, s)
@@ -425,23 +417,22 @@ const runProfilePhase = async (bench: Bench, admin: Admin, s: Settings): Promise
 }
 
 /** The quorum phase: one proxy child per queue type on the local cluster (quorum.ts). */
+/** The throughput drains' sizes, as the settings give them (the throughput and tracing phases). */
+const drainSettings = (s: Settings) => ({
+  messages: s.messages,
+  bodyBytes: s.bodyBytes,
+  prefetch: s.prefetch,
+  repetitions: s.repetitions,
+  warmupMessages: s.warmupMessages
+})
+
 /** Tracing off, then on (always_on, to a receiver that drops everything): bench/tracing.ts. */
 const runTracingPhase = async (bench: Bench, admin: Admin, s: Settings): Promise<TracingOutcome> => {
   const receiver = await dropAllReceiver()
   try {
     const drains = (label: string, env: Record<string, string>) =>
       bench.phase("tracing", (proxy) =>
-        runThroughput({
-          admin,
-          proxy,
-          messages: s.messages,
-          bodyBytes: s.bodyBytes,
-          prefetch: s.prefetch,
-          repetitions: s.repetitions,
-          warmupMessages: s.warmupMessages,
-          modes: tracingModes,
-          label
-        }), { label, env })
+        runThroughput({ admin, proxy, ...drainSettings(s), modes: tracingModes, label }), { label, env })
     const off = await drains("tracing off", {})
     const on = await drains("tracing on", { OTEL_EXPORTER_OTLP_ENDPOINT: receiver.url, OTEL_TRACES_SAMPLER: "always_on" })
     if (off.result === undefined || on.result === undefined) return { error: off.error ?? on.error ?? "no result" }
