@@ -11,10 +11,11 @@ import { Effect } from "effect"
 import { randomBytes } from "node:crypto"
 import { createServer } from "node:http"
 import type { AddressInfo } from "node:net"
-import { MessageKind, type MessagingServiceClient } from "../gen/messaging.js"
+import { MessageKind, MessagingServiceClient } from "../gen/messaging.js"
 import { formatTraceparent, parseTraceparent, sampled } from "../src/tracing.js"
 import { schemaBody } from "./fixtures/bodies.js"
-import { makeTestEnv, publishRaw, readMessages } from "./support/harness.js"
+import { makeAdmin, makeNames, makeTestEnv, proxyEnv, publishRaw, readMessages, waitForQueue } from "./support/harness.js"
+import { grpcPortOf, runProxy } from "./support/process.js"
 import { subscribeSchemas } from "./support/subscriber.js"
 import { explainIfInterrupted } from "./support/waiting.js"
 
@@ -141,6 +142,19 @@ describe("traces exported over OTLP/HTTP", () => {
       assert.strictEqual(attribute(deliverSpan, "messaging.message.id"), "traced-1")
       assert.strictEqual(Number(attribute(deliverSpan, "messaging.rabbitmq.message.delivery_count")), 1)
 
+      // A copy keeps the headers: rejected to the dead-letter queue, it still names the publisher's span.
+      yield* publishRaw(env.admin, env.names.exchange, "schemas.*", Buffer.from(JSON.stringify(schemaBody("traced-dead"))), {
+        messageId: "traced-dead",
+        headers: { traceparent: formatTraceparent(publisher) }
+      })
+      yield* sub.deliveries(1)
+      yield* sub.send({ action: { $case: "reject", value: { deliveryIds: ["2"], reason: "test" } } })
+      yield* sub.settled
+      // The move runs beside the subscription: wait for the copy.
+      yield* waitForQueue(env.admin, env.names.schemasDead, (q) => q.messageCount === 1)
+      const dead = yield* Effect.promise(() => env.admin.channel.get(env.names.schemasDead, { noAck: true }))
+      assert.strictEqual(parseTraceparent(dead === false ? undefined : dead.properties.headers?.["traceparent"])?.spanId, publisher.spanId)
+
       // The subscription's server span ends with the call.
       sub.call.end()
       yield* sub.status
@@ -165,6 +179,28 @@ describe("traces exported over OTLP/HTTP", () => {
       assert.notStrictEqual(message, false)
       const header = parseTraceparent(message === false ? undefined : message.properties.headers?.["traceparent"])
       assert.deepStrictEqual(header, { traceId: caller.traceId, spanId: rpcSpan.spanId, sampled: true, traceState: undefined })
+    }))
+
+  it.live("log lines logged under a span carry its trace_id and span_id (the built proxy, debug logging)", () =>
+    Effect.gen(function*() {
+      const receiver = yield* otlpReceiver
+      const names = makeNames()
+      yield* makeAdmin(names)
+      const caller = newTraceparent()
+      const result = yield* runProxy({ ...proxyEnv(names), ...tracingEnv(receiver.url), MESSAGING_CONNECTION_DEBUG: "true" }, (kill, stdout) => {
+        const client = new MessagingServiceClient(`127.0.0.1:${grpcPortOf(stdout)}`, grpc.credentials.createInsecure())
+        void Effect.runPromise(Effect.ignore(publishWithContext(client, formatTraceparent(caller), "logged-1"))).then(() => {
+          client.close()
+          kill()
+        })
+      })
+      assert.strictEqual(result.code, 0, result.stderr)
+      const published = result.stdout.split("\n").find((line) => line.includes('"published"'))
+      assert.isDefined(published, result.stdout)
+      const fields = JSON.parse(published!) as { trace_id?: string; span_id?: string }
+      assert.strictEqual(fields.trace_id, caller.traceId)
+      assert.match(fields.span_id ?? "", /^[0-9a-f]{16}$/)
+      assert.notStrictEqual(fields.span_id, caller.spanId, "the proxy's server span, under the caller's")
     }))
 
   it.live("without an endpoint nothing is exported, and Publish writes no traceparent", () =>
