@@ -183,7 +183,7 @@ export const drainSubscribe = async (
   const flush = () => {
     flushScheduled = false
     if (pending.length === 0) return
-    send({ action: { $case: "ack", value: { deliveryIds: pending } } })
+    send({ action: { $case: "ack", value: { deliveryIds: pending, ranges: [] } } })
     pending = []
   }
   const status = new Promise<grpc.StatusObject>((resolve) => call.once("status", resolve))
@@ -224,7 +224,7 @@ export const drainSubscribe = async (
       if (!finishing) reject(new Error(`subscription ended after ${received} of ${count}`))
     })
   })
-  send({ action: { $case: "open", value: { maxInFlight: options.maxInFlight, consumerName: "bench", maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
+  send({ action: { $case: "open", value: { maxInFlight: options.maxInFlight, consumerName: "bench", maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: 0 } } })
   try {
     await untilDone(done, () => received, 15_000, "SubscribeSchemaMessages drain")
     flush()
@@ -265,7 +265,7 @@ export const probeSubscribe = async (client: MessagingServiceClient, timeoutMs =
       })
     })
   })
-  call.write({ action: { $case: "open", value: { maxInFlight: 32, consumerName: "bench-probe", maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
+  call.write({ action: { $case: "open", value: { maxInFlight: 32, consumerName: "bench-probe", maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: 0 } } })
   try {
     return await Promise.race([outcome, sleep(timeoutMs).then((): Availability => ({ available: true }))])
   } catch (error) {

@@ -388,10 +388,28 @@ export interface OpenSubscription {
    * default (MESSAGING_ACK_DEADLINE_SECONDS); at most MESSAGING_MAX_ACK_DEADLINE_SECONDS.
    */
   ackDeadlineSeconds: number;
+  /**
+   * The most deliveries one event may carry: 0 or 1 = one `delivery` event per message (what
+   * clients before this field get); N > 1 = messages ready together come in one `deliveries`
+   * event of up to N (never more than the max_in_flight in force, and never larger than
+   * max_message_bytes). Fewer events, less work per message on both sides.
+   */
+  maxDeliveriesPerEvent: number;
 }
 
 export interface DeliveryIds {
   deliveryIds: string[];
+  /**
+   * Inclusive ranges of ids, besides the list: every delivery of a range that is pending is
+   * settled; ids of a range that are not pending (settled before, or never sent) are skipped
+   * without a settle_error. One range settles a whole `deliveries` event.
+   */
+  ranges: DeliveryRange[];
+}
+
+export interface DeliveryRange {
+  first: string;
+  last: string;
 }
 
 export interface RejectDeliveries {
@@ -428,6 +446,8 @@ export interface SubscriptionOpened {
   maxMessageBytes: number;
   /** The ack deadline in force for each delivery, in seconds (see OpenSubscription). */
   ackDeadlineSeconds: number;
+  /** The most deliveries per event in force (1: one `delivery` event per message). */
+  maxDeliveriesPerEvent: number;
 }
 
 export interface SchemaDelivery {
@@ -462,14 +482,26 @@ export interface SchemaSubscriptionEvent {
   event?: { $case: "opened"; value: SubscriptionOpened } | { $case: "delivery"; value: SchemaDelivery } | {
     $case: "settleError";
     value: SettleError;
-  } | undefined;
+  } | //
+  /** Several deliveries at once, in delivery order (see max_deliveries_per_event). */
+  { $case: "deliveries"; value: SchemaDeliveries } | undefined;
+}
+
+export interface SchemaDeliveries {
+  deliveries: SchemaDelivery[];
 }
 
 export interface ValidationSubscriptionEvent {
   event?: { $case: "opened"; value: SubscriptionOpened } | { $case: "delivery"; value: ValidationDelivery } | {
     $case: "settleError";
     value: SettleError;
-  } | undefined;
+  } | //
+  /** Several deliveries at once, in delivery order (see max_deliveries_per_event). */
+  { $case: "deliveries"; value: ValidationDeliveries } | undefined;
+}
+
+export interface ValidationDeliveries {
+  deliveries: ValidationDelivery[];
 }
 
 export interface PublishRequest {
@@ -2867,7 +2899,7 @@ export const NackDelayed: MessageFns<NackDelayed> = {
 };
 
 function createBaseOpenSubscription(): OpenSubscription {
-  return { maxInFlight: 0, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0 };
+  return { maxInFlight: 0, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: 0 };
 }
 
 export const OpenSubscription: MessageFns<OpenSubscription> = {
@@ -2883,6 +2915,9 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
     }
     if (message.ackDeadlineSeconds !== 0) {
       writer.uint32(32).uint32(message.ackDeadlineSeconds);
+    }
+    if (message.maxDeliveriesPerEvent !== 0) {
+      writer.uint32(40).uint32(message.maxDeliveriesPerEvent);
     }
     return writer;
   },
@@ -2932,6 +2967,14 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
             message.ackDeadlineSeconds = reader.uint32();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.maxDeliveriesPerEvent = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2966,6 +3009,11 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
         : isSet(object.ack_deadline_seconds)
         ? globalThis.Number(object.ack_deadline_seconds)
         : 0,
+      maxDeliveriesPerEvent: isSet(object.maxDeliveriesPerEvent)
+        ? globalThis.Number(object.maxDeliveriesPerEvent)
+        : isSet(object.max_deliveries_per_event)
+        ? globalThis.Number(object.max_deliveries_per_event)
+        : 0,
     };
   },
 
@@ -2983,6 +3031,9 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
     if (message.ackDeadlineSeconds !== 0) {
       obj.ackDeadlineSeconds = Math.round(message.ackDeadlineSeconds);
     }
+    if (message.maxDeliveriesPerEvent !== 0) {
+      obj.maxDeliveriesPerEvent = Math.round(message.maxDeliveriesPerEvent);
+    }
     return obj;
   },
 
@@ -2995,12 +3046,13 @@ export const OpenSubscription: MessageFns<OpenSubscription> = {
     message.consumerName = object.consumerName ?? "";
     message.maxMessageBytes = object.maxMessageBytes ?? 0;
     message.ackDeadlineSeconds = object.ackDeadlineSeconds ?? 0;
+    message.maxDeliveriesPerEvent = object.maxDeliveriesPerEvent ?? 0;
     return message;
   },
 };
 
 function createBaseDeliveryIds(): DeliveryIds {
-  return { deliveryIds: [] };
+  return { deliveryIds: [], ranges: [] };
 }
 
 export const DeliveryIds: MessageFns<DeliveryIds> = {
@@ -3011,6 +3063,9 @@ export const DeliveryIds: MessageFns<DeliveryIds> = {
         writer.uint64(v);
       }
       writer.join();
+    }
+    for (const v of message.ranges) {
+      DeliveryRange.encode(v!, writer.uint32(18).fork()).join();
     }
     return writer;
   },
@@ -3046,6 +3101,14 @@ export const DeliveryIds: MessageFns<DeliveryIds> = {
 
             break;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.ranges.push(DeliveryRange.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3065,6 +3128,7 @@ export const DeliveryIds: MessageFns<DeliveryIds> = {
         : globalThis.Array.isArray(object?.delivery_ids)
         ? object.delivery_ids.map((e: any) => globalThis.String(e))
         : [],
+      ranges: globalThis.Array.isArray(object?.ranges) ? object.ranges.map((e: any) => DeliveryRange.fromJSON(e)) : [],
     };
   },
 
@@ -3072,6 +3136,9 @@ export const DeliveryIds: MessageFns<DeliveryIds> = {
     const obj: any = {};
     if (message.deliveryIds?.length) {
       obj.deliveryIds = message.deliveryIds;
+    }
+    if (message.ranges?.length) {
+      obj.ranges = message.ranges.map((e) => DeliveryRange.toJSON(e));
     }
     return obj;
   },
@@ -3082,6 +3149,92 @@ export const DeliveryIds: MessageFns<DeliveryIds> = {
   fromPartial(object: DeepPartial<DeliveryIds>): DeliveryIds {
     const message = createBaseDeliveryIds();
     message.deliveryIds = object.deliveryIds?.map((e) => e) || [];
+    message.ranges = object.ranges?.map((e) => DeliveryRange.fromPartial(e)) || [];
+    return message;
+  },
+};
+
+function createBaseDeliveryRange(): DeliveryRange {
+  return { first: "0", last: "0" };
+}
+
+export const DeliveryRange: MessageFns<DeliveryRange> = {
+  encode(message: DeliveryRange, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.first !== "0") {
+      writer.uint32(8).uint64(message.first);
+    }
+    if (message.last !== "0") {
+      writer.uint32(16).uint64(message.last);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeliveryRange {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeliveryRange();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.first = reader.uint64().toString();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.last = reader.uint64().toString();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeliveryRange {
+    return {
+      first: isSet(object.first) ? globalThis.String(object.first) : "0",
+      last: isSet(object.last) ? globalThis.String(object.last) : "0",
+    };
+  },
+
+  toJSON(message: DeliveryRange): unknown {
+    const obj: any = {};
+    if (message.first !== "0") {
+      obj.first = message.first;
+    }
+    if (message.last !== "0") {
+      obj.last = message.last;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeliveryRange>): DeliveryRange {
+    return DeliveryRange.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DeliveryRange>): DeliveryRange {
+    const message = createBaseDeliveryRange();
+    message.first = object.first ?? "0";
+    message.last = object.last ?? "0";
     return message;
   },
 };
@@ -3402,7 +3555,7 @@ export const SettleError: MessageFns<SettleError> = {
 };
 
 function createBaseSubscriptionOpened(): SubscriptionOpened {
-  return { maxInFlight: 0, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0 };
+  return { maxInFlight: 0, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: 0 };
 }
 
 export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
@@ -3418,6 +3571,9 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
     }
     if (message.ackDeadlineSeconds !== 0) {
       writer.uint32(32).uint32(message.ackDeadlineSeconds);
+    }
+    if (message.maxDeliveriesPerEvent !== 0) {
+      writer.uint32(40).uint32(message.maxDeliveriesPerEvent);
     }
     return writer;
   },
@@ -3467,6 +3623,14 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
             message.ackDeadlineSeconds = reader.uint32();
             continue;
           }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.maxDeliveriesPerEvent = reader.uint32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3501,6 +3665,11 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
         : isSet(object.ack_deadline_seconds)
         ? globalThis.Number(object.ack_deadline_seconds)
         : 0,
+      maxDeliveriesPerEvent: isSet(object.maxDeliveriesPerEvent)
+        ? globalThis.Number(object.maxDeliveriesPerEvent)
+        : isSet(object.max_deliveries_per_event)
+        ? globalThis.Number(object.max_deliveries_per_event)
+        : 0,
     };
   },
 
@@ -3518,6 +3687,9 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
     if (message.ackDeadlineSeconds !== 0) {
       obj.ackDeadlineSeconds = Math.round(message.ackDeadlineSeconds);
     }
+    if (message.maxDeliveriesPerEvent !== 0) {
+      obj.maxDeliveriesPerEvent = Math.round(message.maxDeliveriesPerEvent);
+    }
     return obj;
   },
 
@@ -3530,6 +3702,7 @@ export const SubscriptionOpened: MessageFns<SubscriptionOpened> = {
     message.consumerName = object.consumerName ?? "";
     message.maxMessageBytes = object.maxMessageBytes ?? 0;
     message.ackDeadlineSeconds = object.ackDeadlineSeconds ?? 0;
+    message.maxDeliveriesPerEvent = object.maxDeliveriesPerEvent ?? 0;
     return message;
   },
 };
@@ -3857,6 +4030,9 @@ export const SchemaSubscriptionEvent: MessageFns<SchemaSubscriptionEvent> = {
       case "settleError":
         SettleError.encode(message.event.value, writer.uint32(26).fork()).join();
         break;
+      case "deliveries":
+        SchemaDeliveries.encode(message.event.value, writer.uint32(34).fork()).join();
+        break;
     }
     return writer;
   },
@@ -3898,6 +4074,14 @@ export const SchemaSubscriptionEvent: MessageFns<SchemaSubscriptionEvent> = {
             message.event = { $case: "settleError", value: SettleError.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.event = { $case: "deliveries", value: SchemaDeliveries.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3920,6 +4104,8 @@ export const SchemaSubscriptionEvent: MessageFns<SchemaSubscriptionEvent> = {
         ? { $case: "settleError", value: SettleError.fromJSON(object.settleError) }
         : isSet(object.settle_error)
         ? { $case: "settleError", value: SettleError.fromJSON(object.settle_error) }
+        : isSet(object.deliveries)
+        ? { $case: "deliveries", value: SchemaDeliveries.fromJSON(object.deliveries) }
         : undefined,
     };
   },
@@ -3932,6 +4118,8 @@ export const SchemaSubscriptionEvent: MessageFns<SchemaSubscriptionEvent> = {
       obj.delivery = SchemaDelivery.toJSON(message.event.value);
     } else if (message.event?.$case === "settleError") {
       obj.settleError = SettleError.toJSON(message.event.value);
+    } else if (message.event?.$case === "deliveries") {
+      obj.deliveries = SchemaDeliveries.toJSON(message.event.value);
     }
     return obj;
   },
@@ -3960,7 +4148,84 @@ export const SchemaSubscriptionEvent: MessageFns<SchemaSubscriptionEvent> = {
         }
         break;
       }
+      case "deliveries": {
+        if (object.event?.value !== undefined && object.event?.value !== null) {
+          message.event = { $case: "deliveries", value: SchemaDeliveries.fromPartial(object.event.value) };
+        }
+        break;
+      }
     }
+    return message;
+  },
+};
+
+function createBaseSchemaDeliveries(): SchemaDeliveries {
+  return { deliveries: [] };
+}
+
+export const SchemaDeliveries: MessageFns<SchemaDeliveries> = {
+  encode(message: SchemaDeliveries, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.deliveries) {
+      SchemaDelivery.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SchemaDeliveries {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSchemaDeliveries();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.deliveries.push(SchemaDelivery.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SchemaDeliveries {
+    return {
+      deliveries: globalThis.Array.isArray(object?.deliveries)
+        ? object.deliveries.map((e: any) => SchemaDelivery.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: SchemaDeliveries): unknown {
+    const obj: any = {};
+    if (message.deliveries?.length) {
+      obj.deliveries = message.deliveries.map((e) => SchemaDelivery.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<SchemaDeliveries>): SchemaDeliveries {
+    return SchemaDeliveries.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<SchemaDeliveries>): SchemaDeliveries {
+    const message = createBaseSchemaDeliveries();
+    message.deliveries = object.deliveries?.map((e) => SchemaDelivery.fromPartial(e)) || [];
     return message;
   },
 };
@@ -3980,6 +4245,9 @@ export const ValidationSubscriptionEvent: MessageFns<ValidationSubscriptionEvent
         break;
       case "settleError":
         SettleError.encode(message.event.value, writer.uint32(26).fork()).join();
+        break;
+      case "deliveries":
+        ValidationDeliveries.encode(message.event.value, writer.uint32(34).fork()).join();
         break;
     }
     return writer;
@@ -4022,6 +4290,14 @@ export const ValidationSubscriptionEvent: MessageFns<ValidationSubscriptionEvent
             message.event = { $case: "settleError", value: SettleError.decode(reader, reader.uint32()) };
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.event = { $case: "deliveries", value: ValidationDeliveries.decode(reader, reader.uint32()) };
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4044,6 +4320,8 @@ export const ValidationSubscriptionEvent: MessageFns<ValidationSubscriptionEvent
         ? { $case: "settleError", value: SettleError.fromJSON(object.settleError) }
         : isSet(object.settle_error)
         ? { $case: "settleError", value: SettleError.fromJSON(object.settle_error) }
+        : isSet(object.deliveries)
+        ? { $case: "deliveries", value: ValidationDeliveries.fromJSON(object.deliveries) }
         : undefined,
     };
   },
@@ -4056,6 +4334,8 @@ export const ValidationSubscriptionEvent: MessageFns<ValidationSubscriptionEvent
       obj.delivery = ValidationDelivery.toJSON(message.event.value);
     } else if (message.event?.$case === "settleError") {
       obj.settleError = SettleError.toJSON(message.event.value);
+    } else if (message.event?.$case === "deliveries") {
+      obj.deliveries = ValidationDeliveries.toJSON(message.event.value);
     }
     return obj;
   },
@@ -4084,7 +4364,84 @@ export const ValidationSubscriptionEvent: MessageFns<ValidationSubscriptionEvent
         }
         break;
       }
+      case "deliveries": {
+        if (object.event?.value !== undefined && object.event?.value !== null) {
+          message.event = { $case: "deliveries", value: ValidationDeliveries.fromPartial(object.event.value) };
+        }
+        break;
+      }
     }
+    return message;
+  },
+};
+
+function createBaseValidationDeliveries(): ValidationDeliveries {
+  return { deliveries: [] };
+}
+
+export const ValidationDeliveries: MessageFns<ValidationDeliveries> = {
+  encode(message: ValidationDeliveries, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.deliveries) {
+      ValidationDelivery.encode(v!, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ValidationDeliveries {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseValidationDeliveries();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.deliveries.push(ValidationDelivery.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ValidationDeliveries {
+    return {
+      deliveries: globalThis.Array.isArray(object?.deliveries)
+        ? object.deliveries.map((e: any) => ValidationDelivery.fromJSON(e))
+        : [],
+    };
+  },
+
+  toJSON(message: ValidationDeliveries): unknown {
+    const obj: any = {};
+    if (message.deliveries?.length) {
+      obj.deliveries = message.deliveries.map((e) => ValidationDelivery.toJSON(e));
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<ValidationDeliveries>): ValidationDeliveries {
+    return ValidationDeliveries.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<ValidationDeliveries>): ValidationDeliveries {
+    const message = createBaseValidationDeliveries();
+    message.deliveries = object.deliveries?.map((e) => ValidationDelivery.fromPartial(e)) || [];
     return message;
   },
 };

@@ -90,7 +90,7 @@ const flush = (session: Session): void => {
   if (session.ready.length === 0) return
   const batch = session.ready.splice(0)
   if (!session.live) return // the call is gone: these come back from the queue
-  session.call.write({ action: { $case: "ack", value: { deliveryIds: batch.map((d) => d.info?.deliveryId ?? "0") } } })
+  session.call.write({ action: { $case: "ack", value: { deliveryIds: batch.map((d) => d.info?.deliveryId ?? "0"), ranges: [] } } })
   emit(
     batch.map((d) =>
       JSON.stringify({
@@ -176,7 +176,7 @@ const open = (): void => {
     if (stopping) finish()
     else scheduleReopen()
   })
-  call.write({ action: { $case: "open", value: { maxInFlight, consumerName: `${name}.${session.number}`, maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
+  call.write({ action: { $case: "open", value: { maxInFlight, consumerName: `${name}.${session.number}`, maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: 0 } } })
 }
 
 const cancelCurrent = (): void => {

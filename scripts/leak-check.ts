@@ -37,13 +37,13 @@ const program = Effect.gen(function*() {
     call.on("error", () => undefined)
     let received = 0
     let batch: Array<string> = []
-    call.write({ action: { $case: "open", value: { maxInFlight: 32, consumerName: "leak", maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
+    call.write({ action: { $case: "open", value: { maxInFlight: 32, consumerName: "leak", maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: 0 } } })
     call.on("data", (event: SchemaSubscriptionEvent) => {
       if (event.event?.$case !== "delivery") return
       batch.push(event.event.value.info?.deliveryId ?? "0")
       received++
       if (batch.length === 16 || received === n) {
-        call.write({ action: { $case: "ack", value: { deliveryIds: batch } } })
+        call.write({ action: { $case: "ack", value: { deliveryIds: batch, ranges: [] } } })
         batch = []
       }
       if (received === n) call.end()

@@ -90,14 +90,14 @@ const program = Effect.gen(function*() {
   const subscriptionResult = yield* sample((onRead) => {
     const call = client.subscribeSchemaMessages()
     call.on("error", () => undefined)
-    call.write({ action: { $case: "open", value: { maxInFlight: 32, consumerName: "slow-reader", maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
+    call.write({ action: { $case: "open", value: { maxInFlight: 32, consumerName: "slow-reader", maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: 0 } } })
     call.on("data", (event: SchemaSubscriptionEvent) => {
       if (event.event?.$case !== "delivery") return
       const id = event.event.value.info?.deliveryId ?? "0"
       call.pause()
       setTimeout(() => {
         onRead()
-        call.write({ action: { $case: "ack", value: { deliveryIds: [id] } } })
+        call.write({ action: { $case: "ack", value: { deliveryIds: [id], ranges: [] } } })
         call.resume()
       }, readEveryMs)
     })

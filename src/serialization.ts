@@ -64,26 +64,53 @@ export class EncodedDelivery {
   ) {}
 }
 
+/** Several deliveries in one event (`deliveries`, field 4), each as in EncodedDelivery. */
+export class EncodedDeliveries {
+  constructor(readonly deliveries: ReadonlyArray<EncodedDelivery>) {}
+}
+
 /**
  * The most bytes the delivery event adds around its message: tags, lengths and DeliveryInfo (64),
- * and a trace context (a 55-character traceparent and a tracestate of at most 512, W3C trace
- * context §3.3.1.5, with their tags and lengths).
+ * and while tracing is on a trace context (a 55-character traceparent and a tracestate of at most
+ * 512, W3C trace context §3.3.1.5, with their tags and lengths: 640).
  */
-export const deliveryEnvelopeBytes = 64 + 640
+export const deliveryEnvelopeBytes = (tracing: boolean): number => tracing ? 64 + 640 : 64
 
 const eventEncoder = <A>(codec: Codec<A>) => {
   const encode = encoder(codec)
-  return (value: A | EncodedDelivery): Buffer => value instanceof EncodedDelivery ? encodeDelivery(value) : encode(value)
+  return (value: A | EncodedDelivery | EncodedDeliveries): Buffer =>
+    value instanceof EncodedDelivery
+      ? encodeDelivery(value)
+      : value instanceof EncodedDeliveries
+      ? encodeDeliveries(value)
+      : encode(value)
 }
 
-/** event.delivery (field 2) { info (field 1), message (field 2), trace_context (field 3) }, as the generated code would. */
+/** A delivery's fields { info (1), message (2), trace_context (3) }, as the generated code would write them. */
+const writeDeliveryFields = (w: BinaryWriter, value: EncodedDelivery): void => {
+  DeliveryInfo.encode(value.info, w.uint32((1 << 3) | WireType.LengthDelimited).fork()).join()
+  w.uint32((2 << 3) | WireType.LengthDelimited).bytes(value.message)
+  if (value.traceContext !== undefined) {
+    TraceContext.encode(value.traceContext, w.uint32((3 << 3) | WireType.LengthDelimited).fork()).join()
+  }
+}
+
+/** event.delivery (field 2) { the delivery's fields }. */
 const encodeDelivery = (value: EncodedDelivery): Buffer =>
   asBuffer(withWriter((w) => {
     w.uint32((2 << 3) | WireType.LengthDelimited).fork()
-    DeliveryInfo.encode(value.info, w.uint32((1 << 3) | WireType.LengthDelimited).fork()).join()
-    w.uint32((2 << 3) | WireType.LengthDelimited).bytes(value.message)
-    if (value.traceContext !== undefined) {
-      TraceContext.encode(value.traceContext, w.uint32((3 << 3) | WireType.LengthDelimited).fork()).join()
+    writeDeliveryFields(w, value)
+    return w.join().finish()
+  }))
+
+/** event.deliveries (field 4) { deliveries (field 1, repeated) { the delivery's fields } }: one encode for the batch. */
+const encodeDeliveries = (value: EncodedDeliveries): Buffer =>
+  asBuffer(withWriter((w) => {
+    w.uint32((4 << 3) | WireType.LengthDelimited).fork()
+    for (const delivery of value.deliveries) {
+      w.uint32((1 << 3) | WireType.LengthDelimited).fork()
+      writeDeliveryFields(w, delivery)
+      w.join()
     }
     return w.join().finish()
   }))

@@ -8,15 +8,15 @@
  */
 import * as grpc from "@grpc/grpc-js"
 import { Cause, Duration, Effect, Exit, Fiber, FiberSet, Option, Queue, Schedule, Stream } from "effect"
-import type { DeliveryInfo, SettleError, SubscriptionOpened, SubscriptionRequest } from "../gen/messaging.js"
+import type { DeliveryInfo, DeliveryRange, SettleError, SubscriptionOpened, SubscriptionRequest } from "../gen/messaging.js"
 import type { Broker } from "./broker/Broker.js"
 import { batchWrites, CallRejected, finishCall, writeAllWithBackpressure, writeWithBackpressure } from "./callLifecycle.js"
 import { brokerCancelled, brokerConsumerTimeout, type Delivery } from "./consumer.js"
 import { requeueDelayed } from "./delayedRequeue.js"
 import * as Metrics from "./metrics.js"
-import { deliveryEnvelopeBytes, EncodedDelivery } from "./serialization.js"
-import { endSpan, startDeliverySpan, type Tracing } from "./tracing.js"
-import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn, requeueCounted, requeueCountOf } from "./redelivery.js"
+import { deliveryEnvelopeBytes, EncodedDeliveries, EncodedDelivery } from "./serialization.js"
+import { endSpan, startDeliverySpan, type StartedSpan, type Tracing } from "./tracing.js"
+import { type Admitted, type AdmissionPolicy, admittedDeliveries, deadLetteredIn, requeueCounted, requeueCountOf } from "./redelivery.js"
 
 /** The event shape both subscription RPCs share (SchemaSubscriptionEvent, ValidationSubscriptionEvent). */
 export interface SubscriptionEvent<A> {
@@ -24,6 +24,7 @@ export interface SubscriptionEvent<A> {
     | { $case: "opened"; value: SubscriptionOpened }
     | { $case: "delivery"; value: { info?: DeliveryInfo | undefined; message?: A | undefined } }
     | { $case: "settleError"; value: SettleError }
+    | { $case: "deliveries"; value: { deliveries: Array<{ info?: DeliveryInfo | undefined; message?: A | undefined }> } }
     | undefined
 }
 
@@ -104,7 +105,7 @@ const openOptions = (
   if (request?.action?.$case !== "open") {
     return Effect.fail(new CallRejected(grpc.status.INVALID_ARGUMENT, "the first message must be `open`"))
   }
-  const { maxInFlight, consumerName, maxMessageBytes, ackDeadlineSeconds } = request.action.value
+  const { maxInFlight, consumerName, maxMessageBytes, ackDeadlineSeconds, maxDeliveriesPerEvent } = request.action.value
   const maxDeadlineSeconds = Math.floor(Duration.toSeconds(spec.maxAckDeadline))
   if (ackDeadlineSeconds > maxDeadlineSeconds) {
     return Effect.fail(
@@ -147,11 +148,14 @@ const openOptions = (
     : spec.defaultClientMaxMessageBytes <= spec.serverMaxMessageBytes
     ? { bytes: spec.defaultClientMaxMessageBytes, source: "GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES" }
     : { bytes: spec.serverMaxMessageBytes, source: "GRPC_MAX_MESSAGE_BYTES" }
+  const inFlight = maxInFlight === 0 ? defaultMaxInFlight : maxInFlight
   return Effect.succeed({
-    maxInFlight: maxInFlight === 0 ? defaultMaxInFlight : maxInFlight,
+    maxInFlight: inFlight,
     consumerName,
     limit,
-    ackDeadlineSeconds: ackDeadlineSeconds === 0 ? Math.ceil(Duration.toSeconds(spec.ackDeadline)) : ackDeadlineSeconds
+    ackDeadlineSeconds: ackDeadlineSeconds === 0 ? Math.ceil(Duration.toSeconds(spec.ackDeadline)) : ackDeadlineSeconds,
+    // More than max_in_flight can never be ready at once.
+    maxDeliveriesPerEvent: Math.max(1, Math.min(maxDeliveriesPerEvent, inFlight))
   })
 }
 
@@ -164,7 +168,7 @@ export const serveSubscription = <A>(
   const opened = { consumerName: "" }
   const rpc = Metrics.rpcName(call)
   // Deliveries go out around the bytes encoded at admission (see serialization.ts).
-  const outgoing = call as unknown as grpc.ServerDuplexStream<unknown, SubscriptionEvent<A> | EncodedDelivery>
+  const outgoing = call as unknown as grpc.ServerDuplexStream<unknown, SubscriptionEvent<A> | EncodedDelivery | EncodedDeliveries>
   const write = (event: SubscriptionEvent<A>) => writeWithBackpressure(outgoing, event)
   batchWrites(outgoing)
 
@@ -173,7 +177,8 @@ export const serveSubscription = <A>(
     const first = yield* requests.first
     // A client that half-closes before opening simply gets an empty, successful call.
     if (first._tag === "None") return
-    const { maxInFlight, consumerName, limit, ackDeadlineSeconds } = yield* openOptions(first.value, spec)
+    const { maxInFlight, consumerName, limit, ackDeadlineSeconds, maxDeliveriesPerEvent } = yield* openOptions(first.value, spec)
+    const envelopeBytes = deliveryEnvelopeBytes(spec.tracing.enabled)
     opened.consumerName = consumerName
     // Who settled, in requeue histories and dead-letter headers.
     const subscriber = consumerName || "a subscriber"
@@ -191,7 +196,7 @@ export const serveSubscription = <A>(
     yield* Effect.annotateLogsScoped({ consumerName })
     yield* Effect.logInfo("subscription opened", { queue: spec.queue, maxInFlight, ackDeadlineSeconds })
     yield* write({
-      event: { $case: "opened", value: { maxInFlight, consumerName, maxMessageBytes: limit.bytes, ackDeadlineSeconds } }
+      event: { $case: "opened", value: { maxInFlight, consumerName, maxMessageBytes: limit.bytes, ackDeadlineSeconds, maxDeliveriesPerEvent } }
     })
 
     // Unsettled deliveries by id. Ids are ours, not AMQP delivery tags, so they stay unique
@@ -243,24 +248,55 @@ export const serveSubscription = <A>(
     }, {
       ...spec,
       // A delivery event is the message plus its envelope; the whole must fit the client's limit.
-      maxEncodedBytes: limit.bytes - deliveryEnvelopeBytes,
+      maxEncodedBytes: limit.bytes - envelopeBytes,
       maxEncodedBytesSource: limit.source
     }).pipe(
       Stream.runForEachArray((admissions) => {
         counts.deadLettered += deadLetteredIn(admissions)
-        return writeAllWithBackpressure(outgoing, admissions, (admission) => {
-          if (admission._tag === "DeadLettered") return true
-          const { delivery, deliveryCount, redelivered, encoded } = admission.admitted
+        /** Registers a delivery as pending and gives its event part; its span ends with `end`. */
+        const prepare = (admitted: Admitted) => {
+          const { delivery, deliveryCount, redelivered, encoded } = admitted
           const deliveryId = String(nextId++)
           pending.set(deliveryId, delivery)
           deadlines.set(deliveryId, Date.now() + ackDeadlineMs)
           counts.delivered++
           Metrics.deliveredUnsafe(spec.queue, rpc)
           const traced = startDeliverySpan(spec.tracing, spec.queue, delivery.message, deliveryCount)
-          const accepted = outgoing.write(new EncodedDelivery({ deliveryId, redelivered, deliveryCount }, encoded, traced?.context))
-          endSpan(traced?.span)
-          return accepted
-        })
+          return { part: new EncodedDelivery({ deliveryId, redelivered, deliveryCount }, encoded, traced?.context), span: traced?.span }
+        }
+        if (maxDeliveriesPerEvent === 1) {
+          return writeAllWithBackpressure(outgoing, admissions, (admission) => {
+            if (admission._tag === "DeadLettered") return true
+            const { part, span } = prepare(admission.admitted)
+            const accepted = outgoing.write(part)
+            endSpan(span)
+            return accepted
+          })
+        }
+        // Ready deliveries in events of up to maxDeliveriesPerEvent, each event within the client's limit.
+        const events: Array<EncodedDeliveries> = []
+        let current: Array<EncodedDelivery> = []
+        let bytes = 0
+        const spans: Array<StartedSpan | undefined> = []
+        for (const admission of admissions) {
+          if (admission._tag === "DeadLettered") continue
+          const { part, span } = prepare(admission.admitted)
+          spans.push(span)
+          const size = part.message.byteLength + envelopeBytes
+          if (current.length > 0 && (current.length === maxDeliveriesPerEvent || bytes + size > limit.bytes)) {
+            events.push(new EncodedDeliveries(current))
+            current = []
+            bytes = 0
+          }
+          current.push(part)
+          bytes += size
+        }
+        if (current.length > 0) events.push(new EncodedDeliveries(current))
+        return writeAllWithBackpressure(outgoing, events, (event) => outgoing.write(event)).pipe(
+          Effect.ensuring(Effect.sync(() => {
+            for (const span of spans) endSpan(span)
+          }))
+        )
       })
     )
 
@@ -269,7 +305,7 @@ export const serveSubscription = <A>(
      * (at most 10 bytes each, plus room for the reason): acks merged from many requests must not
      * add up to an event grpc-js would refuse.
      */
-    const settleErrorIds = Math.max(1, Math.floor((limit.bytes - deliveryEnvelopeBytes - 256) / 10))
+    const settleErrorIds = Math.max(1, Math.floor((limit.bytes - envelopeBytes - 256) / 10))
     const settleError = (deliveryIds: Array<string>, reason: string) =>
       Effect.forEach(
         Array.from({ length: Math.ceil(deliveryIds.length / settleErrorIds) }, (_, i) =>
@@ -433,7 +469,7 @@ export const serveSubscription = <A>(
         case "ack":
           return ackAll(action.value.deliveryIds)
         case "nack":
-          return settleEach(action.value.deliveryIds, (delivery) =>
+          return settleEach([...action.value.deliveryIds, ...pendingIn(action.value.ranges)], (delivery) =>
             Option.match(spec.nackBackoff, {
               onNone: () => requeueCounted(delivery, spec, `nacked by ${subscriber}`),
               // The delay grows with the requeues so far: first × factor^requeues (rounded up to a tier).
@@ -474,27 +510,47 @@ export const serveSubscription = <A>(
     }
 
     /**
+     * The pending ids within `ranges` (inclusive), in delivery order; ids of a range that are not
+     * pending are skipped (a range is a claim on what is pending, not a list of ids to check).
+     * Walks the pending map (at most max_in_flight entries) once per range.
+     */
+    const pendingIn = (ranges: ReadonlyArray<DeliveryRange>): Array<string> => {
+      const ids: Array<string> = []
+      for (const range of ranges) {
+        const first = BigInt(range.first)
+        const last = BigInt(range.last)
+        for (const id of pending.keys()) {
+          const n = BigInt(id)
+          if (n >= first && n <= last) ids.push(id)
+        }
+      }
+      return ids
+    }
+
+    /**
      * Handles what arrived together, in order, but with consecutive acks merged into one ack
      * request: a client that acks each message on its own then still costs one AMQP frame per
      * batch, not one per message.
      */
     const handleBatch = (batch: ReadonlyArray<SubscriptionRequest>) =>
       Effect.gen(function*() {
-        let acks: Array<string> = []
+        // A set: a range may cover ids listed (or ranged) before it in the same batch.
+        let acks = new Set<string>()
         const flushAcks = () => {
-          const merged: SubscriptionRequest = { action: { $case: "ack", value: { deliveryIds: acks } } }
-          acks = []
+          const merged: SubscriptionRequest = { action: { $case: "ack", value: { deliveryIds: [...acks], ranges: [] } } }
+          acks = new Set()
           return handle(merged)
         }
         for (const request of batch) {
           if (request.action?.$case === "ack") {
-            for (const id of request.action.value.deliveryIds) acks.push(id)
+            for (const id of request.action.value.deliveryIds) acks.add(id)
+            for (const id of pendingIn(request.action.value.ranges)) acks.add(id)
             continue
           }
-          if (acks.length > 0) yield* flushAcks()
+          if (acks.size > 0) yield* flushAcks()
           yield* handle(request)
         }
-        if (acks.length > 0) yield* flushAcks()
+        if (acks.size > 0) yield* flushAcks()
       })
 
     const pumpFiber = yield* Effect.forkScoped(pump)

@@ -365,7 +365,7 @@ const killedOnDelivery = (names: TestNames, admin: Admin): Effect.Effect<Round, 
         }))
         client.close()
       })
-      call.write({ action: { $case: "open", value: { maxInFlight: 1, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
+      call.write({ action: { $case: "open", value: { maxInFlight: 1, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: 0 } } })
     })
     // Whichever comes first: a delivery (then the broker takes it back), or the message in .dead.
     const deadLettered = waitForQueue(admin, names.schemasDead, (q) => q.messageCount === 1).pipe(

@@ -297,7 +297,7 @@ describe("the publishers' own connection", () => {
       // The delivery's channel lives on the consumers' connection: acking it still works (a lost
       // channel would answer with a settle_error).
       yield* sub.ack(held!.info!.deliveryId)
-      yield* sub.send({ action: { $case: "ack", value: { deliveryIds: ["0"] } } }) // a marker
+      yield* sub.send({ action: { $case: "ack", value: { deliveryIds: ["0"], ranges: [] } } }) // a marker
       const answer = yield* sub.next()
       assert.deepStrictEqual(answer.event, {
         $case: "settleError",

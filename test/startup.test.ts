@@ -104,7 +104,7 @@ describe("start-up", () => {
         watch.on("data", () => undefined)
         watch.on("error", () => undefined)
         watch.on("status", (s: grpc.StatusObject) => watchStatuses.push(s))
-        subscription.write({ action: { $case: "open", value: { maxInFlight: 10, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
+        subscription.write({ action: { $case: "open", value: { maxInFlight: 10, consumerName: "", maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: 0 } } })
         let delivered = 0
         subscription.on("data", (e: SchemaSubscriptionEvent) => {
           // Kill once all three are held unsettled by this subscription.
@@ -139,7 +139,7 @@ describe("start-up", () => {
         client.streamSchemaMessages({}, onDeadline).on("error", () => undefined)
         const subscription = client.subscribeSchemaMessages(onDeadline)
         subscription.on("error", () => undefined)
-        subscription.write({ action: { $case: "open", value: { maxInFlight: 1, consumerName: "on-deadline", maxMessageBytes: 0, ackDeadlineSeconds: 0 } } })
+        subscription.write({ action: { $case: "open", value: { maxInFlight: 1, consumerName: "on-deadline", maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: 0 } } })
         toCancel = client.streamValidationMessages({})
         toCancel.on("error", () => undefined)
       }, "gRPC server listening", (stdout, kill) => {

@@ -27,7 +27,7 @@ describe("acknowledged subscriptions", () => {
       assert.deepStrictEqual(opened.event, {
         $case: "opened",
         // The size limit in force: gRPC's 4 MiB default for clients (GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES).
-        value: { maxInFlight: 10, consumerName: "typechecker-1", maxMessageBytes: 4 * 1024 * 1024, ackDeadlineSeconds: 600 }
+        value: { maxInFlight: 10, consumerName: "typechecker-1", maxMessageBytes: 4 * 1024 * 1024, ackDeadlineSeconds: 600, maxDeliveriesPerEvent: 1 }
       })
       const got = yield* sub.deliveries(3)
       assert.deepStrictEqual(got.map((d) => d.message?.id), ["a", "b", "c"])
@@ -46,6 +46,41 @@ describe("acknowledged subscriptions", () => {
       assert.strictEqual(status.code, grpc.status.OK)
       const after = yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 0)
       assert.strictEqual(after.messageCount, 0, "acked messages are gone")
+    }))
+
+  it.live("max_deliveries_per_event: ready deliveries come several to an event, in order; ranges ack them, skipping ids not pending (issue 14)", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      const ids = Array.from({ length: 25 }, (_, i) => `batched-${i}`)
+      yield* publishSchemas(env, ids)
+      const sub = yield* subscribeSchemas(env.client, { maxInFlight: 32, maxDeliveriesPerEvent: 10 })
+      const opened = yield* sub.next()
+      assert.strictEqual(opened.event?.$case === "opened" ? opened.event.value.maxDeliveriesPerEvent : undefined, 10)
+      const sizes: Array<number> = []
+      const got: Array<string> = []
+      const deliveryIds: Array<string> = []
+      while (got.length < ids.length) {
+        const event = yield* sub.next()
+        assert.strictEqual(event.event?.$case, "deliveries", "only batched events")
+        if (event.event?.$case !== "deliveries") continue
+        sizes.push(event.event.value.deliveries.length)
+        for (const delivery of event.event.value.deliveries) {
+          got.push(delivery.message?.id ?? "")
+          deliveryIds.push(delivery.info?.deliveryId ?? "")
+        }
+      }
+      assert.deepStrictEqual(got, ids, "every message once, in order")
+      assert.isTrue(sizes.every((n) => n >= 1 && n <= 10), JSON.stringify(sizes))
+      assert.isBelow(sizes.length, ids.length, "fewer events than messages")
+      assert.deepStrictEqual(deliveryIds, ids.map((_, i) => String(i + 1)))
+      // Ack 1..10 by id, then everything through 1000 by one range: 1..10 are skipped, no error.
+      yield* sub.ack(...deliveryIds.slice(0, 10))
+      yield* sub.send({ action: { $case: "ack", value: { deliveryIds: [], ranges: [{ first: "1", last: "1000" }] } } })
+      yield* sub.settled
+      sub.call.end()
+      assert.strictEqual((yield* sub.status).code, grpc.status.OK)
+      const after = yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 0)
+      assert.strictEqual(after.messageCount, 0, "all 25 acked")
     }))
 
   it.live("a nacked delivery comes back flagged redelivered with its count raised", () =>

@@ -201,7 +201,8 @@ const session = <K extends Kind, E, R>(
           maxInFlight: options.maxInFlight ?? 10,
           consumerName: options.consumerName ?? "",
           maxMessageBytes: 0,
-          ackDeadlineSeconds: options.ackDeadlineSeconds ?? 0
+          ackDeadlineSeconds: options.ackDeadlineSeconds ?? 0,
+          maxDeliveriesPerEvent: 0
         }
       }
     })
@@ -247,7 +248,7 @@ const session = <K extends Kind, E, R>(
         // Interrupted (stopping, or the session is gone): not ours to settle any more.
         if (Exit.isFailure(exit) && Cause.hasInterruptsOnly(exit.cause)) return
         let request: SubscriptionRequest
-        if (Exit.isSuccess(exit)) request = { action: { $case: "ack", value: { deliveryIds: ids } } }
+        if (Exit.isSuccess(exit)) request = { action: { $case: "ack", value: { deliveryIds: ids, ranges: [] } } }
         else {
           const error = Cause.findError(exit.cause)
           if (Result.isSuccess(error) && error.success instanceof Reject) {
@@ -264,7 +265,7 @@ const session = <K extends Kind, E, R>(
             })
             request = delayMs > 0
               ? { action: { $case: "nackDelayed", value: { deliveryIds: ids, delayMs } } }
-              : { action: { $case: "nack", value: { deliveryIds: ids } } }
+              : { action: { $case: "nack", value: { deliveryIds: ids, ranges: [] } } }
           }
         }
         held.delete(delivery.id)

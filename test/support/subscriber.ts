@@ -27,7 +27,7 @@ export interface Subscriber {
 export const subscribeSchemas = (
   client: MessagingServiceClient,
   /** null: send no `open` (to test refusals). */
-  open: { maxInFlight?: number; consumerName?: string; maxMessageBytes?: number; ackDeadlineSeconds?: number } | null = {}
+  open: { maxInFlight?: number; consumerName?: string; maxMessageBytes?: number; ackDeadlineSeconds?: number; maxDeliveriesPerEvent?: number } | null = {}
 ): Effect.Effect<Subscriber, never, Scope.Scope> =>
   Effect.gen(function*() {
     const events = yield* Queue.unbounded<SchemaSubscriptionEvent, Cause.Done>()
@@ -50,7 +50,8 @@ export const subscribeSchemas = (
           maxInFlight: open.maxInFlight ?? 0,
           consumerName: open.consumerName ?? "",
           maxMessageBytes: open.maxMessageBytes ?? 0,
-          ackDeadlineSeconds: open.ackDeadlineSeconds ?? 0
+          ackDeadlineSeconds: open.ackDeadlineSeconds ?? 0,
+          maxDeliveriesPerEvent: open.maxDeliveriesPerEvent ?? 0
         } } })
     }
     let lastEvent: SchemaSubscriptionEvent | undefined
@@ -66,6 +67,7 @@ export const subscribeSchemas = (
         while (found.length < count) {
           const event = yield* next()
           if (event.event?.$case === "delivery") found.push(event.event.value)
+          if (event.event?.$case === "deliveries") found.push(...event.event.value.deliveries)
         }
         return found
       })
@@ -74,11 +76,11 @@ export const subscribeSchemas = (
       next,
       deliveries,
       send,
-      ack: (...ids) => send({ action: { $case: "ack", value: { deliveryIds: ids } } }),
-      nack: (...ids) => send({ action: { $case: "nack", value: { deliveryIds: ids } } }),
+      ack: (...ids) => send({ action: { $case: "ack", value: { deliveryIds: ids, ranges: [] } } }),
+      nack: (...ids) => send({ action: { $case: "nack", value: { deliveryIds: ids, ranges: [] } } }),
       settled: Effect.gen(function*() {
         // Requests are handled in order, so the answer to a bogus ack means all before it are done.
-        yield* send({ action: { $case: "ack", value: { deliveryIds: ["0"] } } })
+        yield* send({ action: { $case: "ack", value: { deliveryIds: ["0"], ranges: [] } } })
         while (true) {
           const event = yield* next()
           if (event.event?.$case === "settleError" && event.event.value.deliveryIds.includes("0")) return
