@@ -8,6 +8,7 @@ import * as grpc from "@grpc/grpc-js"
 import type * as amqp from "amqplib"
 import {
   MessagingServiceClient,
+  type SchemaDelivery,
   type SchemaMessageResponse,
   type SchemaSubscriptionEvent,
   type SubscriptionRequest
@@ -151,6 +152,22 @@ export interface SubscribeOptions {
   readonly maxInFlight: number
   /** Ack as soon as this many ids are pending; otherwise at the end of the current microtask. */
   readonly ackBatch: number
+  /**
+   * open.max_deliveries_per_event (BENCH_DELIVERIES_PER_EVENT, default max_in_flight; 1 = one
+   * event per message). Acks go out as id ranges (every message is still acked by the client).
+   */
+  readonly maxDeliveriesPerEvent?: number
+}
+
+/** Ascending ids as inclusive ranges of consecutive ids. */
+const asRanges = (ids: ReadonlyArray<string>): Array<{ first: string; last: string }> => {
+  const ranges: Array<{ first: string; last: string }> = []
+  for (const id of ids) {
+    const previous = ranges.at(-1)
+    if (previous !== undefined && BigInt(previous.last) + 1n === BigInt(id)) previous.last = id
+    else ranges.push({ first: id, last: id })
+  }
+  return ranges
 }
 
 const unimplemented = (error: grpc.ServiceError) =>
@@ -183,11 +200,28 @@ export const drainSubscribe = async (
   const flush = () => {
     flushScheduled = false
     if (pending.length === 0) return
-    send({ action: { $case: "ack", value: { deliveryIds: pending, ranges: [] } } })
+    send({ action: { $case: "ack", value: { deliveryIds: [], ranges: asRanges(pending) } } })
     pending = []
   }
   const status = new Promise<grpc.StatusObject>((resolve) => call.once("status", resolve))
+  let resolveDone: () => void = () => undefined
+  const onDelivery = (delivery: SchemaDelivery) => {
+    const info = delivery.info
+    if (info === undefined || delivery.message === undefined || delivery.message.id.length === 0) malformed++
+    if (info?.redelivered) redelivered++
+    if (info !== undefined) pending.push(info.deliveryId)
+    if (pending.length >= options.ackBatch) flush()
+    else if (!flushScheduled) {
+      flushScheduled = true
+      queueMicrotask(flush)
+    }
+    if (++received === count) {
+      finishedAt = now()
+      resolveDone()
+    }
+  }
   const done = new Promise<void>((resolve, reject) => {
+    resolveDone = resolve
     call.on("data", (event: SchemaSubscriptionEvent) => {
       const e = event.event
       if (e === undefined) return
@@ -197,22 +231,11 @@ export const drainSubscribe = async (
         case "settleError":
           settleErrors += e.value.deliveryIds.length
           return
-        case "delivery": {
-          const info = e.value.info
-          if (info === undefined || e.value.message === undefined || e.value.message.id.length === 0) malformed++
-          if (info?.redelivered) redelivered++
-          if (info !== undefined) pending.push(info.deliveryId)
-          if (pending.length >= options.ackBatch) flush()
-          else if (!flushScheduled) {
-            flushScheduled = true
-            queueMicrotask(flush)
-          }
-          if (++received === count) {
-            finishedAt = now()
-            resolve()
-          }
+        case "delivery":
+          return onDelivery(e.value)
+        case "deliveries":
+          for (const delivery of e.value.deliveries) onDelivery(delivery)
           return
-        }
       }
     })
     call.on("error", (error: grpc.ServiceError) => {
@@ -224,7 +247,7 @@ export const drainSubscribe = async (
       if (!finishing) reject(new Error(`subscription ended after ${received} of ${count}`))
     })
   })
-  send({ action: { $case: "open", value: { maxInFlight: options.maxInFlight, consumerName: "bench", maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: 0 } } })
+  send({ action: { $case: "open", value: { maxInFlight: options.maxInFlight, consumerName: "bench", maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: options.maxDeliveriesPerEvent ?? options.maxInFlight } } })
   try {
     await untilDone(done, () => received, 15_000, "SubscribeSchemaMessages drain")
     flush()

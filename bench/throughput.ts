@@ -18,7 +18,10 @@ import {
   Unimplemented
 } from "./drains.js"
 import { findBrokerPid, machineCpuSeconds, processCpuSeconds, type ProxyChild, ResourceSampler } from "./proxyProcess.js"
-import { errorText, log, median, now } from "./util.js"
+import { envInt, errorText, log, median, now } from "./util.js"
+
+/** BENCH_DELIVERIES_PER_EVENT: the (c) drain's open.max_deliveries_per_event (default: the prefetch; 1 = one event per message). */
+const deliveriesPerEvent = (prefetch: number) => envInt("BENCH_DELIVERIES_PER_EVENT", prefetch)
 
 export type Mode = "direct" | "stream" | "subscribe"
 export const MODES: ReadonlyArray<Mode> = ["direct", "stream", "subscribe"]
@@ -228,7 +231,7 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
         ? await drainDirect(direct, names.schemas, messages, prefetch)
         : mode === "stream"
         ? await drainStream(client, messages)
-        : await drainSubscribe(client, messages, { maxInFlight: prefetch, ackBatch: 16 })
+        : await drainSubscribe(client, messages, { maxInFlight: prefetch, ackBatch: 16, maxDeliveriesPerEvent: deliveriesPerEvent(prefetch) })
     } catch (error) {
       await sampler?.stop()
       const text = error instanceof Unimplemented ? `UNIMPLEMENTED: ${error.message}` : errorText(error)

@@ -28,6 +28,7 @@
 import * as grpc from "@grpc/grpc-js"
 import { Cause, Duration, Effect, Exit, FiberSet, Queue, Result, Schedule, Semaphore } from "effect"
 import type {
+  DeliveryInfo,
   MessagingServiceClient,
   SchemaMessageResponse,
   SchemaSubscriptionEvent,
@@ -202,7 +203,8 @@ const session = <K extends Kind, E, R>(
           consumerName: options.consumerName ?? "",
           maxMessageBytes: 0,
           ackDeadlineSeconds: options.ackDeadlineSeconds ?? 0,
-          maxDeliveriesPerEvent: 0
+          // Ready messages several to an event (a proxy before this field sends one each).
+          maxDeliveriesPerEvent: options.maxInFlight ?? 10
         }
       }
     })
@@ -279,31 +281,37 @@ const session = <K extends Kind, E, R>(
 
     const handlers = yield* FiberSet.make<void, never>()
     const permits = yield* Semaphore.make(Math.max(1, options.concurrency ?? opened.maxInFlight))
+    /** Runs the handler on one delivery (bounded by the permits), then settles it. */
+    const dispatch = (value: { readonly info?: DeliveryInfo | undefined; readonly message?: unknown }) =>
+      Effect.suspend(() => {
+        const { info, message } = value
+        if (info === undefined || message === undefined) return Effect.void
+        const delivery: Delivery<K> = {
+          id: info.deliveryId,
+          redelivered: info.redelivered,
+          deliveryCount: info.deliveryCount,
+          message: message as MessageOf<K>
+        }
+        held.add(delivery.id)
+        return FiberSet.run(
+          handlers,
+          Effect.uninterruptibleMask((restore) =>
+            restore(Semaphore.withPermits(permits, 1)(Effect.suspend(() => handler(delivery)))).pipe(
+              Effect.exit,
+              Effect.flatMap((exit) => settle(delivery, exit))
+            )
+          ).pipe(Effect.annotateLogs({ deliveryId: delivery.id, messageId: delivery.message.id }))
+        ).pipe(Effect.asVoid)
+      })
     while (true) {
       const event = (yield* take).event
       switch (event?.$case) {
-        case "delivery": {
-          const info = event.value.info
-          const message = event.value.message
-          if (info === undefined || message === undefined) break
-          const delivery: Delivery<K> = {
-            id: info.deliveryId,
-            redelivered: info.redelivered,
-            deliveryCount: info.deliveryCount,
-            message: message as MessageOf<K>
-          }
-          held.add(delivery.id)
-          yield* FiberSet.run(
-            handlers,
-            Effect.uninterruptibleMask((restore) =>
-              restore(Semaphore.withPermits(permits, 1)(Effect.suspend(() => handler(delivery)))).pipe(
-                Effect.exit,
-                Effect.flatMap((exit) => settle(delivery, exit))
-              )
-            ).pipe(Effect.annotateLogs({ deliveryId: delivery.id, messageId: message.id }))
-          )
+        case "delivery":
+          yield* dispatch(event.value)
           break
-        }
+        case "deliveries":
+          for (const value of event.value.deliveries) yield* dispatch(value)
+          break
         case "settleError": {
           const { deliveryIds, reason } = event.value
           // Those ids are void (unknown, expired, or their channel is gone): stop extending them.
