@@ -545,6 +545,20 @@ export interface GetQueueInfoResponse {
   queues: QueueStatus[];
 }
 
+export interface PurgeQueueRequest {
+  /**
+   * A role of GetQueueInfo: schemas, validations, schema_results, validation_results,
+   * schemas_dead, validations_dead, or a delay queue's (e.g. schemas_retry_5s).
+   */
+  role: string;
+}
+
+export interface PurgeQueueResponse {
+  queue: string;
+  /** Messages removed (ready ones; unacked deliveries stay). */
+  purged: number;
+}
+
 function createBaseGetMessagingParamsRequest(): GetMessagingParamsRequest {
   return {};
 }
@@ -5015,6 +5029,158 @@ export const GetQueueInfoResponse: MessageFns<GetQueueInfoResponse> = {
   },
 };
 
+function createBasePurgeQueueRequest(): PurgeQueueRequest {
+  return { role: "" };
+}
+
+export const PurgeQueueRequest: MessageFns<PurgeQueueRequest> = {
+  encode(message: PurgeQueueRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.role !== "") {
+      writer.uint32(10).string(message.role);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PurgeQueueRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePurgeQueueRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.role = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PurgeQueueRequest {
+    return { role: isSet(object.role) ? globalThis.String(object.role) : "" };
+  },
+
+  toJSON(message: PurgeQueueRequest): unknown {
+    const obj: any = {};
+    if (message.role !== "") {
+      obj.role = message.role;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PurgeQueueRequest>): PurgeQueueRequest {
+    return PurgeQueueRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PurgeQueueRequest>): PurgeQueueRequest {
+    const message = createBasePurgeQueueRequest();
+    message.role = object.role ?? "";
+    return message;
+  },
+};
+
+function createBasePurgeQueueResponse(): PurgeQueueResponse {
+  return { queue: "", purged: 0 };
+}
+
+export const PurgeQueueResponse: MessageFns<PurgeQueueResponse> = {
+  encode(message: PurgeQueueResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.queue !== "") {
+      writer.uint32(10).string(message.queue);
+    }
+    if (message.purged !== 0) {
+      writer.uint32(16).uint32(message.purged);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PurgeQueueResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePurgeQueueResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.queue = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.purged = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PurgeQueueResponse {
+    return {
+      queue: isSet(object.queue) ? globalThis.String(object.queue) : "",
+      purged: isSet(object.purged) ? globalThis.Number(object.purged) : 0,
+    };
+  },
+
+  toJSON(message: PurgeQueueResponse): unknown {
+    const obj: any = {};
+    if (message.queue !== "") {
+      obj.queue = message.queue;
+    }
+    if (message.purged !== 0) {
+      obj.purged = Math.round(message.purged);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PurgeQueueResponse>): PurgeQueueResponse {
+    return PurgeQueueResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PurgeQueueResponse>): PurgeQueueResponse {
+    const message = createBasePurgeQueueResponse();
+    message.queue = object.queue ?? "";
+    message.purged = object.purged ?? 0;
+    return message;
+  },
+};
+
 export type MessagingServiceService = typeof MessagingServiceService;
 export const MessagingServiceService = {
   /** Broker connection parameters and the exchange/queue layout, for publishers. */
@@ -5140,6 +5306,20 @@ export const MessagingServiceService = {
       Buffer.from(GetQueueInfoResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): GetQueueInfoResponse => GetQueueInfoResponse.decode(value),
   },
+  /**
+   * Empties one of the proxy's queues, named by its role as GetQueueInfo reports it (never by a
+   * queue name, so no other queue can be purged); answers with how many messages were removed.
+   * Unacked deliveries (held by streams and subscriptions) are not purged. Scope admin.
+   */
+  purgeQueue: {
+    path: "/messaging.MessagingService/PurgeQueue" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: PurgeQueueRequest): Buffer => Buffer.from(PurgeQueueRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): PurgeQueueRequest => PurgeQueueRequest.decode(value),
+    responseSerialize: (value: PurgeQueueResponse): Buffer => Buffer.from(PurgeQueueResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): PurgeQueueResponse => PurgeQueueResponse.decode(value),
+  },
 } as const;
 
 export interface MessagingServiceServer extends UntypedServiceImplementation {
@@ -5174,6 +5354,12 @@ export interface MessagingServiceServer extends UntypedServiceImplementation {
   publishBatch: handleClientStreamingCall<PublishRequest, PublishBatchResponse>;
   /** Message and consumer counts of the configured queues and the dead-letter queues. */
   getQueueInfo: handleUnaryCall<GetQueueInfoRequest, GetQueueInfoResponse>;
+  /**
+   * Empties one of the proxy's queues, named by its role as GetQueueInfo reports it (never by a
+   * queue name, so no other queue can be purged); answers with how many messages were removed.
+   * Unacked deliveries (held by streams and subscriptions) are not purged. Scope admin.
+   */
+  purgeQueue: handleUnaryCall<PurgeQueueRequest, PurgeQueueResponse>;
 }
 
 export interface MessagingServiceClient extends Client {
@@ -5322,6 +5508,26 @@ export interface MessagingServiceClient extends Client {
     metadata: Metadata1,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetQueueInfoResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Empties one of the proxy's queues, named by its role as GetQueueInfo reports it (never by a
+   * queue name, so no other queue can be purged); answers with how many messages were removed.
+   * Unacked deliveries (held by streams and subscriptions) are not purged. Scope admin.
+   */
+  purgeQueue(
+    request: PurgeQueueRequest,
+    callback: (error: ServiceError | null, response: PurgeQueueResponse) => void,
+  ): ClientUnaryCall;
+  purgeQueue(
+    request: PurgeQueueRequest,
+    metadata: Metadata1,
+    callback: (error: ServiceError | null, response: PurgeQueueResponse) => void,
+  ): ClientUnaryCall;
+  purgeQueue(
+    request: PurgeQueueRequest,
+    metadata: Metadata1,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: PurgeQueueResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -10,6 +10,7 @@
  *                                            publish a JSON body through the proxy (Publish RPC: validated,
  *                                            answered after the broker's confirm) [--routing-key K]
  *   queues                                   GetQueueInfo: message and consumer counts of the six queues and the delay queues, and whether each is available
+ *   purge ROLE                               PurgeQueue: empty one of the proxy's queues by its role (as `queues` names it)
  *   health [--service S]                     grpc.health.v1 Check: prints the status, exits 0 when SERVING (for probes)
  *
  * Shared flags: --host, --port (env MESSAGING_CONNECTION_HOST / _PORT), --timeout (unary deadline, seconds).
@@ -316,6 +317,22 @@ const queues = Command.make("queues", {}, Effect.fn("cli.queues")(function*() {
 )
 
 // ---------------------------------------------------------------------------------------------------------
+// purge
+
+const purge = Command.make("purge", {
+  role: Argument.String("role").pipe(
+    Argument.withDescription("the queue's role, as `queues` shows it: schemas, validations, schemas_dead, …")
+  )
+}, Effect.fn("cli.purge")(function*({ role }) {
+  const response = yield* (yield* MessagingClient).purgeQueue(role)
+  // Spelled out: toJSON would drop a zero count.
+  yield* printJson({ queue: response.queue, purged: response.purged })
+})).pipe(
+  Command.withDescription("Empty one of the proxy's queues by its role (PurgeQueue, scope admin); prints how many went"),
+  Command.provide(ClientLive)
+)
+
+// ---------------------------------------------------------------------------------------------------------
 // health
 
 /** The proxy is up but not serving what was asked: exit 1, for probes (the image's HEALTHCHECK). */
@@ -365,7 +382,7 @@ const describeFile = (file: string) => file === "-" ? "stdin" : file
 // ---------------------------------------------------------------------------------------------------------
 // main
 
-const cli = root.pipe(Command.withSubcommands([params, routingKey, stream, publish, send, queues, health]))
+const cli = root.pipe(Command.withSubcommands([params, routingKey, stream, publish, send, queues, purge, health]))
 
 /**
  * Prints a failure as a single `error: ...` line (no stack, no pretty cause). Errors the CLI framework

@@ -25,7 +25,8 @@ export const rpcTable = {
   subscribeValidationMessages: { method: "SubscribeValidationMessages", scope: "consume", kind: "bidi" },
   publish: { method: "Publish", scope: "publish", kind: "unary" },
   publishBatch: { method: "PublishBatch", scope: "publish", kind: "clientStream" },
-  getQueueInfo: { method: "GetQueueInfo", scope: "admin", kind: "unary" }
+  getQueueInfo: { method: "GetQueueInfo", scope: "admin", kind: "unary" },
+  purgeQueue: { method: "PurgeQueue", scope: "admin", kind: "unary" }
 } as const satisfies Record<keyof typeof MessagingServiceService, { method: string; scope: Scope; kind: Kind }>
 
 export interface CallObserver {

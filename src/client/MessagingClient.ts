@@ -25,6 +25,7 @@ import { readFileSync } from "node:fs"
 import {
   type GetMessagingParamsResponse,
   type GetQueueInfoResponse,
+  type PurgeQueueResponse,
   MessageKind,
   MessagingServiceClient,
   type PublishBatchResponse,
@@ -110,6 +111,8 @@ export class MessagingClient extends Context.Service<MessagingClient, {
   readonly getRoutingKey: (kind: Kind, results: boolean) => Effect.Effect<string, MessagingClientError>
   /** GetQueueInfo: message and consumer counts of the contract, dead-letter and delay queues. */
   readonly getQueueInfo: Effect.Effect<GetQueueInfoResponse, MessagingClientError>
+  /** PurgeQueue: empties the queue of `role` (as GetQueueInfo names roles); scope admin. */
+  readonly purgeQueue: (role: string) => Effect.Effect<PurgeQueueResponse, MessagingClientError>
   /**
    * grpc.health.v1.Health/Check of `service` ("" = the proxy as a whole, the default; also
    * "messaging.MessagingService", "publishing", or a queue's name): "SERVING" or "NOT_SERVING"
@@ -259,6 +262,8 @@ export class MessagingClient extends Context.Service<MessagingClient, {
         "GetQueueInfo",
         (md, callOptions, callback) => client.getQueueInfo({}, md, callOptions, callback)
       ),
+      purgeQueue: (role) =>
+        unary<PurgeQueueResponse>("PurgeQueue", (md, callOptions, callback) => client.purgeQueue({ role }, md, callOptions, callback)),
       checkHealth: (service = "") =>
         Effect.map(
           unary<{ readonly status: string }>("Check", (md, callOptions, callback) => health.Check({ service }, md, callOptions, callback)),
