@@ -147,16 +147,21 @@ const open = (): void => {
     flushScheduled: false
   }
   current = session
+  /** Holds a delivery for a random while, as a worker would, then acks it. */
+  const hold = (session: Session, delivery: SchemaDelivery) => {
+    session.delivered++
+    const deliveryId = delivery.info?.deliveryId ?? "0"
+    const holdFor = holdMin + Math.random() * (holdMax - holdMin)
+    const timer = setTimeout(() => processed(session, deliveryId), holdFor)
+    session.held.set(deliveryId, { delivery, timer })
+  }
   call.on("data", (event: SchemaSubscriptionEvent) => {
     if (!session.live) return
     const e = event.event
     if (e?.$case === "opened") failuresInARow = 0
-    else if (e?.$case === "delivery") {
-      session.delivered++
-      const deliveryId = e.value.info?.deliveryId ?? "0"
-      const hold = holdMin + Math.random() * (holdMax - holdMin)
-      const timer = setTimeout(() => processed(session, deliveryId), hold)
-      session.held.set(deliveryId, { delivery: e.value, timer })
+    else if (e?.$case === "delivery") hold(session, e.value)
+    else if (e?.$case === "deliveries") {
+      for (const delivery of e.value.deliveries) hold(session, delivery)
     } else if (e?.$case === "settleError") {
       emitEvent({ event: "settleError", call: session.number, ids: e.value.deliveryIds, reason: e.value.reason })
     }
@@ -176,7 +181,9 @@ const open = (): void => {
     if (stopping) finish()
     else scheduleReopen()
   })
-  call.write({ action: { $case: "open", value: { maxInFlight, consumerName: `${name}.${session.number}`, maxMessageBytes: 0, ackDeadlineSeconds: 0, maxDeliveriesPerEvent: 0 } } })
+  call.write({ action: { $case: "open", value: { maxInFlight, consumerName: `${name}.${session.number}`, maxMessageBytes: 0, ackDeadlineSeconds: 0,
+    // Every other session takes ready deliveries several to an event: both paths get the faults.
+    maxDeliveriesPerEvent: session.number % 2 === 0 ? maxInFlight : 0 } } })
 }
 
 const cancelCurrent = (): void => {
