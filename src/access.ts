@@ -9,7 +9,13 @@ import type { ProxySettings, Scope } from "./config.js"
 
 export type Decision =
   | { readonly _tag: "Allowed"; readonly caller: string }
-  | { readonly _tag: "Denied"; readonly code: grpc.status; readonly details: string }
+  | {
+    readonly _tag: "Denied"
+    readonly code: grpc.status
+    readonly details: string
+    /** Who was refused, when known (a valid key or certificate without the scope). */
+    readonly caller?: string | undefined
+  }
 
 /** The part of any grpc-js server call that identifies its caller. */
 export interface CallerEvidence {
@@ -78,7 +84,8 @@ export const makeAccess = (settings: Pick<ProxySettings, "auth" | "limits" | "gr
       return {
         _tag: "Denied",
         code: grpc.status.PERMISSION_DENIED,
-        details: `${grant.caller} lacks the '${scope}' scope that ${method} needs`
+        details: `${grant.caller} lacks the '${scope}' scope that ${method} needs`,
+        caller: grant.caller
       }
     }
     return { _tag: "Allowed", caller: grant.caller }

@@ -34,7 +34,7 @@ export const authorizeBeforeBody = (access: Access, observer: CallObserver): grp
           )
           if (decision._tag === "Allowed") return passOn(metadata)
           observer.refused(rpc.method, call.getPeer(), decision)
-          observer.ended(rpc.method, decision.code, 0)
+          observer.ended(rpc.method, decision.code, 0, { who: decision.caller, peer: call.getPeer() })
           call.sendStatus({ code: decision.code, details: decision.details })
           resetAfterStatus(call)
         }

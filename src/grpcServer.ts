@@ -16,6 +16,7 @@ import { makeHandlers } from "./handlers.js"
 import { makeReflectionService } from "./reflection.js"
 import { MessagingServiceDefinition } from "./serialization.js"
 import { makeAccess } from "./access.js"
+import { auditedMethods, auditLine } from "./audit.js"
 import { authorizeBeforeBody } from "./authInterceptor.js"
 import { type CallObserver, guardHandlers } from "./guard.js"
 import { recordRpc } from "./metrics.js"
@@ -93,7 +94,10 @@ const make = Effect.gen(function*() {
     )
   }
   const observer: CallObserver = {
-    ended: (method, code, seconds) => run(recordRpc(method, grpc.status[code] ?? String(code), seconds)),
+    ended: (method, code, seconds, audit) => {
+      run(recordRpc(method, grpc.status[code] ?? String(code), seconds))
+      if (audit !== undefined && auditedMethods.has(method)) run(auditLine({ method, code, ...audit }))
+    },
     refused: (method, peer, decision) =>
       run(Effect.logWarning("call refused", { method, peer, code: grpc.status[decision.code], reason: decision.details }))
   }

@@ -7,6 +7,7 @@
 import * as grpc from "@grpc/grpc-js"
 import type { MessagingServiceServer, MessagingServiceService } from "../gen/messaging.js"
 import type { Access, Decision } from "./access.js"
+import type { AuditEntry } from "./audit.js"
 import { deadlinePassed } from "./callLifecycle.js"
 import type { Scope } from "./config.js"
 import { resetAfterStatus } from "./http2Stream.js"
@@ -31,7 +32,7 @@ export const rpcTable = {
 
 export interface CallObserver {
   /** Once per call, when it ends: the status code it ended with and how long it took. */
-  readonly ended: (method: string, code: grpc.status, seconds: number) => void
+  readonly ended: (method: string, code: grpc.status, seconds: number, audit?: Omit<AuditEntry, "method" | "code">) => void
   /** A call refused before it reached the handler. */
   readonly refused: (method: string, peer: string, decision: Extract<Decision, { _tag: "Denied" }>) => void
 }
@@ -52,7 +53,7 @@ const guardUnary = (method: string, scope: Scope, handler: UnaryLike, access: Ac
   const decision = access.authorize(call, scope, method)
   const respond: grpc.sendUnaryData<unknown> = (error, value, trailer, flags) => {
     const code = error ? (error.code ?? grpc.status.UNKNOWN) : grpc.status.OK
-    observer.ended(method, code, secondsSince(started))
+    observer.ended(method, code, secondsSince(started), { who: decision.caller, peer: call.getPeer(), call })
     endRpcSpan(span, code)
     callback(error, value, trailer, flags)
   }

@@ -29,6 +29,7 @@ import { Broker } from "./broker/Broker.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
 import { contractQueues, type ProxySettings, type QueueBinding } from "./config.js"
 import { AmqpError, describe, replyCode } from "./errors.js"
+import { idsForAudit, recordAudit } from "./audit.js"
 import { formatTraceparent } from "./tracing.js"
 import { BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
 
@@ -523,7 +524,17 @@ const send = (exchange: string, message: ValidPublish): Effect.Effect<Effect.Eff
 // ---------------------------------------------------------------------------------------------
 
 export const publishHandler = (settings: ProxySettings, run: RunHandler): grpc.handleUnaryCall<PublishRequest, PublishResponse> =>
-(call, callback) => runCall(run, call, "Publish", publishOne(settings.rabbit, call.request), callback, publishStatus)
+(call, callback) =>
+  runCall(
+    run,
+    call,
+    "Publish",
+    publishOne(settings.rabbit, call.request).pipe(
+      Effect.tap((published) => Effect.sync(() => recordAudit(call, { messageId: published.messageId, routingKey: published.routingKey })))
+    ),
+    callback,
+    publishStatus
+  )
 
 export const publishBatchHandler = (
   settings: ProxySettings,
@@ -533,5 +544,14 @@ export const publishBatchHandler = (
   // Pulling one request at a time keeps grpc-js's flow control in charge of the client. The
   // iterator is never return()ed: that would destroy the call before its status is sent.
   const requests: AsyncIterator<PublishRequest> = call[Symbol.asyncIterator]()
-  runCall(run, call, "PublishBatch", publishBatch(settings.rabbit, requests), callback, batchStatus)
+  runCall(
+    run,
+    call,
+    "PublishBatch",
+    publishBatch(settings.rabbit, requests).pipe(
+      Effect.tap((batch) => Effect.sync(() => recordAudit(call, { published: batch.published, ...idsForAudit(batch.messageIds) })))
+    ),
+    callback,
+    batchStatus
+  )
 }

@@ -10,6 +10,7 @@ import type { PurgeQueueRequest, PurgeQueueResponse } from "../gen/messaging.js"
 import { onThrowawayChannel } from "./broker/channels.js"
 import type { Broker } from "./broker/Broker.js"
 import type { ProxySettings } from "./config.js"
+import { recordAudit } from "./audit.js"
 import { AmqpError, replyCode } from "./errors.js"
 import { reportedQueues } from "./queueRoles.js"
 import { type BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
@@ -52,4 +53,16 @@ export const purgeQueueHandler = (
   settings: ProxySettings,
   run: RunHandler
 ): grpc.handleUnaryCall<PurgeQueueRequest, PurgeQueueResponse> =>
-(call, callback) => runCall(run, call, "PurgeQueue", purgeQueue(settings, call.request), callback, purgeStatus)
+(call, callback) => {
+  recordAudit(call, { role: call.request.role.slice(0, 64) })
+  runCall(
+    run,
+    call,
+    "PurgeQueue",
+    purgeQueue(settings, call.request).pipe(
+      Effect.tap((purged) => Effect.sync(() => recordAudit(call, { queue: purged.queue, purged: purged.purged })))
+    ),
+    callback,
+    purgeStatus
+  )
+}
