@@ -559,6 +559,43 @@ export interface PurgeQueueResponse {
   purged: number;
 }
 
+export interface PeekDeadLettersRequest {
+  /** MESSAGE_KIND_SCHEMA (schemas_dead) or MESSAGE_KIND_VALIDATION (validations_dead). */
+  kind: MessageKind;
+  /** At most this many messages (0 = 10; at most 100). */
+  limit: number;
+  /** The id of the last message of the previous page; empty = from the head. */
+  after: string;
+}
+
+export interface DeadLetter {
+  /** Stable while the message stays in the queue: a digest of its body and headers. */
+  id: string;
+  body: Buffer;
+  /** Every AMQP header, as text (non-string values as JSON). */
+  headers: { [key: string]: string };
+  /** From the proxy's headers, for reading at a glance. */
+  reason: string;
+  originalQueue: string;
+  originalRoutingKey: string;
+  deadLetteredAt: string;
+  messageId: string;
+}
+
+export interface DeadLetter_HeadersEntry {
+  key: string;
+  value: string;
+}
+
+export interface PeekDeadLettersResponse {
+  queue: string;
+  messages: DeadLetter[];
+  /** The id to pass as `after` for the next page; empty when this page reached the end. */
+  next: string;
+  /** Ready messages in the queue when the peek began. */
+  total: number;
+}
+
 function createBaseGetMessagingParamsRequest(): GetMessagingParamsRequest {
   return {};
 }
@@ -5181,6 +5218,547 @@ export const PurgeQueueResponse: MessageFns<PurgeQueueResponse> = {
   },
 };
 
+function createBasePeekDeadLettersRequest(): PeekDeadLettersRequest {
+  return { kind: 0, limit: 0, after: "" };
+}
+
+export const PeekDeadLettersRequest: MessageFns<PeekDeadLettersRequest> = {
+  encode(message: PeekDeadLettersRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.kind !== 0) {
+      writer.uint32(8).int32(message.kind);
+    }
+    if (message.limit !== 0) {
+      writer.uint32(16).uint32(message.limit);
+    }
+    if (message.after !== "") {
+      writer.uint32(26).string(message.after);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PeekDeadLettersRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePeekDeadLettersRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.kind = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.limit = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.after = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PeekDeadLettersRequest {
+    return {
+      kind: isSet(object.kind) ? messageKindFromJSON(object.kind) : 0,
+      limit: isSet(object.limit) ? globalThis.Number(object.limit) : 0,
+      after: isSet(object.after) ? globalThis.String(object.after) : "",
+    };
+  },
+
+  toJSON(message: PeekDeadLettersRequest): unknown {
+    const obj: any = {};
+    if (message.kind !== 0) {
+      obj.kind = messageKindToJSON(message.kind);
+    }
+    if (message.limit !== 0) {
+      obj.limit = Math.round(message.limit);
+    }
+    if (message.after !== "") {
+      obj.after = message.after;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PeekDeadLettersRequest>): PeekDeadLettersRequest {
+    return PeekDeadLettersRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PeekDeadLettersRequest>): PeekDeadLettersRequest {
+    const message = createBasePeekDeadLettersRequest();
+    message.kind = object.kind ?? 0;
+    message.limit = object.limit ?? 0;
+    message.after = object.after ?? "";
+    return message;
+  },
+};
+
+function createBaseDeadLetter(): DeadLetter {
+  return {
+    id: "",
+    body: Buffer.alloc(0),
+    headers: {},
+    reason: "",
+    originalQueue: "",
+    originalRoutingKey: "",
+    deadLetteredAt: "",
+    messageId: "",
+  };
+}
+
+export const DeadLetter: MessageFns<DeadLetter> = {
+  encode(message: DeadLetter, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.body.length !== 0) {
+      writer.uint32(18).bytes(message.body);
+    }
+    globalThis.Object.entries(message.headers).forEach(([key, value]: [string, string]) => {
+      DeadLetter_HeadersEntry.encode({ key: key as any, value }, writer.uint32(26).fork()).join();
+    });
+    if (message.reason !== "") {
+      writer.uint32(34).string(message.reason);
+    }
+    if (message.originalQueue !== "") {
+      writer.uint32(42).string(message.originalQueue);
+    }
+    if (message.originalRoutingKey !== "") {
+      writer.uint32(50).string(message.originalRoutingKey);
+    }
+    if (message.deadLetteredAt !== "") {
+      writer.uint32(58).string(message.deadLetteredAt);
+    }
+    if (message.messageId !== "") {
+      writer.uint32(66).string(message.messageId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeadLetter {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeadLetter();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.body = Buffer.from(reader.bytes());
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            const entry3 = DeadLetter_HeadersEntry.decode(reader, reader.uint32());
+            if (entry3.value !== undefined) {
+              message.headers[entry3.key] = entry3.value;
+            }
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.reason = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.originalQueue = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.originalRoutingKey = reader.string();
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.deadLetteredAt = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.messageId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeadLetter {
+    return {
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      body: isSet(object.body) ? Buffer.from(bytesFromBase64(object.body)) : Buffer.alloc(0),
+      headers: isObject(object.headers)
+        ? (globalThis.Object.entries(object.headers) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
+      reason: isSet(object.reason) ? globalThis.String(object.reason) : "",
+      originalQueue: isSet(object.originalQueue)
+        ? globalThis.String(object.originalQueue)
+        : isSet(object.original_queue)
+        ? globalThis.String(object.original_queue)
+        : "",
+      originalRoutingKey: isSet(object.originalRoutingKey)
+        ? globalThis.String(object.originalRoutingKey)
+        : isSet(object.original_routing_key)
+        ? globalThis.String(object.original_routing_key)
+        : "",
+      deadLetteredAt: isSet(object.deadLetteredAt)
+        ? globalThis.String(object.deadLetteredAt)
+        : isSet(object.dead_lettered_at)
+        ? globalThis.String(object.dead_lettered_at)
+        : "",
+      messageId: isSet(object.messageId)
+        ? globalThis.String(object.messageId)
+        : isSet(object.message_id)
+        ? globalThis.String(object.message_id)
+        : "",
+    };
+  },
+
+  toJSON(message: DeadLetter): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.body.length !== 0) {
+      obj.body = base64FromBytes(message.body);
+    }
+    if (message.headers) {
+      const entries = globalThis.Object.entries(message.headers) as [string, string][];
+      if (entries.length > 0) {
+        obj.headers = {};
+        entries.forEach(([k, v]) => {
+          obj.headers[k] = v;
+        });
+      }
+    }
+    if (message.reason !== "") {
+      obj.reason = message.reason;
+    }
+    if (message.originalQueue !== "") {
+      obj.originalQueue = message.originalQueue;
+    }
+    if (message.originalRoutingKey !== "") {
+      obj.originalRoutingKey = message.originalRoutingKey;
+    }
+    if (message.deadLetteredAt !== "") {
+      obj.deadLetteredAt = message.deadLetteredAt;
+    }
+    if (message.messageId !== "") {
+      obj.messageId = message.messageId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeadLetter>): DeadLetter {
+    return DeadLetter.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DeadLetter>): DeadLetter {
+    const message = createBaseDeadLetter();
+    message.id = object.id ?? "";
+    message.body = object.body ?? Buffer.alloc(0);
+    message.headers = (globalThis.Object.entries(object.headers ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    message.reason = object.reason ?? "";
+    message.originalQueue = object.originalQueue ?? "";
+    message.originalRoutingKey = object.originalRoutingKey ?? "";
+    message.deadLetteredAt = object.deadLetteredAt ?? "";
+    message.messageId = object.messageId ?? "";
+    return message;
+  },
+};
+
+function createBaseDeadLetter_HeadersEntry(): DeadLetter_HeadersEntry {
+  return { key: "", value: "" };
+}
+
+export const DeadLetter_HeadersEntry: MessageFns<DeadLetter_HeadersEntry> = {
+  encode(message: DeadLetter_HeadersEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "") {
+      writer.uint32(18).string(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): DeadLetter_HeadersEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseDeadLetter_HeadersEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.value = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): DeadLetter_HeadersEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "",
+    };
+  },
+
+  toJSON(message: DeadLetter_HeadersEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<DeadLetter_HeadersEntry>): DeadLetter_HeadersEntry {
+    return DeadLetter_HeadersEntry.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<DeadLetter_HeadersEntry>): DeadLetter_HeadersEntry {
+    const message = createBaseDeadLetter_HeadersEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBasePeekDeadLettersResponse(): PeekDeadLettersResponse {
+  return { queue: "", messages: [], next: "", total: 0 };
+}
+
+export const PeekDeadLettersResponse: MessageFns<PeekDeadLettersResponse> = {
+  encode(message: PeekDeadLettersResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.queue !== "") {
+      writer.uint32(10).string(message.queue);
+    }
+    for (const v of message.messages) {
+      DeadLetter.encode(v!, writer.uint32(18).fork()).join();
+    }
+    if (message.next !== "") {
+      writer.uint32(26).string(message.next);
+    }
+    if (message.total !== 0) {
+      writer.uint32(32).uint32(message.total);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PeekDeadLettersResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePeekDeadLettersResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.queue = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.messages.push(DeadLetter.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.next = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.total = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PeekDeadLettersResponse {
+    return {
+      queue: isSet(object.queue) ? globalThis.String(object.queue) : "",
+      messages: globalThis.Array.isArray(object?.messages)
+        ? object.messages.map((e: any) => DeadLetter.fromJSON(e))
+        : [],
+      next: isSet(object.next) ? globalThis.String(object.next) : "",
+      total: isSet(object.total) ? globalThis.Number(object.total) : 0,
+    };
+  },
+
+  toJSON(message: PeekDeadLettersResponse): unknown {
+    const obj: any = {};
+    if (message.queue !== "") {
+      obj.queue = message.queue;
+    }
+    if (message.messages?.length) {
+      obj.messages = message.messages.map((e) => DeadLetter.toJSON(e));
+    }
+    if (message.next !== "") {
+      obj.next = message.next;
+    }
+    if (message.total !== 0) {
+      obj.total = Math.round(message.total);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<PeekDeadLettersResponse>): PeekDeadLettersResponse {
+    return PeekDeadLettersResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<PeekDeadLettersResponse>): PeekDeadLettersResponse {
+    const message = createBasePeekDeadLettersResponse();
+    message.queue = object.queue ?? "";
+    message.messages = object.messages?.map((e) => DeadLetter.fromPartial(e)) || [];
+    message.next = object.next ?? "";
+    message.total = object.total ?? 0;
+    return message;
+  },
+};
+
 export type MessagingServiceService = typeof MessagingServiceService;
 export const MessagingServiceService = {
   /** Broker connection parameters and the exchange/queue layout, for publishers. */
@@ -5320,6 +5898,22 @@ export const MessagingServiceService = {
     responseSerialize: (value: PurgeQueueResponse): Buffer => Buffer.from(PurgeQueueResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): PurgeQueueResponse => PurgeQueueResponse.decode(value),
   },
+  /**
+   * The messages of a dead-letter queue (<queue>.dead), from its head, without removing them or
+   * changing their order: each with its body, its headers (the proxy's reason, origin, requeue
+   * history, when) and a stable id to page with. Scope admin.
+   */
+  peekDeadLetters: {
+    path: "/messaging.MessagingService/PeekDeadLetters" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: PeekDeadLettersRequest): Buffer =>
+      Buffer.from(PeekDeadLettersRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): PeekDeadLettersRequest => PeekDeadLettersRequest.decode(value),
+    responseSerialize: (value: PeekDeadLettersResponse): Buffer =>
+      Buffer.from(PeekDeadLettersResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): PeekDeadLettersResponse => PeekDeadLettersResponse.decode(value),
+  },
 } as const;
 
 export interface MessagingServiceServer extends UntypedServiceImplementation {
@@ -5360,6 +5954,12 @@ export interface MessagingServiceServer extends UntypedServiceImplementation {
    * Unacked deliveries (held by streams and subscriptions) are not purged. Scope admin.
    */
   purgeQueue: handleUnaryCall<PurgeQueueRequest, PurgeQueueResponse>;
+  /**
+   * The messages of a dead-letter queue (<queue>.dead), from its head, without removing them or
+   * changing their order: each with its body, its headers (the proxy's reason, origin, requeue
+   * history, when) and a stable id to page with. Scope admin.
+   */
+  peekDeadLetters: handleUnaryCall<PeekDeadLettersRequest, PeekDeadLettersResponse>;
 }
 
 export interface MessagingServiceClient extends Client {
@@ -5528,6 +6128,26 @@ export interface MessagingServiceClient extends Client {
     metadata: Metadata1,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: PurgeQueueResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * The messages of a dead-letter queue (<queue>.dead), from its head, without removing them or
+   * changing their order: each with its body, its headers (the proxy's reason, origin, requeue
+   * history, when) and a stable id to page with. Scope admin.
+   */
+  peekDeadLetters(
+    request: PeekDeadLettersRequest,
+    callback: (error: ServiceError | null, response: PeekDeadLettersResponse) => void,
+  ): ClientUnaryCall;
+  peekDeadLetters(
+    request: PeekDeadLettersRequest,
+    metadata: Metadata1,
+    callback: (error: ServiceError | null, response: PeekDeadLettersResponse) => void,
+  ): ClientUnaryCall;
+  peekDeadLetters(
+    request: PeekDeadLettersRequest,
+    metadata: Metadata1,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: PeekDeadLettersResponse) => void,
   ): ClientUnaryCall;
 }
 

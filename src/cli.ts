@@ -10,6 +10,7 @@
  *                                            publish a JSON body through the proxy (Publish RPC: validated,
  *                                            answered after the broker's confirm) [--routing-key K]
  *   queues                                   GetQueueInfo: message and consumer counts of the six queues and the delay queues, and whether each is available
+ *   dead list schemas|validations            PeekDeadLetters: the dead-letter queue from its head, left in place [--limit N] [--after ID]
  *   purge ROLE                               PurgeQueue: empty one of the proxy's queues by its role (as `queues` names it)
  *   health [--service S]                     grpc.health.v1 Check: prints the status, exits 0 when SERVING (for probes)
  *
@@ -333,6 +334,37 @@ const purge = Command.make("purge", {
 )
 
 // ---------------------------------------------------------------------------------------------------------
+// dead (dead-letter queues)
+
+const deadList = Command.make("list", {
+  kind: Argument.Literals("kind", ["schemas", "validations"]).pipe(Argument.withDescription("whose dead-letter queue")),
+  limit: Flag.Int("limit").pipe(Flag.withDescription("at most this many (default 10, at most 100)"), Flag.withDefault(10)),
+  after: Flag.String("after").pipe(Flag.withDescription("the id the previous page ended with"), Flag.withDefault(""))
+}, Effect.fn("cli.dead.list")(function*({ kind, limit, after }) {
+  const page = yield* (yield* MessagingClient).peekDeadLetters(kind, limit, after)
+  // One line per message, the body as text; then where the next page starts.
+  yield* writeJsonLines(Stream.fromIterable([
+    ...page.messages.map((m) => ({
+      id: m.id,
+      messageId: m.messageId,
+      reason: m.reason,
+      originalQueue: m.originalQueue,
+      deadLetteredAt: m.deadLetteredAt,
+      body: Buffer.from(m.body).toString("utf8")
+    })),
+    { queue: page.queue, total: page.total, shown: page.messages.length, next: page.next }
+  ]))
+})).pipe(
+  Command.withDescription("Show messages of a dead-letter queue from its head, leaving them in place (PeekDeadLetters, scope admin)"),
+  Command.provide(ClientLive)
+)
+
+const dead = Command.make("dead").pipe(
+  Command.withDescription("Dead-letter queues"),
+  Command.withSubcommands([deadList])
+)
+
+// ---------------------------------------------------------------------------------------------------------
 // health
 
 /** The proxy is up but not serving what was asked: exit 1, for probes (the image's HEALTHCHECK). */
@@ -382,7 +414,7 @@ const describeFile = (file: string) => file === "-" ? "stdin" : file
 // ---------------------------------------------------------------------------------------------------------
 // main
 
-const cli = root.pipe(Command.withSubcommands([params, routingKey, stream, publish, send, queues, purge, health]))
+const cli = root.pipe(Command.withSubcommands([params, routingKey, stream, publish, send, queues, purge, dead, health]))
 
 /**
  * Prints a failure as a single `error: ...` line (no stack, no pretty cause). Errors the CLI framework

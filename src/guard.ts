@@ -27,7 +27,8 @@ export const rpcTable = {
   publish: { method: "Publish", scope: "publish", kind: "unary" },
   publishBatch: { method: "PublishBatch", scope: "publish", kind: "clientStream" },
   getQueueInfo: { method: "GetQueueInfo", scope: "admin", kind: "unary" },
-  purgeQueue: { method: "PurgeQueue", scope: "admin", kind: "unary" }
+  purgeQueue: { method: "PurgeQueue", scope: "admin", kind: "unary" },
+  peekDeadLetters: { method: "PeekDeadLetters", scope: "admin", kind: "unary" }
 } as const satisfies Record<keyof typeof MessagingServiceService, { method: string; scope: Scope; kind: Kind }>
 
 export interface CallObserver {

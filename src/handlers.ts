@@ -20,6 +20,7 @@ import { queueOptions } from "./broker/topology.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
 import { contractQueues, deadLetterQueue, type ProxySettings, type QueueBinding } from "./config.js"
 import { publishBatchHandler, publishHandler } from "./publishing.js"
+import { peekDeadLettersHandler } from "./deadLetters.js"
 import { purgeQueueHandler } from "./purgeQueue.js"
 import { queueInfoHandler } from "./queueInfo.js"
 import type { RunHandler } from "./unaryCall.js"
@@ -133,6 +134,7 @@ export const makeHandlers = (settings: ProxySettings, run: RunHandler, tracing: 
     publish: publishHandler(settings, run),
     publishBatch: publishBatchHandler(settings, run),
     getQueueInfo: queueInfoHandler(settings, run),
-    purgeQueue: purgeQueueHandler(settings, run)
+    purgeQueue: purgeQueueHandler(settings, run),
+    peekDeadLetters: peekDeadLettersHandler(settings, run)
   }
 }

@@ -25,6 +25,7 @@ import { readFileSync } from "node:fs"
 import {
   type GetMessagingParamsResponse,
   type GetQueueInfoResponse,
+  type PeekDeadLettersResponse,
   type PurgeQueueResponse,
   MessageKind,
   MessagingServiceClient,
@@ -111,6 +112,11 @@ export class MessagingClient extends Context.Service<MessagingClient, {
   readonly getRoutingKey: (kind: Kind, results: boolean) => Effect.Effect<string, MessagingClientError>
   /** GetQueueInfo: message and consumer counts of the contract, dead-letter and delay queues. */
   readonly getQueueInfo: Effect.Effect<GetQueueInfoResponse, MessagingClientError>
+  /**
+   * PeekDeadLetters: up to `limit` (0 = 10, at most 100) messages of the schemas' or validations'
+   * dead-letter queue from its head, after the message with id `after`; nothing moves. Scope admin.
+   */
+  readonly peekDeadLetters: (kind: Kind, limit?: number, after?: string) => Effect.Effect<PeekDeadLettersResponse, MessagingClientError>
   /** PurgeQueue: empties the queue of `role` (as GetQueueInfo names roles); scope admin. */
   readonly purgeQueue: (role: string) => Effect.Effect<PurgeQueueResponse, MessagingClientError>
   /**
@@ -262,6 +268,14 @@ export class MessagingClient extends Context.Service<MessagingClient, {
         "GetQueueInfo",
         (md, callOptions, callback) => client.getQueueInfo({}, md, callOptions, callback)
       ),
+      peekDeadLetters: (kind, limit = 0, after = "") =>
+        unary<PeekDeadLettersResponse>("PeekDeadLetters", (md, callOptions, callback) =>
+          client.peekDeadLetters(
+            { kind: kind === "schemas" ? MessageKind.MESSAGE_KIND_SCHEMA : MessageKind.MESSAGE_KIND_VALIDATION, limit, after },
+            md,
+            callOptions,
+            callback
+          )),
       purgeQueue: (role) =>
         unary<PurgeQueueResponse>("PurgeQueue", (md, callOptions, callback) => client.purgeQueue({ role }, md, callOptions, callback)),
       checkHealth: (service = "") =>

@@ -1,0 +1,94 @@
+/**
+ * Issue 15 (part): PeekDeadLetters shows a dead-letter queue's messages with the proxy's reasons,
+ * pages through them by id, and leaves every message in place and in order.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import * as grpc from "@grpc/grpc-js"
+import { Effect } from "effect"
+import { execFile } from "node:child_process"
+import { fileURLToPath } from "node:url"
+import { MessageKind, type MessagingServiceClient, type PeekDeadLettersRequest, type PeekDeadLettersResponse } from "../gen/messaging.js"
+import { makeTestEnv, publishRaw, queueState, waitForQueue } from "./support/harness.js"
+
+const cliScript = fileURLToPath(new URL("../dist/src/cli.js", import.meta.url))
+
+const peek = (client: MessagingServiceClient, request: Partial<PeekDeadLettersRequest>) =>
+  Effect.callback<PeekDeadLettersResponse, grpc.ServiceError>((resume) => {
+    client.peekDeadLetters(
+      { kind: MessageKind.MESSAGE_KIND_SCHEMA, limit: 0, after: "", ...request },
+      (error, response) => resume(error === null ? Effect.succeed(response) : Effect.fail(error))
+    )
+  })
+
+describe("PeekDeadLetters", () => {
+  it.live.each(["classic", "quorum"] as const)("%s: shows the reasons, pages by id, and leaves every message in place and in order", (queueType) =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv({ RABBITMQ_QUEUE_TYPE: queueType })
+      // Five malformed bodies: the proxy dead-letters each with its reason.
+      const bodies = ["{1", "{2", "{3", "{4", "{5"]
+      for (const [i, body] of bodies.entries()) {
+        yield* publishRaw(env.admin, env.names.exchange, "schemas.*", Buffer.from(body), { messageId: `bad-${i}` })
+      }
+      const stream = env.client.streamSchemaMessages({})
+      stream.on("error", () => undefined)
+      yield* waitForQueue(env.admin, env.names.schemasDead, (q) => q.messageCount === 5)
+      stream.cancel()
+
+      const first = yield* peek(env.client, { limit: 2 })
+      assert.strictEqual(first.queue, env.names.schemasDead)
+      assert.strictEqual(first.total, 5)
+      assert.deepStrictEqual(first.messages.map((m) => m.messageId), ["bad-0", "bad-1"])
+      assert.deepStrictEqual(first.messages.map((m) => m.body.toString()), ["{1", "{2"])
+      for (const message of first.messages) {
+        assert.match(message.reason, /^body is not valid JSON/)
+        assert.strictEqual(message.originalQueue, env.names.schemas)
+        assert.strictEqual(message.originalRoutingKey, "schemas.*")
+        assert.match(message.deadLetteredAt, /^\d{4}-\d{2}-\d{2}T/)
+        assert.match(message.id, /^[0-9a-f]{16}$/)
+      }
+      assert.strictEqual(first.next, first.messages[1]?.id)
+      const second = yield* peek(env.client, { limit: 2, after: first.next })
+      assert.deepStrictEqual(second.messages.map((m) => m.messageId), ["bad-2", "bad-3"])
+      const third = yield* peek(env.client, { limit: 2, after: second.next })
+      assert.deepStrictEqual(third.messages.map((m) => m.messageId), ["bad-4"])
+      assert.strictEqual(third.next, "", "the end")
+      // The same message, the same id, peek after peek.
+      assert.deepStrictEqual((yield* peek(env.client, { limit: 5 })).messages.map((m) => m.id), [...first.messages, ...second.messages, ...third.messages].map((m) => m.id))
+
+      // Nothing moved: all five are there, in their order.
+      yield* waitForQueue(env.admin, env.names.schemasDead, (q) => q.messageCount === 5)
+      const order: Array<string> = []
+      for (let i = 0; i < 5; i++) {
+        const message = yield* Effect.promise(() => env.admin.channel.get(env.names.schemasDead, { noAck: true }))
+        order.push(message === false ? "none" : String(message.properties.messageId))
+      }
+      assert.deepStrictEqual(order, ["bad-0", "bad-1", "bad-2", "bad-3", "bad-4"])
+      assert.strictEqual((yield* queueState(env.admin, env.names.schemasDead)).messageCount, 0)
+    }))
+
+  it.live("a stale page id, a kind without a dead-letter queue and a limit over 100 are INVALID_ARGUMENT", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      const stale = yield* Effect.flip(peek(env.client, { after: "0123456789abcdef" }))
+      assert.strictEqual(stale.code, grpc.status.INVALID_ARGUMENT)
+      assert.match(stale.details, /no message with id "0123456789abcdef"/)
+      assert.strictEqual((yield* Effect.flip(peek(env.client, { kind: MessageKind.MESSAGE_KIND_SCHEMA_RESULT }))).code, grpc.status.INVALID_ARGUMENT)
+      assert.strictEqual((yield* Effect.flip(peek(env.client, { limit: 101 }))).code, grpc.status.INVALID_ARGUMENT)
+      assert.deepStrictEqual(yield* peek(env.client, {}), { queue: env.names.schemasDead, messages: [], next: "", total: 0 })
+      // The CLI: one line per message, then where the next page starts.
+      yield* publishRaw(env.admin, "", env.names.schemasDead, Buffer.from("{kept"), {
+        messageId: "cli-1",
+        headers: { "x-dead-letter-reason": "a reason", "x-original-queue": env.names.schemas }
+      })
+      const printed = yield* Effect.callback<string>((resume) => {
+        execFile(process.execPath, [cliScript, "--port", String(env.port), "dead", "list", "schemas"], (_error, stdout) =>
+          resume(Effect.succeed(stdout)))
+      })
+      const lines = printed.trim().split("\n").map((line) => JSON.parse(line) as Record<string, unknown>)
+      assert.deepStrictEqual(lines.map(({ id: _id, ...rest }) => rest), [
+        { messageId: "cli-1", reason: "a reason", originalQueue: env.names.schemas, deadLetteredAt: "", body: "{kept" },
+        { queue: env.names.schemasDead, total: 1, shown: 1, next: "" }
+      ])
+      assert.strictEqual((yield* queueState(env.admin, env.names.schemasDead)).messageCount, 1, "still there")
+    }))
+})
