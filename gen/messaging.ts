@@ -596,6 +596,27 @@ export interface PeekDeadLettersResponse {
   total: number;
 }
 
+export interface RedriveDeadLettersRequest {
+  /**
+   * MESSAGE_KIND_SCHEMA or MESSAGE_KIND_VALIDATION: whose dead-letter queue, and where the
+   * messages go back (the schemas or validations queue).
+   */
+  kind: MessageKind;
+  /** The messages to move, by their PeekDeadLetters ids ... */
+  ids: string[];
+  /** ... or all of them, from the head. */
+  all: boolean;
+  /** At most this many (0 = no limit beyond the first 10,000 messages looked at). */
+  limit: number;
+}
+
+export interface RedriveDeadLettersResponse {
+  queue: string;
+  /** How many moved back, and their ids. */
+  redriven: number;
+  ids: string[];
+}
+
 function createBaseGetMessagingParamsRequest(): GetMessagingParamsRequest {
   return {};
 }
@@ -5759,6 +5780,224 @@ export const PeekDeadLettersResponse: MessageFns<PeekDeadLettersResponse> = {
   },
 };
 
+function createBaseRedriveDeadLettersRequest(): RedriveDeadLettersRequest {
+  return { kind: 0, ids: [], all: false, limit: 0 };
+}
+
+export const RedriveDeadLettersRequest: MessageFns<RedriveDeadLettersRequest> = {
+  encode(message: RedriveDeadLettersRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.kind !== 0) {
+      writer.uint32(8).int32(message.kind);
+    }
+    for (const v of message.ids) {
+      writer.uint32(18).string(v!);
+    }
+    if (message.all !== false) {
+      writer.uint32(24).bool(message.all);
+    }
+    if (message.limit !== 0) {
+      writer.uint32(32).uint32(message.limit);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RedriveDeadLettersRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRedriveDeadLettersRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.kind = reader.int32() as any;
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.ids.push(reader.string());
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.all = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.limit = reader.uint32();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RedriveDeadLettersRequest {
+    return {
+      kind: isSet(object.kind) ? messageKindFromJSON(object.kind) : 0,
+      ids: globalThis.Array.isArray(object?.ids) ? object.ids.map((e: any) => globalThis.String(e)) : [],
+      all: isSet(object.all) ? globalThis.Boolean(object.all) : false,
+      limit: isSet(object.limit) ? globalThis.Number(object.limit) : 0,
+    };
+  },
+
+  toJSON(message: RedriveDeadLettersRequest): unknown {
+    const obj: any = {};
+    if (message.kind !== 0) {
+      obj.kind = messageKindToJSON(message.kind);
+    }
+    if (message.ids?.length) {
+      obj.ids = message.ids;
+    }
+    if (message.all !== false) {
+      obj.all = message.all;
+    }
+    if (message.limit !== 0) {
+      obj.limit = Math.round(message.limit);
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RedriveDeadLettersRequest>): RedriveDeadLettersRequest {
+    return RedriveDeadLettersRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RedriveDeadLettersRequest>): RedriveDeadLettersRequest {
+    const message = createBaseRedriveDeadLettersRequest();
+    message.kind = object.kind ?? 0;
+    message.ids = object.ids?.map((e) => e) || [];
+    message.all = object.all ?? false;
+    message.limit = object.limit ?? 0;
+    return message;
+  },
+};
+
+function createBaseRedriveDeadLettersResponse(): RedriveDeadLettersResponse {
+  return { queue: "", redriven: 0, ids: [] };
+}
+
+export const RedriveDeadLettersResponse: MessageFns<RedriveDeadLettersResponse> = {
+  encode(message: RedriveDeadLettersResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.queue !== "") {
+      writer.uint32(10).string(message.queue);
+    }
+    if (message.redriven !== 0) {
+      writer.uint32(16).uint32(message.redriven);
+    }
+    for (const v of message.ids) {
+      writer.uint32(26).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): RedriveDeadLettersResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseRedriveDeadLettersResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.queue = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.redriven = reader.uint32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.ids.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): RedriveDeadLettersResponse {
+    return {
+      queue: isSet(object.queue) ? globalThis.String(object.queue) : "",
+      redriven: isSet(object.redriven) ? globalThis.Number(object.redriven) : 0,
+      ids: globalThis.Array.isArray(object?.ids) ? object.ids.map((e: any) => globalThis.String(e)) : [],
+    };
+  },
+
+  toJSON(message: RedriveDeadLettersResponse): unknown {
+    const obj: any = {};
+    if (message.queue !== "") {
+      obj.queue = message.queue;
+    }
+    if (message.redriven !== 0) {
+      obj.redriven = Math.round(message.redriven);
+    }
+    if (message.ids?.length) {
+      obj.ids = message.ids;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<RedriveDeadLettersResponse>): RedriveDeadLettersResponse {
+    return RedriveDeadLettersResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<RedriveDeadLettersResponse>): RedriveDeadLettersResponse {
+    const message = createBaseRedriveDeadLettersResponse();
+    message.queue = object.queue ?? "";
+    message.redriven = object.redriven ?? 0;
+    message.ids = object.ids?.map((e) => e) || [];
+    return message;
+  },
+};
+
 export type MessagingServiceService = typeof MessagingServiceService;
 export const MessagingServiceService = {
   /** Broker connection parameters and the exchange/queue layout, for publishers. */
@@ -5914,6 +6153,22 @@ export const MessagingServiceService = {
       Buffer.from(PeekDeadLettersResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): PeekDeadLettersResponse => PeekDeadLettersResponse.decode(value),
   },
+  /**
+   * Moves dead-lettered messages back to the queue they came from: each copy is confirmed by the
+   * broker before its original leaves <queue>.dead (never in neither place, at most briefly in
+   * both), with the proxy's requeue count reset. Scope admin.
+   */
+  redriveDeadLetters: {
+    path: "/messaging.MessagingService/RedriveDeadLetters" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: RedriveDeadLettersRequest): Buffer =>
+      Buffer.from(RedriveDeadLettersRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): RedriveDeadLettersRequest => RedriveDeadLettersRequest.decode(value),
+    responseSerialize: (value: RedriveDeadLettersResponse): Buffer =>
+      Buffer.from(RedriveDeadLettersResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): RedriveDeadLettersResponse => RedriveDeadLettersResponse.decode(value),
+  },
 } as const;
 
 export interface MessagingServiceServer extends UntypedServiceImplementation {
@@ -5960,6 +6215,12 @@ export interface MessagingServiceServer extends UntypedServiceImplementation {
    * history, when) and a stable id to page with. Scope admin.
    */
   peekDeadLetters: handleUnaryCall<PeekDeadLettersRequest, PeekDeadLettersResponse>;
+  /**
+   * Moves dead-lettered messages back to the queue they came from: each copy is confirmed by the
+   * broker before its original leaves <queue>.dead (never in neither place, at most briefly in
+   * both), with the proxy's requeue count reset. Scope admin.
+   */
+  redriveDeadLetters: handleUnaryCall<RedriveDeadLettersRequest, RedriveDeadLettersResponse>;
 }
 
 export interface MessagingServiceClient extends Client {
@@ -6148,6 +6409,26 @@ export interface MessagingServiceClient extends Client {
     metadata: Metadata1,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: PeekDeadLettersResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Moves dead-lettered messages back to the queue they came from: each copy is confirmed by the
+   * broker before its original leaves <queue>.dead (never in neither place, at most briefly in
+   * both), with the proxy's requeue count reset. Scope admin.
+   */
+  redriveDeadLetters(
+    request: RedriveDeadLettersRequest,
+    callback: (error: ServiceError | null, response: RedriveDeadLettersResponse) => void,
+  ): ClientUnaryCall;
+  redriveDeadLetters(
+    request: RedriveDeadLettersRequest,
+    metadata: Metadata1,
+    callback: (error: ServiceError | null, response: RedriveDeadLettersResponse) => void,
+  ): ClientUnaryCall;
+  redriveDeadLetters(
+    request: RedriveDeadLettersRequest,
+    metadata: Metadata1,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: RedriveDeadLettersResponse) => void,
   ): ClientUnaryCall;
 }
 

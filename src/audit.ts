@@ -1,6 +1,6 @@
 /**
  * The audit trail: one log line per publishing or administrative call (Publish, PublishBatch,
- * GetQueueInfo, PurgeQueue, PeekDeadLetters), refused ones included, with who (the API key's name, the client
+ * GetQueueInfo, PurgeQueue, PeekDeadLetters, RedriveDeadLetters), refused ones included, with who (the API key's name, the client
  * certificate's CN, or the peer's address when the proxy is open), what (the RPC, and what the
  * handler recorded: message ids, counts, the queue) and the outcome (the status code's name).
  * Never a body, a key or a status' details (which can quote a client's input). The lines carry
@@ -10,7 +10,7 @@ import * as grpc from "@grpc/grpc-js"
 import { Effect } from "effect"
 
 /** The RPCs that get an audit line. */
-export const auditedMethods: ReadonlySet<string> = new Set(["Publish", "PublishBatch", "GetQueueInfo", "PurgeQueue", "PeekDeadLetters"])
+export const auditedMethods: ReadonlySet<string> = new Set(["Publish", "PublishBatch", "GetQueueInfo", "PurgeQueue", "PeekDeadLetters", "RedriveDeadLetters"])
 
 const detailsByCall = new WeakMap<object, Record<string, unknown>>()
 

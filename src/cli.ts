@@ -11,6 +11,7 @@
  *                                            answered after the broker's confirm) [--routing-key K]
  *   queues                                   GetQueueInfo: message and consumer counts of the six queues and the delay queues, and whether each is available
  *   dead list schemas|validations            PeekDeadLetters: the dead-letter queue from its head, left in place [--limit N] [--after ID]
+ *   dead redrive schemas|validations --id ID… | --all   RedriveDeadLetters: back to their queue [--limit N]
  *   purge ROLE                               PurgeQueue: empty one of the proxy's queues by its role (as `queues` names it)
  *   health [--service S]                     grpc.health.v1 Check: prints the status, exits 0 when SERVING (for probes)
  *
@@ -359,9 +360,23 @@ const deadList = Command.make("list", {
   Command.provide(ClientLive)
 )
 
+const deadRedrive = Command.make("redrive", {
+  kind: Argument.Literals("kind", ["schemas", "validations"]).pipe(Argument.withDescription("whose dead-letter queue")),
+  ids: Flag.String("id").pipe(Flag.withDescription("a message id from `dead list` (repeat the flag for several)"), Flag.atLeast(0)),
+  all: Flag.Boolean("all").pipe(Flag.withDescription("every message, from the head"), Flag.withDefault(false)),
+  limit: Flag.Int("limit").pipe(Flag.withDescription("at most this many (default: no limit)"), Flag.withDefault(0))
+}, Effect.fn("cli.dead.redrive")(function*({ kind, ids, all, limit }) {
+  if (!all && ids.length === 0) return yield* new InputError({ message: "name the messages with --id, or use --all" })
+  const result = yield* (yield* MessagingClient).redriveDeadLetters(kind, all ? { all: true, limit } : { ids, limit })
+  yield* printJson({ queue: result.queue, redriven: result.redriven, ids: result.ids })
+})).pipe(
+  Command.withDescription("Move dead-lettered messages back to their queue, each copy confirmed first (RedriveDeadLetters, scope admin)"),
+  Command.provide(ClientLive)
+)
+
 const dead = Command.make("dead").pipe(
   Command.withDescription("Dead-letter queues"),
-  Command.withSubcommands([deadList])
+  Command.withSubcommands([deadList, deadRedrive])
 )
 
 // ---------------------------------------------------------------------------------------------------------

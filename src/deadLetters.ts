@@ -21,7 +21,14 @@ import * as grpc from "@grpc/grpc-js"
 import type * as amqp from "amqplib"
 import { Data, Effect } from "effect"
 import { createHash } from "node:crypto"
-import { type DeadLetter, MessageKind, type PeekDeadLettersRequest, type PeekDeadLettersResponse } from "../gen/messaging.js"
+import {
+  type DeadLetter,
+  MessageKind,
+  type PeekDeadLettersRequest,
+  type PeekDeadLettersResponse,
+  type RedriveDeadLettersRequest,
+  type RedriveDeadLettersResponse
+} from "../gen/messaging.js"
 import type { Broker } from "./broker/Broker.js"
 import { onThrowawayChannel } from "./broker/channels.js"
 import { deadLetterQueue, type ProxySettings } from "./config.js"
@@ -91,23 +98,27 @@ const toDeadLetter = (message: amqp.GetMessage): DeadLetter => {
   }
 }
 
-/** The dead-letter queue of a kind: schemas or validations. */
-export const deadLetterQueueOf = (rabbit: ProxySettings["rabbit"], kind: MessageKind): string | undefined =>
-  kind === MessageKind.MESSAGE_KIND_SCHEMA
-    ? deadLetterQueue(rabbit, rabbit.schemas.queue)
+/** The queue of a kind (schemas or validations) and its dead-letter queue. */
+export const queuesOf = (rabbit: ProxySettings["rabbit"], kind: MessageKind): { readonly source: string; readonly dead: string } | undefined => {
+  const source = kind === MessageKind.MESSAGE_KIND_SCHEMA
+    ? rabbit.schemas.queue
     : kind === MessageKind.MESSAGE_KIND_VALIDATION
-    ? deadLetterQueue(rabbit, rabbit.validations.queue)
+    ? rabbit.validations.queue
     : undefined
+  return source === undefined ? undefined : { source, dead: deadLetterQueue(rabbit, source) }
+}
+
+const kindInvalid = () =>
+  new PeekInvalid({ reason: "kind must be MESSAGE_KIND_SCHEMA or MESSAGE_KIND_VALIDATION (the queues with a dead-letter queue)" })
 
 export const peekDeadLetters = (
   settings: ProxySettings,
   request: PeekDeadLettersRequest
 ): Effect.Effect<PeekDeadLettersResponse, PeekError, Broker> =>
   Effect.gen(function*() {
-    const queue = deadLetterQueueOf(settings.rabbit, request.kind)
-    if (queue === undefined) {
-      return yield* new PeekInvalid({ reason: "kind must be MESSAGE_KIND_SCHEMA or MESSAGE_KIND_VALIDATION (the queues with a dead-letter queue)" })
-    }
+    const queues = queuesOf(settings.rabbit, request.kind)
+    if (queues === undefined) return yield* kindInvalid()
+    const queue = queues.dead
     if (request.limit > maxLimit) return yield* new PeekInvalid({ reason: `limit must be at most ${maxLimit}, got ${request.limit}` })
     const limit = request.limit === 0 ? defaultLimit : request.limit
     const connection = yield* liveConnection("consumers")
@@ -152,6 +163,88 @@ export const peekDeadLettersHandler = (
     "PeekDeadLetters",
     peekDeadLetters(settings, call.request).pipe(
       Effect.tap((page) => Effect.sync(() => recordAudit(call, { queue: page.queue, shown: page.messages.length, messageIds: page.messages.map((m) => m.id) })))
+    ),
+    callback,
+    peekStatus
+  )
+
+/** Headers a redriven copy drops: the proxy's requeue count (reset) and the broker's counts. */
+const droppedOnRedrive: ReadonlySet<string> = new Set(["x-requeue-count", ...brokerCounts])
+
+/**
+ * RedriveDeadLetters (scope admin): moves the chosen dead-lettered messages back to the queue of
+ * their kind, never to any other (the `x-original-queue` header is not trusted for a target).
+ * On one confirm channel of the publishers' connection, the head of `.dead` is taken with
+ * basic.get; each chosen message is copied to its queue, and acked in `.dead` only once the
+ * broker has confirmed the copy: it is never in neither place, and in both only between the
+ * confirm and the ack (a cut there leaves a duplicate, as any at-least-once move). Messages not
+ * chosen, and whatever was taken when a cut came, return to `.dead` in their order when the
+ * channel closes (as in a peek). The copy keeps its headers and properties, without
+ * `x-requeue-count` (reset) and the broker's delivery counts, plus `x-redriven-at`.
+ */
+export const redriveDeadLetters = (
+  settings: ProxySettings,
+  request: RedriveDeadLettersRequest
+): Effect.Effect<RedriveDeadLettersResponse, PeekError, Broker> =>
+  Effect.gen(function*() {
+    const queues = queuesOf(settings.rabbit, request.kind)
+    if (queues === undefined) return yield* kindInvalid()
+    if (!request.all && request.ids.length === 0) {
+      return yield* new PeekInvalid({ reason: "name the messages to redrive (ids, from PeekDeadLetters) or set all" })
+    }
+    const wanted = new Set(request.ids)
+    const limit = request.limit === 0 ? Number.POSITIVE_INFINITY : request.limit
+    const connection = yield* liveConnection("publishers")
+    return yield* Effect.tryPromise({
+      try: async () => {
+        const channel = await connection.createConfirmChannel()
+        channel.on("error", () => undefined)
+        const moved: Array<string> = []
+        try {
+          let scanned = 0
+          while (scanned < maxScanned && moved.length < limit && (request.all || moved.length < wanted.size)) {
+            const message = await channel.get(queues.dead, { noAck: false })
+            if (message === false) break
+            scanned++
+            const id = deadLetterId(message)
+            if (!request.all && !wanted.has(id)) continue
+            const headers: Record<string, unknown> = {}
+            for (const [key, value] of Object.entries(message.properties.headers ?? {})) {
+              if (!droppedOnRedrive.has(key)) headers[key] = value
+            }
+            headers["x-redriven-at"] = new Date().toISOString()
+            await new Promise<void>((resolve, reject) => {
+              channel.publish("", queues.source, message.content, {
+                persistent: true,
+                messageId: message.properties.messageId,
+                contentType: message.properties.contentType,
+                headers
+              }, (error: unknown) => (error == null ? resolve() : reject(error)))
+            })
+            channel.ack(message)
+            moved.push(id)
+          }
+        } finally {
+          // Returns what was taken and not moved, in order; waits for the acks to reach the broker.
+          await channel.close().catch(() => undefined)
+        }
+        return { queue: queues.source, redriven: moved.length, ids: moved }
+      },
+      catch: (cause) => new AmqpError({ operation: `redrive '${queues.dead}'`, cause })
+    })
+  })
+
+export const redriveDeadLettersHandler = (
+  settings: ProxySettings,
+  run: RunHandler
+): grpc.handleUnaryCall<RedriveDeadLettersRequest, RedriveDeadLettersResponse> =>
+(call, callback) =>
+  runCall(
+    run,
+    call,
+    "RedriveDeadLetters",
+    redriveDeadLetters(settings, call.request).pipe(
+      Effect.tap((result) => Effect.sync(() => recordAudit(call, { queue: result.queue, redriven: result.redriven, messageIds: result.ids.slice(0, 100) })))
     ),
     callback,
     peekStatus

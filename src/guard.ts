@@ -28,7 +28,8 @@ export const rpcTable = {
   publishBatch: { method: "PublishBatch", scope: "publish", kind: "clientStream" },
   getQueueInfo: { method: "GetQueueInfo", scope: "admin", kind: "unary" },
   purgeQueue: { method: "PurgeQueue", scope: "admin", kind: "unary" },
-  peekDeadLetters: { method: "PeekDeadLetters", scope: "admin", kind: "unary" }
+  peekDeadLetters: { method: "PeekDeadLetters", scope: "admin", kind: "unary" },
+  redriveDeadLetters: { method: "RedriveDeadLetters", scope: "admin", kind: "unary" }
 } as const satisfies Record<keyof typeof MessagingServiceService, { method: string; scope: Scope; kind: Kind }>
 
 export interface CallObserver {

@@ -20,7 +20,7 @@ import { queueOptions } from "./broker/topology.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
 import { contractQueues, deadLetterQueue, type ProxySettings, type QueueBinding } from "./config.js"
 import { publishBatchHandler, publishHandler } from "./publishing.js"
-import { peekDeadLettersHandler } from "./deadLetters.js"
+import { peekDeadLettersHandler, redriveDeadLettersHandler } from "./deadLetters.js"
 import { purgeQueueHandler } from "./purgeQueue.js"
 import { queueInfoHandler } from "./queueInfo.js"
 import type { RunHandler } from "./unaryCall.js"
@@ -135,6 +135,7 @@ export const makeHandlers = (settings: ProxySettings, run: RunHandler, tracing: 
     publishBatch: publishBatchHandler(settings, run),
     getQueueInfo: queueInfoHandler(settings, run),
     purgeQueue: purgeQueueHandler(settings, run),
-    peekDeadLetters: peekDeadLettersHandler(settings, run)
+    peekDeadLetters: peekDeadLettersHandler(settings, run),
+    redriveDeadLetters: redriveDeadLettersHandler(settings, run)
   }
 }

@@ -7,7 +7,16 @@ import * as grpc from "@grpc/grpc-js"
 import { Effect } from "effect"
 import { execFile } from "node:child_process"
 import { fileURLToPath } from "node:url"
-import { MessageKind, type MessagingServiceClient, type PeekDeadLettersRequest, type PeekDeadLettersResponse } from "../gen/messaging.js"
+import {
+  MessageKind,
+  type MessagingServiceClient,
+  type PeekDeadLettersRequest,
+  type PeekDeadLettersResponse,
+  type RedriveDeadLettersRequest,
+  type RedriveDeadLettersResponse
+} from "../gen/messaging.js"
+import { schemaBody } from "./fixtures/bodies.js"
+import { subscribeSchemas } from "./support/subscriber.js"
 import { makeTestEnv, publishRaw, queueState, waitForQueue } from "./support/harness.js"
 
 const cliScript = fileURLToPath(new URL("../dist/src/cli.js", import.meta.url))
@@ -19,6 +28,55 @@ const peek = (client: MessagingServiceClient, request: Partial<PeekDeadLettersRe
       (error, response) => resume(error === null ? Effect.succeed(response) : Effect.fail(error))
     )
   })
+
+const redrive = (client: MessagingServiceClient, request: Partial<RedriveDeadLettersRequest>) =>
+  Effect.callback<RedriveDeadLettersResponse, grpc.ServiceError>((resume) => {
+    client.redriveDeadLetters(
+      { kind: MessageKind.MESSAGE_KIND_SCHEMA, ids: [], all: false, limit: 0, ...request },
+      (error, response) => resume(error === null ? Effect.succeed(response) : Effect.fail(error))
+    )
+  })
+
+describe("RedriveDeadLetters", () => {
+  it.live("moves the chosen messages back with the requeue count reset; a fixed one is delivered, a still-malformed one goes back to .dead; the rest stay in order", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      const dead = (messageId: string, body: string) =>
+        publishRaw(env.admin, "", env.names.schemasDead, Buffer.from(body), {
+          messageId,
+          headers: { "x-dead-letter-reason": "requeued more than 5 times", "x-original-queue": env.names.schemas, "x-requeue-count": 6 }
+        })
+      yield* dead("fixed-1", JSON.stringify(schemaBody("fixed-1")))
+      yield* dead("still-bad", "{still")
+      yield* dead("fixed-2", JSON.stringify(schemaBody("fixed-2")))
+      yield* dead("fixed-3", JSON.stringify(schemaBody("fixed-3")))
+      const page = yield* peek(env.client, {})
+      const idOf = (messageId: string) => page.messages.find((m) => m.messageId === messageId)?.id ?? ""
+
+      const moved = yield* redrive(env.client, { ids: [idOf("still-bad"), idOf("fixed-1")] })
+      assert.deepStrictEqual([moved.queue, moved.redriven, [...moved.ids].sort()], [env.names.schemas, 2, [idOf("fixed-1"), idOf("still-bad")].sort()])
+      assert.deepStrictEqual((yield* peek(env.client, {})).messages.map((m) => m.messageId), ["fixed-2", "fixed-3"], "the others, in order")
+      assert.strictEqual((yield* queueState(env.admin, env.names.schemas)).messageCount, 2)
+
+      // Delivered again with its count reset; the still-malformed one is dead-lettered again.
+      const sub = yield* subscribeSchemas(env.client, {})
+      const [delivery] = yield* sub.deliveries(1)
+      assert.strictEqual(delivery?.message?.id, "fixed-1")
+      assert.strictEqual(delivery?.info?.deliveryCount, 1, "x-requeue-count reset")
+      yield* sub.ack(delivery?.info?.deliveryId ?? "")
+      yield* sub.settled
+      yield* waitForQueue(env.admin, env.names.schemasDead, (q) => q.messageCount === 3)
+      const after = yield* peek(env.client, {})
+      assert.deepStrictEqual(after.messages.map((m) => m.messageId), ["fixed-2", "fixed-3", "still-bad"])
+      assert.match(after.messages[2]?.reason ?? "", /^body is not valid JSON/)
+
+      // all, with a limit: from the head.
+      const head = yield* redrive(env.client, { all: true, limit: 1 })
+      assert.strictEqual(head.redriven, 1)
+      assert.deepStrictEqual((yield* peek(env.client, {})).messages.map((m) => m.messageId), ["fixed-3", "still-bad"])
+      assert.strictEqual((yield* Effect.flip(redrive(env.client, {}))).code, grpc.status.INVALID_ARGUMENT, "neither ids nor all")
+    }))
+})
 
 describe("PeekDeadLetters", () => {
   it.live.each(["classic", "quorum"] as const)("%s: shows the reasons, pages by id, and leaves every message in place and in order", (queueType) =>

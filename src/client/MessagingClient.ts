@@ -27,6 +27,7 @@ import {
   type GetQueueInfoResponse,
   type PeekDeadLettersResponse,
   type PurgeQueueResponse,
+  type RedriveDeadLettersResponse,
   MessageKind,
   MessagingServiceClient,
   type PublishBatchResponse,
@@ -117,6 +118,15 @@ export class MessagingClient extends Context.Service<MessagingClient, {
    * dead-letter queue from its head, after the message with id `after`; nothing moves. Scope admin.
    */
   readonly peekDeadLetters: (kind: Kind, limit?: number, after?: string) => Effect.Effect<PeekDeadLettersResponse, MessagingClientError>
+  /**
+   * RedriveDeadLetters: moves dead-lettered messages (by their PeekDeadLetters ids, or all from the
+   * head) back to their queue, each copy confirmed before its original leaves; at most `limit`
+   * (0/undefined = no limit). Scope admin.
+   */
+  readonly redriveDeadLetters: (
+    kind: Kind,
+    selection: ({ readonly ids: ReadonlyArray<string> } | { readonly all: true }) & { readonly limit?: number }
+  ) => Effect.Effect<RedriveDeadLettersResponse, MessagingClientError>
   /** PurgeQueue: empties the queue of `role` (as GetQueueInfo names roles); scope admin. */
   readonly purgeQueue: (role: string) => Effect.Effect<PurgeQueueResponse, MessagingClientError>
   /**
@@ -272,6 +282,19 @@ export class MessagingClient extends Context.Service<MessagingClient, {
         unary<PeekDeadLettersResponse>("PeekDeadLetters", (md, callOptions, callback) =>
           client.peekDeadLetters(
             { kind: kind === "schemas" ? MessageKind.MESSAGE_KIND_SCHEMA : MessageKind.MESSAGE_KIND_VALIDATION, limit, after },
+            md,
+            callOptions,
+            callback
+          )),
+      redriveDeadLetters: (kind, selection) =>
+        unary<RedriveDeadLettersResponse>("RedriveDeadLetters", (md, callOptions, callback) =>
+          client.redriveDeadLetters(
+            {
+              kind: kind === "schemas" ? MessageKind.MESSAGE_KIND_SCHEMA : MessageKind.MESSAGE_KIND_VALIDATION,
+              ids: "ids" in selection ? [...selection.ids] : [],
+              all: "all" in selection,
+              limit: selection.limit ?? 0
+            },
             md,
             callOptions,
             callback
