@@ -8,7 +8,7 @@ import { Effect } from "effect"
 import { execFile } from "node:child_process"
 import { createHash, randomBytes } from "node:crypto"
 import { fileURLToPath } from "node:url"
-import type { MessagingServiceClient, PurgeQueueResponse } from "../gen/messaging.js"
+import { MessageKind, type MessagingServiceClient, type PurgeQueueResponse } from "../gen/messaging.js"
 import { schemaBody } from "./fixtures/bodies.js"
 import { makeTestEnv, publishJson, publishRaw, queueState, waitForQueue } from "./support/harness.js"
 
@@ -52,7 +52,7 @@ describe("PurgeQueue", () => {
       }
     }))
 
-  it.live("needs the admin scope; the CLI prints the count", () =>
+  it.live("needs the admin scope, as do PeekDeadLetters and RedriveDeadLetters; the CLI prints the count", () =>
     Effect.gen(function*() {
       const admin = `key-${randomBytes(16).toString("hex")}`
       const consumer = `key-${randomBytes(16).toString("hex")}`
@@ -63,6 +63,21 @@ describe("PurgeQueue", () => {
       const denied = yield* Effect.flip(purge(env.client, "schemas", withKey(consumer)))
       assert.strictEqual(denied.code, grpc.status.PERMISSION_DENIED)
       assert.strictEqual((yield* Effect.flip(purge(env.client, "schemas"))).code, grpc.status.UNAUTHENTICATED)
+      // The other admin RPCs of issue 15: the same matrix.
+      const adminCall = (method: "peekDeadLetters" | "redriveDeadLetters", key: string | undefined) =>
+        Effect.callback<number>((resume) => {
+          const done = (error: grpc.ServiceError | null) => resume(Effect.succeed(error?.code ?? grpc.status.OK))
+          const metadata = key === undefined ? new grpc.Metadata() : withKey(key)
+          if (method === "peekDeadLetters") env.client.peekDeadLetters({ kind: MessageKind.MESSAGE_KIND_SCHEMA, limit: 0, after: "" }, metadata, done)
+          else env.client.redriveDeadLetters({ kind: MessageKind.MESSAGE_KIND_SCHEMA, ids: [], all: true, limit: 0 }, metadata, done)
+        })
+      for (const method of ["peekDeadLetters", "redriveDeadLetters"] as const) {
+        assert.deepStrictEqual(
+          [yield* adminCall(method, undefined), yield* adminCall(method, consumer), yield* adminCall(method, admin)],
+          [grpc.status.UNAUTHENTICATED, grpc.status.PERMISSION_DENIED, grpc.status.OK],
+          method
+        )
+      }
       assert.strictEqual((yield* queueState(env.admin, env.names.schemas)).messageCount, 1, "refused calls purged nothing")
       const printed = yield* Effect.callback<{ code: number; stdout: string; stderr: string }>((resume) => {
         execFile(process.execPath, [cliScript, "--port", String(env.port), "--api-key", admin, "purge", "schemas"], (error, stdout, stderr) =>
