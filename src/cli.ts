@@ -337,8 +337,11 @@ const purge = Command.make("purge", {
 // ---------------------------------------------------------------------------------------------------------
 // dead (dead-letter queues)
 
+/** The dead-letter queue's kind, as `dead list` and `dead redrive` take it. */
+const deadKind = Argument.Literals("kind", ["schemas", "validations"]).pipe(Argument.withDescription("whose dead-letter queue"))
+
 const deadList = Command.make("list", {
-  kind: Argument.Literals("kind", ["schemas", "validations"]).pipe(Argument.withDescription("whose dead-letter queue")),
+  kind: deadKind,
   limit: Flag.Int("limit").pipe(Flag.withDescription("at most this many (default 10, at most 100)"), Flag.withDefault(10)),
   after: Flag.String("after").pipe(Flag.withDescription("the id the previous page ended with"), Flag.withDefault(""))
 }, Effect.fn("cli.dead.list")(function*({ kind, limit, after }) {
@@ -361,7 +364,7 @@ const deadList = Command.make("list", {
 )
 
 const deadRedrive = Command.make("redrive", {
-  kind: Argument.Literals("kind", ["schemas", "validations"]).pipe(Argument.withDescription("whose dead-letter queue")),
+  kind: deadKind,
   ids: Flag.String("id").pipe(Flag.withDescription("a message id from `dead list` (repeat the flag for several)"), Flag.atLeast(0)),
   all: Flag.Boolean("all").pipe(Flag.withDescription("every message, from the head"), Flag.withDefault(false)),
   limit: Flag.Int("limit").pipe(Flag.withDescription("at most this many (default: no limit)"), Flag.withDefault(0))

@@ -32,9 +32,9 @@ import {
 import type { Broker } from "./broker/Broker.js"
 import { onThrowawayChannel } from "./broker/channels.js"
 import { deadLetterQueue, type ProxySettings } from "./config.js"
-import { AmqpError, replyCode } from "./errors.js"
+import { AmqpError } from "./errors.js"
 import { recordAudit } from "./audit.js"
-import { type BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
+import { brokerFailureStatus, type BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
 
 /** A page holds at most this many; one peek takes at most `maxScanned` messages off the head. */
 const defaultLimit = 10
@@ -54,9 +54,8 @@ export const peekStatus = (error: PeekError): Status => {
     case "PeekInvalid":
       return { code: grpc.status.INVALID_ARGUMENT, details: error.message }
     case "AmqpError":
-      return { code: replyCode(error.cause) === 404 ? grpc.status.NOT_FOUND : grpc.status.UNAVAILABLE, details: error.message }
     case "BrokerNotConnected":
-      return { code: grpc.status.UNAVAILABLE, details: error.message }
+      return brokerFailureStatus(error)
   }
 }
 

@@ -28,10 +28,10 @@ import {
 import { Broker } from "./broker/Broker.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
 import { contractQueues, type ProxySettings, type QueueBinding } from "./config.js"
-import { AmqpError, describe, replyCode } from "./errors.js"
+import { AmqpError, describe } from "./errors.js"
 import { idsForAudit, recordAudit } from "./audit.js"
 import { formatTraceparent } from "./tracing.js"
-import { BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
+import { brokerFailureStatus, BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
 
 type Rabbit = ProxySettings["rabbit"]
 
@@ -84,14 +84,11 @@ export const publishStatus = (error: PublishError): Status => {
       return { code: grpc.status.FAILED_PRECONDITION, details: error.message }
     case "PublishNacked":
     case "ConfirmTimeout":
-    case "BrokerNotConnected":
       return { code: grpc.status.UNAVAILABLE, details: error.message }
+    case "BrokerNotConnected":
     case "AmqpError":
-      // A missing exchange closes the channel with 404: retrying will not help until it exists.
-      return {
-        code: replyCode(error.cause) === 404 ? grpc.status.NOT_FOUND : grpc.status.UNAVAILABLE,
-        details: error.message
-      }
+      // A missing exchange closes the channel with 404: NOT_FOUND.
+      return brokerFailureStatus(error)
   }
 }
 

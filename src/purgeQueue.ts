@@ -11,9 +11,9 @@ import { onThrowawayChannel } from "./broker/channels.js"
 import type { Broker } from "./broker/Broker.js"
 import type { ProxySettings } from "./config.js"
 import { recordAudit } from "./audit.js"
-import { AmqpError, replyCode } from "./errors.js"
+import { AmqpError } from "./errors.js"
 import { reportedQueues } from "./queueRoles.js"
-import { type BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
+import { brokerFailureStatus, type BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
 
 /** A role that is not one of this proxy's queues. */
 export class UnknownRole extends Data.TaggedError("UnknownRole")<{ readonly role: string; readonly roles: ReadonlyArray<string> }> {
@@ -29,9 +29,8 @@ export const purgeStatus = (error: PurgeError): Status => {
     case "UnknownRole":
       return { code: grpc.status.INVALID_ARGUMENT, details: error.message }
     case "AmqpError":
-      return { code: replyCode(error.cause) === 404 ? grpc.status.NOT_FOUND : grpc.status.UNAVAILABLE, details: error.message }
     case "BrokerNotConnected":
-      return { code: grpc.status.UNAVAILABLE, details: error.message }
+      return brokerFailureStatus(error)
   }
 }
 

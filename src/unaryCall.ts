@@ -8,6 +8,7 @@ import type * as amqp from "amqplib"
 import { Cause, Data, Effect, Exit, type Fiber, Option } from "effect"
 import { Broker, connectGrace } from "./broker/Broker.js"
 import { shuttingDown } from "./callLifecycle.js"
+import { type AmqpError, replyCode } from "./errors.js"
 import { underRpcSpan } from "./tracing.js"
 
 /** Runs an Effect needing the broker as a handler fiber (the `run` the handlers get). */
@@ -46,6 +47,15 @@ export const liveConnection = (
     return yield* new BrokerNotConnected({ reason: Option.isSome(failure) ? failure.value.description : undefined })
   })
 
+
+/**
+ * The status of a broker failure of a unary call: NOT_FOUND when the broker answered 404 (a queue
+ * or exchange that is not there: retrying will not help until it exists), UNAVAILABLE otherwise.
+ */
+export const brokerFailureStatus = (error: AmqpError | BrokerNotConnected): Status => ({
+  code: error._tag === "AmqpError" && replyCode(error.cause) === 404 ? grpc.status.NOT_FOUND : grpc.status.UNAVAILABLE,
+  details: error.message
+})
 
 /** Answers a unary-response call from the work's exit and logs how it ended. */
 export const replyWith = <A, E>(callback: grpc.sendUnaryData<A>, statusOf: (error: E) => Status) =>
