@@ -135,3 +135,13 @@ export const makeAccess = (settings: Pick<ProxySettings, "auth" | "limits" | "gr
 }
 
 export type Access = ReturnType<typeof makeAccess>
+
+const callers = new WeakMap<object, string>()
+
+/** Records who a call was allowed as (guard.ts), for what a handler limits per caller. */
+export const rememberCaller = (call: object, caller: string): void => {
+  callers.set(call, caller)
+}
+
+/** Who `call` was allowed as: `key:<name>`, `cert:<CN>`, or the client's address when open. */
+export const callerOf = (call: object): string | undefined => callers.get(call)

@@ -7,10 +7,12 @@ import { GrpcServer } from "./grpcServer.js"
 import { LoggingLive } from "./logging.js"
 import { MetricsLive } from "./metrics.js"
 import { TracingLive } from "./tracing.js"
+import { RateLimitsLive } from "./rateLimits.js"
 
 export const ProxyLive = GrpcServer.layer.pipe(
   Layer.provideMerge(Broker.layer),
   Layer.provideMerge(TracingLive),
+  Layer.provideMerge(RateLimitsLive),
   Layer.provideMerge(MetricsLive),
   Layer.provideMerge(DependencyLogsLive),
   Layer.provideMerge(LoggingLive),

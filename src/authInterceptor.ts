@@ -8,9 +8,11 @@
  * PERMISSION_DENIED) and its metadata is never passed on, so nothing calls for its messages; what
  * the client sent meanwhile is bounded by HTTP/2 flow control (the stream's window), and the stream
  * is reset once the status is out. The guard authorizes again, cheaply, for the calls let through
- * (it also needs the caller for the stream limits). Health and reflection are not checked.
+ * (it also needs the caller for the stream limits). The rate limits (rateLimits.ts) are checked
+ * here too, before the body. Health and reflection are not checked.
  */
 import * as grpc from "@grpc/grpc-js"
+import { Effect } from "effect"
 import type { Access } from "./access.js"
 import type { CallObserver } from "./guard.js"
 import { rpcTable } from "./guard.js"
@@ -18,11 +20,27 @@ import { resetAfterStatus } from "./http2Stream.js"
 
 const byPath = new Map(Object.values(rpcTable).map((rpc) => [`/messaging.MessagingService/${rpc.method}`, rpc]))
 
+/**
+ * What the interceptor also checks, before the body: the call-rate limit (every RPC) and, for
+ * Publish, the publish-rate limit (one message). `check` answers the RESOURCE_EXHAUSTED details,
+ * or undefined; `run` runs it (the server's handler runtime).
+ */
+export interface RateChecks {
+  readonly applies: (method: string) => boolean
+  readonly check: (method: string, caller: string) => Effect.Effect<string | undefined>
+  readonly run: (effect: Effect.Effect<void>) => void
+}
+
 /** The interceptor, for `new grpc.Server({ interceptors: [...] })`. */
-export const authorizeBeforeBody = (access: Access, observer: CallObserver): grpc.ServerInterceptor =>
+export const authorizeBeforeBody = (access: Access, observer: CallObserver, rates: RateChecks): grpc.ServerInterceptor =>
 (methodDescriptor, call) => {
   const rpc = byPath.get(methodDescriptor.path)
-  if (rpc === undefined || access.open) return new grpc.ServerInterceptingCall(call)
+  if (rpc === undefined || (access.open && !rates.applies(rpc.method))) return new grpc.ServerInterceptingCall(call)
+  const refuse = (code: grpc.status, details: string, who: string | undefined) => {
+    observer.ended(rpc.method, code, 0, { who, peer: call.getPeer() })
+    call.sendStatus({ code, details })
+    resetAfterStatus(call)
+  }
   return new grpc.ServerInterceptingCall(call, {
     start: (next) =>
       next({
@@ -32,11 +50,16 @@ export const authorizeBeforeBody = (access: Access, observer: CallObserver): grp
             rpc.scope,
             rpc.method
           )
-          if (decision._tag === "Allowed") return passOn(metadata)
-          observer.refused(rpc.method, call.getPeer(), decision)
-          observer.ended(rpc.method, decision.code, 0, { who: decision.caller, peer: call.getPeer() })
-          call.sendStatus({ code: decision.code, details: decision.details })
-          resetAfterStatus(call)
+          if (decision._tag === "Denied") {
+            observer.refused(rpc.method, call.getPeer(), decision)
+            return refuse(decision.code, decision.details, decision.caller)
+          }
+          if (!rates.applies(rpc.method)) return passOn(metadata)
+          // The buckets may be in Redis: the metadata is passed on (and the body read) once they answer.
+          rates.run(Effect.map(rates.check(rpc.method, decision.caller), (exceeded) => {
+            if (exceeded === undefined) passOn(metadata)
+            else refuse(grpc.status.RESOURCE_EXHAUSTED, exceeded, decision.caller)
+          }))
         }
       })
   })

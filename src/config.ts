@@ -46,6 +46,23 @@ const decodedOrAsIs = (value: string): string => {
   }
 }
 
+/** A token bucket: `perSecond` refill, `burst` capacity. */
+export interface RateLimit {
+  readonly variable: string
+  readonly perSecond: number
+  readonly burst: number
+}
+
+/** `100/s`, or `100/s:200` with a burst of 200 (the burst defaults to one second's worth). */
+const parseRate = (variable: string) => (raw: string): Parsed<RateLimit> => {
+  const match = /^\s*(\d+(?:\.\d+)?)\s*\/\s*s\s*(?::\s*(\d+)\s*)?$/.exec(raw)
+  const perSecond = Number(match?.[1])
+  const burst = match?.[2] === undefined ? Math.max(1, Math.ceil(perSecond)) : Number(match[2])
+  return match === null || !(perSecond > 0) || !(burst >= 1)
+    ? { expected: "a rate as <n>/s, optionally :<burst>, e.g. 100/s or 100/s:200" }
+    : { value: { variable, perSecond, burst } }
+}
+
 const samplers = ["always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio"] as const
 
 /** One RabbitMQ node of the cluster (AMQP listener). */
@@ -138,6 +155,17 @@ export interface ProxySettings {
     /** `OTEL_SERVICE_NAME`, else `service.name` in `OTEL_RESOURCE_ATTRIBUTES`, else messaging-proxy. */
     readonly serviceName: string
   }>
+  /**
+   * Rate limits per caller (API key, certificate, or client address when open), token buckets:
+   * `publish` for the messages of Publish/PublishBatch (MESSAGING_PUBLISH_RATE), `calls` for the
+   * calls a caller opens (MESSAGING_CALL_RATE); in Redis when MESSAGING_RATE_LIMIT_REDIS_URL is set
+   * (one limit across replicas), in memory otherwise.
+   */
+  readonly rateLimits: {
+    readonly publish: Option.Option<RateLimit>
+    readonly calls: Option.Option<RateLimit>
+    readonly redisUrl: Option.Option<Redacted.Redacted<string>>
+  }
   readonly debug: boolean
   /** Requeues (nacks, lost consumers) after which a message is dead-lettered instead. */
   readonly maxRequeues: number
@@ -432,6 +460,17 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
     }
     return Option.some({ sampler, serviceName })
   })
+  const rateLimits = yield* Effect.gen(function*() {
+    const publish = yield* parsed("MESSAGING_PUBLISH_RATE", undefined as RateLimit | undefined, parseRate("MESSAGING_PUBLISH_RATE"))
+    const calls = yield* parsed("MESSAGING_CALL_RATE", undefined as RateLimit | undefined, parseRate("MESSAGING_CALL_RATE"))
+    // A URL may hold a password: held as Redacted, and never echoed.
+    const redisUrl = yield* Config.option(Config.Redacted("MESSAGING_RATE_LIMIT_REDIS_URL"))
+    return {
+      publish: Option.fromNullishOr(publish),
+      calls: Option.fromNullishOr(calls),
+      redisUrl: Option.filter(redisUrl, (url) => Redacted.value(url).trim() !== "")
+    }
+  })
   const debug = yield* bool("MESSAGING_CONNECTION_DEBUG", false)
   const maxRequeues = yield* setting("MESSAGING_MAX_REQUEUES", NonNegativeInt, "a whole number (0 = never requeue)", 5)
   const subscriptions = yield* Effect.gen(function*() {
@@ -516,7 +555,7 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
       "RABBITMQ_ROUTING_KEY_RESULTS_VALIDATIONS", "validation.result.*"
     )
   })
-  return { grpc, limits, auth, metrics, tracing, debug, maxRequeues, subscriptions, rabbit }
+  return { grpc, limits, auth, metrics, tracing, rateLimits, debug, maxRequeues, subscriptions, rabbit }
 })
 
 export class ProxyConfig extends Context.Service<ProxyConfig, ProxySettings>()("messaging-proxy/ProxyConfig") {

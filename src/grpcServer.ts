@@ -23,6 +23,7 @@ import { recordRpc } from "./metrics.js"
 import { enforcePingPolicy, type PingPolicy } from "./pingPolicy.js"
 import { serverCredentials } from "./tls.js"
 import { Tracing } from "./tracing.js"
+import { RateLimits } from "./rateLimits.js"
 
 const serviceName = "messaging.MessagingService"
 /** The health entry of publishing: Publish/PublishBatch, and the copies behind requeues and dead-letters. */
@@ -82,6 +83,7 @@ const make = Effect.gen(function*() {
   const settings = yield* ProxyConfig
   const broker = yield* Broker
   const tracing = yield* Tracing
+  const rateLimits = yield* RateLimits
   const handlerFibers = yield* FiberSet.make()
   const run = yield* FiberSet.runtime(handlerFibers)<Broker>()
 
@@ -106,7 +108,14 @@ const make = Effect.gen(function*() {
   const http2MaxConcurrentStreams = limits.maxConcurrentStreamsPerConnection + 100
   const server = new grpc.Server({
     // Credentials and scope on the metadata, before any request message is read.
-    interceptors: [authorizeBeforeBody(access, observer)],
+    interceptors: [authorizeBeforeBody(access, observer, {
+      applies: (method) => Option.isSome(rateLimits.calls) || (method === "Publish" && Option.isSome(rateLimits.publish)),
+      // One call, and for Publish its one message.
+      check: (method, caller) =>
+        Effect.flatMap(rateLimits.take(rateLimits.calls, caller, 1), (exceeded) =>
+          exceeded === undefined && method === "Publish" ? rateLimits.take(rateLimits.publish, caller, 1) : Effect.succeed(exceeded)),
+      run: (effect) => void run(effect)
+    })],
     "grpc.max_receive_message_length": limits.maxMessageBytes,
     "grpc.max_send_message_length": limits.maxMessageBytes,
     "grpc.keepalive_time_ms": limits.keepaliveTimeSeconds * 1000,
@@ -116,7 +125,7 @@ const make = Effect.gen(function*() {
     "grpc.max_concurrent_streams": http2MaxConcurrentStreams
   })
   allowStreamResetBurst(server, http2MaxConcurrentStreams)
-  server.addService(MessagingServiceDefinition, guardHandlers(makeHandlers(settings, run, tracing), access, observer, tracing))
+  server.addService(MessagingServiceDefinition, guardHandlers(makeHandlers(settings, run, tracing, rateLimits), access, observer, tracing))
   // The server ("" and the service) follows the broker connections; each declared queue has an
   // entry of its own, named by the queue, that is also NOT_SERVING while that queue is unavailable.
   // `publishing` is NOT_SERVING also while the broker blocks the publishers' connection (a memory

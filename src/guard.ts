@@ -6,7 +6,7 @@
  */
 import * as grpc from "@grpc/grpc-js"
 import type { MessagingServiceServer, MessagingServiceService } from "../gen/messaging.js"
-import type { Access, Decision } from "./access.js"
+import { type Access, type Decision, rememberCaller } from "./access.js"
 import type { AuditEntry } from "./audit.js"
 import { deadlinePassed } from "./callLifecycle.js"
 import type { Scope } from "./config.js"
@@ -63,6 +63,7 @@ const guardUnary = (method: string, scope: Scope, handler: UnaryLike, access: Ac
     observer.refused(method, call.getPeer(), decision)
     return respond({ code: decision.code, details: decision.details })
   }
+  rememberCaller(call, decision.caller)
   handler(call, respond)
 }
 

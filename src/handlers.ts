@@ -22,6 +22,7 @@ import { contractQueues, deadLetterQueue, type ProxySettings, type QueueBinding 
 import { publishBatchHandler, publishHandler } from "./publishing.js"
 import { peekDeadLettersHandler, redriveDeadLettersHandler } from "./deadLetters.js"
 import { purgeQueueHandler } from "./purgeQueue.js"
+import type { RateLimits } from "./rateLimits.js"
 import { queueInfoHandler } from "./queueInfo.js"
 import type { RunHandler } from "./unaryCall.js"
 import type { AdmissionPolicy } from "./redelivery.js"
@@ -97,7 +98,12 @@ const runForCall = (
   call.once("cancelled", () => fiber.interruptUnsafe())
 }
 
-export const makeHandlers = (settings: ProxySettings, run: RunHandler, tracing: Tracing["Service"]): MessagingServiceServer => {
+export const makeHandlers = (
+  settings: ProxySettings,
+  run: RunHandler,
+  tracing: Tracing["Service"],
+  rateLimits: RateLimits["Service"]
+): MessagingServiceServer => {
   const streamHandler = <Req, A>(rpc: string, spec: QueueStreamSpec<A>): grpc.handleServerStreamingCall<Req, A> =>
   (call) => runForCall(run, call as grpc.ServerWritableStream<unknown, unknown>, rpc, serveQueueStream(call, spec))
   const subscriptionHandler = <A, Event extends SubscriptionEvent<A>>(
@@ -132,7 +138,7 @@ export const makeHandlers = (settings: ProxySettings, run: RunHandler, tracing: 
       validations
     ),
     publish: publishHandler(settings, run),
-    publishBatch: publishBatchHandler(settings, run),
+    publishBatch: publishBatchHandler(settings, run, rateLimits),
     getQueueInfo: queueInfoHandler(settings, run),
     purgeQueue: purgeQueueHandler(settings, run),
     peekDeadLetters: peekDeadLettersHandler(settings, run),

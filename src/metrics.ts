@@ -96,6 +96,9 @@ const brokerConnectFailuresMetric = perKey((key) => {
     { connection, reason }
   )
 })
+const rateLimitedMetric = perKey((limit) =>
+  counter("rate_limited_total", "calls or messages refused with RESOURCE_EXHAUSTED by a rate limit", { limit })
+)
 const rpcRequestsMetric = perKey((key) => {
   const [method, code] = split2(key)
   return counter("rpc_requests_total", "gRPC calls by method and final status code", { method, code })
@@ -137,6 +140,9 @@ export const nackedUnsafe = (queue: string): void => nackedMetric(queue).updateU
 
 export const deadLettered = (queue: string, kind: DeadLetterKind): Effect.Effect<void> =>
   Metric.update(deadLetteredMetric(queue + sep + kind), 1)
+
+/** A call or message refused by the rate limit `limit` (its variable's name). */
+export const rateLimited = (limit: string): Effect.Effect<void> => Metric.update(rateLimitedMetric(limit), 1)
 
 /** A dead-letter of a message of `queue` that failed: the message stayed in `queue`. */
 export const deadLetterFailed = (queue: string): Effect.Effect<void> => Metric.update(deadLetterFailuresMetric(queue), 1)

@@ -29,7 +29,9 @@ import { Broker } from "./broker/Broker.js"
 import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
 import { contractQueues, type ProxySettings, type QueueBinding } from "./config.js"
 import { AmqpError, describe } from "./errors.js"
+import { callerOf } from "./access.js"
 import { idsForAudit, recordAudit } from "./audit.js"
+import type { RateLimits } from "./rateLimits.js"
 import { formatTraceparent } from "./tracing.js"
 import { brokerFailureStatus, BrokerNotConnected, liveConnection, type RunHandler, runCall, type Status } from "./unaryCall.js"
 
@@ -365,8 +367,15 @@ export const publishOne = (rabbit: Rabbit, request: PublishRequest): Effect.Effe
 // ---------------------------------------------------------------------------------------------
 
 /** The first failure of a batch, with how far the batch got. */
+/** The caller's publish-rate bucket is empty (MESSAGING_PUBLISH_RATE). */
+export class PublishRateExceeded extends Data.TaggedError("PublishRateExceeded")<{ readonly details: string }> {
+  override get message(): string {
+    return this.details
+  }
+}
+
 export class BatchStopped extends Data.TaggedError("BatchStopped")<{
-  readonly error: PublishError | BatchTooLarge
+  readonly error: PublishError | BatchTooLarge | PublishRateExceeded
   /** Confirmed before the failing request (= its index). */
   readonly published: number
   /** Requests after the failing one that were already in flight and were confirmed too. */
@@ -391,7 +400,7 @@ export type BatchError = BatchStopped | ClientStreamFailed
 
 export const batchStatus = (error: BatchError): Status => {
   if (error._tag === "ClientStreamFailed") return { code: grpc.status.CANCELLED, details: error.message }
-  const cause = error.error._tag === "BatchTooLarge"
+  const cause = error.error._tag === "BatchTooLarge" || error.error._tag === "PublishRateExceeded"
     ? { code: grpc.status.RESOURCE_EXHAUSTED, details: error.error.message }
     : publishStatus(error.error)
   const after = error.publishedAfter > 0
@@ -417,7 +426,9 @@ interface InFlight {
  */
 export const publishBatch = (
   rabbit: Rabbit,
-  requests: AsyncIterator<PublishRequest>
+  requests: AsyncIterator<PublishRequest>,
+  /** One message's token from the caller's publish-rate bucket: the details when it is empty. */
+  takeToken: Effect.Effect<string | undefined> = Effect.succeed(undefined)
 ): Effect.Effect<PublishBatchResponse, BatchError, Broker> =>
   Effect.gen(function*() {
     const messageIds: Array<string> = []
@@ -427,7 +438,7 @@ export const publishBatch = (
 
     // Waits for whatever is still in flight after a failure, to count what went through anyway.
     // Everything before the failing request has been settled by then (results are taken in order).
-    const stop = (error: PublishError | BatchTooLarge) =>
+    const stop = (error: PublishError | BatchTooLarge | PublishRateExceeded) =>
       Effect.gen(function*() {
         const published = messageIds.length
         let publishedAfter = 0
@@ -467,6 +478,11 @@ export const publishBatch = (
         // Earlier requests come first: one of them may fail and be the one to report.
         yield* settleAll
         return yield* stop(valid.failure)
+      }
+      const exceeded = yield* takeToken
+      if (exceeded !== undefined) {
+        yield* settleAll
+        return yield* stop(new PublishRateExceeded({ details: exceeded }))
       }
       const message = { ...valid.success, headers }
       // + protobuf tag and length of the repeated field, generously
@@ -535,9 +551,13 @@ export const publishHandler = (settings: ProxySettings, run: RunHandler): grpc.h
 
 export const publishBatchHandler = (
   settings: ProxySettings,
-  run: RunHandler
+  run: RunHandler,
+  rateLimits: RateLimits["Service"]
 ): grpc.handleClientStreamingCall<PublishRequest, PublishBatchResponse> =>
 (call, callback) => {
+  // Each message takes a token from the caller's publish-rate bucket (rateLimits.ts).
+  const caller = callerOf(call) ?? call.getPeer()
+  const takeToken = rateLimits.take(rateLimits.publish, caller, 1)
   // Pulling one request at a time keeps grpc-js's flow control in charge of the client. The
   // iterator is never return()ed: that would destroy the call before its status is sent.
   const requests: AsyncIterator<PublishRequest> = call[Symbol.asyncIterator]()
@@ -545,7 +565,7 @@ export const publishBatchHandler = (
     run,
     call,
     "PublishBatch",
-    publishBatch(settings.rabbit, requests).pipe(
+    publishBatch(settings.rabbit, requests, takeToken).pipe(
       Effect.tap((batch) => Effect.sync(() => recordAudit(call, { published: batch.published, ...idsForAudit(batch.messageIds) })))
     ),
     callback,

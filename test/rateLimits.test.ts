@@ -1,0 +1,74 @@
+/**
+ * Issue 15 (part): rate limits per caller. Over a limit a call gets RESOURCE_EXHAUSTED naming it,
+ * the refusal is counted, and the bucket refills; with Redis (127.0.0.1:6379, a key prefix of the
+ * test's own) one caller's limit holds across two proxies.
+ */
+import { assert, describe, it } from "@effect/vitest"
+import * as grpc from "@grpc/grpc-js"
+import { Effect, Option } from "effect"
+import { MessageKind, type MessagingServiceClient, type PublishRequest } from "../gen/messaging.js"
+import { schemaBody } from "./fixtures/bodies.js"
+import { grpcClient, makeTestEnv, startProxy } from "./support/harness.js"
+import { makeMetricsTestEnv, sample, scrapeUntil } from "./support/metrics.js"
+
+const request = (id: string): PublishRequest => ({ kind: MessageKind.MESSAGE_KIND_SCHEMA, body: Buffer.from(JSON.stringify(schemaBody(id))), routingKey: "" })
+
+const publish = (client: MessagingServiceClient, id: string) =>
+  Effect.callback<number>((resume) => {
+    client.publish(request(id), (error) => resume(Effect.succeed(error?.code ?? grpc.status.OK)))
+  })
+
+const publishDetails = (client: MessagingServiceClient, id: string) =>
+  Effect.callback<string>((resume) => {
+    client.publish(request(id), (error) => resume(Effect.succeed(error?.details ?? "")))
+  })
+
+describe("rate limits", () => {
+  it.live("MESSAGING_PUBLISH_RATE: a burst goes through, the next Publish is RESOURCE_EXHAUSTED naming the limit and counted; a batch stops at the limit", () =>
+    Effect.gen(function*() {
+      // 1 message per 10 s, a burst of 3: the bucket does not refill during the test.
+      const env = yield* makeMetricsTestEnv({ MESSAGING_PUBLISH_RATE: "0.1/s:3" })
+      const codes = [yield* publish(env.client, "r-1"), yield* publish(env.client, "r-2"), yield* publish(env.client, "r-3"), yield* publish(env.client, "r-4")]
+      assert.deepStrictEqual(codes, [grpc.status.OK, grpc.status.OK, grpc.status.OK, grpc.status.RESOURCE_EXHAUSTED])
+      assert.match(yield* publishDetails(env.client, "r-5"), /^rate limit MESSAGING_PUBLISH_RATE=0\.1\/s:3 reached for 127\.0\.0\.1: retry in \d+ ms$/)
+      const body = yield* scrapeUntil(Option.getOrThrow(env.metricsPort), (b) =>
+        (sample(b, "messaging_proxy_rate_limited_total", { limit: "MESSAGING_PUBLISH_RATE" }) ?? 0) >= 2)
+      assert.strictEqual(sample(body, "messaging_proxy_rate_limited_total", { limit: "MESSAGING_PUBLISH_RATE" }), 2)
+      // A batch from the same caller: its first message already finds the bucket empty.
+      const batch = yield* Effect.callback<grpc.ServiceError | null>((resume) => {
+        const call = env.client.publishBatch((error) => resume(Effect.succeed(error)))
+        call.write(request("b-1"))
+        call.end()
+      })
+      assert.strictEqual(batch?.code, grpc.status.RESOURCE_EXHAUSTED)
+      assert.match(batch?.details ?? "", /MESSAGING_PUBLISH_RATE.*\(published 0 before this one\)$/)
+    }))
+
+  it.live("MESSAGING_CALL_RATE: calls over the rate are refused before their body, and the bucket refills", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv({ MESSAGING_CALL_RATE: "5/s:2" })
+      const call = () =>
+        Effect.callback<number>((resume) => {
+          env.client.getRoutingKeySchemas({ results: false }, (error) => resume(Effect.succeed(error?.code ?? grpc.status.OK)))
+        })
+      const first = [yield* call(), yield* call(), yield* call()]
+      assert.deepStrictEqual(first, [grpc.status.OK, grpc.status.OK, grpc.status.RESOURCE_EXHAUSTED])
+      // Refilled at 5/s: wait for the event (a call that goes through), not for a clock.
+      while ((yield* call()) !== grpc.status.OK) yield* Effect.sleep("50 millis")
+    }))
+
+  it.live("with Redis, one caller's limit holds across two proxies", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv({
+        MESSAGING_PUBLISH_RATE: "0.1/s:2",
+        MESSAGING_RATE_LIMIT_REDIS_URL: "redis://127.0.0.1:6379"
+      })
+      // A second proxy on the same names and the same Redis.
+      const secondPort = yield* startProxy(env.names, { MESSAGING_PUBLISH_RATE: "0.1/s:2", MESSAGING_RATE_LIMIT_REDIS_URL: "redis://127.0.0.1:6379" })
+      const second = yield* grpcClient(secondPort)
+      // The buckets are keyed by the run's own exchange name, so this caller starts with a full one
+      // of 2, shared by both proxies.
+      const codes = [yield* publish(env.client, "x-1"), yield* publish(second, "x-2"), yield* publish(env.client, "x-3"), yield* publish(second, "x-4")]
+      assert.deepStrictEqual(codes, [grpc.status.OK, grpc.status.OK, grpc.status.RESOURCE_EXHAUSTED, grpc.status.RESOURCE_EXHAUSTED])
+    }))
+})
