@@ -7,12 +7,14 @@
  * A bucket of `burst` tokens refilled at `perSecond`: RateLimiter's token bucket takes `limit`
  * tokens per `window`, so limit = burst and window = burst / perSecond seconds. A store that
  * fails (Redis away) lets the call through and says so in a WARN: the limits protect the broker,
- * they must not take the service down with Redis.
+ * they must not take the service down with Redis. At start-up Redis must answer: the proxy stops
+ * with one line naming the variable otherwise.
  */
 import { NodeRedis } from "@effect/platform-node"
 import { Context, Duration, Effect, Layer, Option, Redacted } from "effect"
 import { RateLimiter } from "effect/persistence"
 import { ProxyConfig, type RateLimit } from "./config.js"
+import { describe } from "./errors.js"
 import * as Metrics from "./metrics.js"
 
 export class RateLimits extends Context.Service<RateLimits, {
@@ -65,7 +67,13 @@ export const RateLimitsLive: Layer.Layer<RateLimits, never, ProxyConfig> = Layer
       onSome: (url) =>
         RateLimiter.layerStoreRedis({ prefix: `messaging-proxy:ratelimit:${rabbit.exchange}:` }).pipe(
           Layer.provide(NodeRedis.layer({ url: Redacted.value(url) })),
-          Layer.orDie
+          // Start-up stops with one line naming the variable (never the URL: it may hold a password).
+          Layer.catch((error) =>
+            Layer.effect(
+              RateLimiter.RateLimiterStore,
+              Effect.die(new Error(`MESSAGING_RATE_LIMIT_REDIS_URL: cannot connect to Redis: ${describe(error.cause)}`))
+            )
+          )
         )
     })
     return Layer.effect(RateLimits, make).pipe(Layer.provide(RateLimiter.layer), Layer.provide(store))

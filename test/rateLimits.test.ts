@@ -8,7 +8,9 @@ import * as grpc from "@grpc/grpc-js"
 import { Effect, Option } from "effect"
 import { MessageKind, type MessagingServiceClient, type PublishRequest } from "../gen/messaging.js"
 import { schemaBody } from "./fixtures/bodies.js"
-import { grpcClient, makeTestEnv, startProxy } from "./support/harness.js"
+import { randomBytes } from "node:crypto"
+import { grpcClient, makeNames, makeTestEnv, proxyEnv, startProxy } from "./support/harness.js"
+import { runProxy } from "./support/process.js"
 import { makeMetricsTestEnv, sample, scrapeUntil } from "./support/metrics.js"
 
 const request = (id: string): PublishRequest => ({ kind: MessageKind.MESSAGE_KIND_SCHEMA, body: Buffer.from(JSON.stringify(schemaBody(id))), routingKey: "" })
@@ -55,6 +57,18 @@ describe("rate limits", () => {
       assert.deepStrictEqual(first, [grpc.status.OK, grpc.status.OK, grpc.status.RESOURCE_EXHAUSTED])
       // Refilled at 5/s: wait for the event (a call that goes through), not for a clock.
       while ((yield* call()) !== grpc.status.OK) yield* Effect.sleep("50 millis")
+    }))
+
+  it.live("an unreachable Redis stops start-up with one line naming the variable, never the URL's password", () =>
+    Effect.gen(function*() {
+      const password = `pw-${randomBytes(16).toString("hex")}`
+      const result = yield* runProxy(proxyEnv(makeNames(), {
+        MESSAGING_PUBLISH_RATE: "1/s",
+        MESSAGING_RATE_LIMIT_REDIS_URL: `redis://user:${password}@127.0.0.1:1`
+      }))
+      assert.strictEqual(result.code, 1)
+      assert.strictEqual(result.stderr.trim(), "messaging-proxy: MESSAGING_RATE_LIMIT_REDIS_URL: cannot connect to Redis: connect ECONNREFUSED 127.0.0.1:1")
+      assert.notInclude(result.stdout + result.stderr, password)
     }))
 
   it.live("with Redis, one caller's limit holds across two proxies", () =>
