@@ -11,6 +11,7 @@
  *                                            answered after the broker's confirm) [--routing-key K]
  *   queues                                   GetQueueInfo: message and consumer counts of the six queues and the delay queues, and whether each is available
  *   dead list schemas|validations            PeekDeadLetters: the dead-letter queue from its head, left in place [--limit N] [--after ID]
+ *   dead show schemas|validations ID        one dead-lettered message whole (body, every header)
  *   dead redrive schemas|validations --id ID… | --all   RedriveDeadLetters: back to their queue [--limit N]
  *   purge ROLE                               PurgeQueue: empty one of the proxy's queues by its role (as `queues` names it)
  *   health [--service S]                     grpc.health.v1 Check: prints the status, exits 0 when SERVING (for probes)
@@ -377,9 +378,30 @@ const deadRedrive = Command.make("redrive", {
   Command.provide(ClientLive)
 )
 
+const deadShow = Command.make("show", {
+  kind: deadKind,
+  id: Argument.String("id").pipe(Argument.withDescription("a message id from `dead list`"))
+}, Effect.fn("cli.dead.show")(function*({ kind, id }) {
+  const client = yield* MessagingClient
+  // Pages from the head until the id turns up (or the queue ends).
+  let after = ""
+  while (true) {
+    const page = yield* client.peekDeadLetters(kind, 100, after)
+    const found = page.messages.find((m) => m.id === id)
+    if (found !== undefined) {
+      return yield* printJson({ ...found, body: Buffer.from(found.body).toString("utf8") })
+    }
+    if (page.next === "") return yield* new InputError({ message: `no message with id ${id} in ${page.queue}` })
+    after = page.next
+  }
+})).pipe(
+  Command.withDescription("Show one dead-lettered message whole: body and every header (PeekDeadLetters, scope admin)"),
+  Command.provide(ClientLive)
+)
+
 const dead = Command.make("dead").pipe(
   Command.withDescription("Dead-letter queues"),
-  Command.withSubcommands([deadList, deadRedrive])
+  Command.withSubcommands([deadList, deadShow, deadRedrive])
 )
 
 // ---------------------------------------------------------------------------------------------------------

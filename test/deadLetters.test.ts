@@ -16,6 +16,7 @@ import {
   type RedriveDeadLettersResponse
 } from "../gen/messaging.js"
 import { schemaBody } from "./fixtures/bodies.js"
+import { startRelay } from "./support/relay.js"
 import { subscribeSchemas } from "./support/subscriber.js"
 import { makeTestEnv, publishRaw, queueState, waitForQueue } from "./support/harness.js"
 
@@ -75,6 +76,38 @@ describe("RedriveDeadLetters", () => {
       assert.strictEqual(head.redriven, 1)
       assert.deepStrictEqual((yield* peek(env.client, {})).messages.map((m) => m.messageId), ["fixed-3", "still-bad"])
       assert.strictEqual((yield* Effect.flip(redrive(env.client, {}))).code, grpc.status.INVALID_ARGUMENT, "neither ids nor all")
+    }))
+})
+
+describe("RedriveDeadLetters under a connection cut", () => {
+  it.live("a redrive whose broker connection is cut mid-way loses nothing: every message is in .dead or back in its queue", () =>
+    Effect.gen(function*() {
+      const relay = yield* startRelay()
+      const env = yield* makeTestEnv({ RABBITMQ_PORT: String(relay.port) })
+      const ids = Array.from({ length: 300 }, (_, i) => `cut-${i}`)
+      for (const id of ids) yield* publishRaw(env.admin, "", env.names.schemasDead, Buffer.from(JSON.stringify(schemaBody(id))), { messageId: id })
+      yield* waitForQueue(env.admin, env.names.schemasDead, (q) => q.messageCount === ids.length)
+      const outcome = Effect.runPromise(Effect.result(redrive(env.client, { all: true })))
+      // Cut the publishers' connection (the redrive's) once the first copies have landed.
+      yield* waitForQueue(env.admin, env.names.schemas, (q) => q.messageCount > 0)
+      yield* relay.severWhereClientSent("(publishing)")
+      const result = yield* Effect.promise(() => outcome)
+      // Whatever the call answered, the messages it held go back once the broker sees the cut.
+      const counts = Effect.all([queueState(env.admin, env.names.schemasDead), queueState(env.admin, env.names.schemas)])
+      while (true) {
+        const [dead, back] = yield* counts
+        if (dead.messageCount + back.messageCount >= ids.length) break
+        yield* Effect.sleep("20 millis")
+      }
+      const seen = new Set<string>()
+      for (const queue of [env.names.schemasDead, env.names.schemas]) {
+        while (true) {
+          const message = yield* Effect.promise(() => env.admin.channel.get(queue, { noAck: true }))
+          if (message === false) break
+          seen.add(String(message.properties.messageId))
+        }
+      }
+      assert.deepStrictEqual(ids.filter((id) => !seen.has(id)), [], `lost; the call answered ${JSON.stringify(result)}`)
     }))
 })
 
@@ -148,5 +181,11 @@ describe("PeekDeadLetters", () => {
         { queue: env.names.schemasDead, total: 1, shown: 1, next: "" }
       ])
       assert.strictEqual((yield* queueState(env.admin, env.names.schemasDead)).messageCount, 1, "still there")
+      const shown = yield* Effect.callback<string>((resume) => {
+        execFile(process.execPath, [cliScript, "--port", String(env.port), "dead", "show", "schemas", String(lines[0]?.["id"])], (_error, stdout) =>
+          resume(Effect.succeed(stdout)))
+      })
+      const whole = JSON.parse(shown) as { body: string; headers: Record<string, string>; messageId: string }
+      assert.deepStrictEqual([whole.messageId, whole.body, whole.headers["x-dead-letter-reason"]], ["cli-1", "{kept", "a reason"])
     }))
 })
