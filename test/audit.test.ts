@@ -65,6 +65,8 @@ describe("audit trail", () => {
           await unary(client.purgeQueue, { role: "schemas" }, publisherKey)
           await unary(client.purgeQueue, { role: "schemas" }, adminKey)
           await unary(client.getQueueInfo, {}, undefined)
+          await unary(client.peekDeadLetters, { kind: MessageKind.MESSAGE_KIND_SCHEMA, limit: 0, after: "" }, adminKey)
+          await unary(client.redriveDeadLetters, { kind: MessageKind.MESSAGE_KIND_SCHEMA, ids: [], all: true, limit: 0 }, adminKey)
           await unary(client.getRoutingKeySchemas, { results: false }, publisherKey) // not audited: a lookup
           client.close()
           kill()
@@ -79,8 +81,13 @@ describe("audit trail", () => {
         "PublishBatch key:api OK",
         "PurgeQueue key:api PERMISSION_DENIED",
         "PurgeQueue key:ops OK",
-        "GetQueueInfo unauthenticated UNAUTHENTICATED"
+        "GetQueueInfo unauthenticated UNAUTHENTICATED",
+        "PeekDeadLetters key:ops OK",
+        "RedriveDeadLetters key:ops OK"
       ])
+      // The malformed Publish was refused, not dead-lettered: the dead-letter queue is empty.
+      assert.deepStrictEqual([lines[6]?.["queue"], lines[6]?.["shown"]], [names.schemasDead, 0])
+      assert.deepStrictEqual([lines[7]?.["queue"], lines[7]?.["redriven"]], [names.schemas, 0])
       assert.strictEqual(lines[0]?.["messageId"], "a-1")
       assert.strictEqual(lines[0]?.["routingKey"], "schemas.*")
       assert.deepStrictEqual([lines[2]?.["published"], lines[2]?.["messageIds"]], [2, ["b-1", "b-2"]])
