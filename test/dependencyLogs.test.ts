@@ -11,7 +11,7 @@ import { readFileSync } from "node:fs"
 import * as http2 from "node:http2"
 import { MessageKind, MessagingServiceClient } from "../gen/messaging.js"
 import { redactDependencyLine } from "../src/dependencyLogs.js"
-import { makeNames, proxyEnv } from "./support/harness.js"
+import { makeAdmin, makeNames, proxyEnv } from "./support/harness.js"
 import { grpcPortOf, runProxy } from "./support/process.js"
 
 /** A key in the shape CI's secret grep looks for (`key-` + 32 hex digits). */
@@ -58,7 +58,9 @@ describe("what dependencies print", () => {
     Effect.gen(function*() {
       const key = newKey()
       let statuses: Promise<Array<string | undefined>> | undefined
-      const result = yield* runProxy(proxyEnv(makeNames(), { MESSAGING_API_KEYS: keysFor(key) }), (kill, stdout) => {
+      const names = makeNames()
+      yield* makeAdmin(names) // deletes the topology the proxy declares
+      const result = yield* runProxy(proxyEnv(names, { MESSAGING_API_KEYS: keysFor(key) }), (kill, stdout) => {
         const session = http2.connect(`http://127.0.0.1:${grpcPortOf(stdout)}`)
         session.on("error", () => undefined)
         const variants: Array<http2.OutgoingHttpHeaders> = [
@@ -103,7 +105,9 @@ describe("callers without credentials", () => {
   it.live("twenty concurrent unauthenticated 15 MiB Publish calls are refused before their bodies are read: the proxy's peak RSS grows by less than 20 MiB", () =>
     Effect.gen(function*() {
       let outcome: Promise<{ codes: Array<number | undefined>; before: number; peak: number }> | undefined
-      const result = yield* runProxy(proxyEnv(makeNames(), { MESSAGING_API_KEYS: keysFor(newKey()) }), (kill, stdout, pid) => {
+      const names = makeNames()
+      yield* makeAdmin(names) // deletes the topology the proxy declares
+      const result = yield* runProxy(proxyEnv(names, { MESSAGING_API_KEYS: keysFor(newKey()) }), (kill, stdout, pid) => {
         const before = memoryOf(pid, "VmRSS")
         const client = new MessagingServiceClient(`127.0.0.1:${grpcPortOf(stdout)}`, grpc.credentials.createInsecure(), {
           "grpc.max_send_message_length": 32 << 20
