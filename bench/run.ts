@@ -13,7 +13,7 @@
  * BENCH_LATENCY_RATE (1000), BENCH_LATENCY_WARMUP_SECONDS (2), BENCH_STREAMS (10000),
  * BENCH_STREAMS_PER_CHANNEL (1000), BENCH_STREAMS_MESSAGES (2 × BENCH_STREAMS, at least 5000),
  * BENCH_CANCEL_CYCLES (100), BENCH_QUORUM_N (50000), BENCH_QUORUM_REPEATS (3), BENCH_QUORUM_WARMUP_N (5000),
- * BENCH_PHASES (throughput,latency,streams,cancel,quorum[,profile]), BENCH_PROFILE=1 (adds the profile phase: one
+ * BENCH_PHASES (throughput,publish,latency,streams,cancel,quorum,tracing[,profile]), BENCH_PUBLISH_N and BENCH_PUBLISH_BATCH (the publish phase), BENCH_PROFILE=1 (adds the profile phase: one
  * StreamSchemaMessages drain with the child under --cpu-prof, analysed), BENCH_PROFILE_DIR (/tmp/prof),
  * BENCH_PROXY_MAIN (the proxy entry point), BENCH_PROXY_NODE_ARGS (extra node arguments for the child),
  * BENCH_PROXY_LOG_DIR (keep each child's raw output there).
@@ -31,14 +31,15 @@ import { QUEUE_TYPES, type QuorumResult, runQuorum } from "./quorum.js"
 import { runStreams } from "./streams.js"
 import { bodyFactory, MODE_LABEL, MODES, prefill, type RunRecord, runThroughput } from "./throughput.js"
 import { dropAllReceiver, tracingCost, tracingModes, type TracingOutcome } from "./tracing.js"
+import { type PublishResult, runPublish } from "./publish.js"
 import { envFlag, envInt, errorText, fmt, fmtInt, log, mb, now, type PhaseOutcome, sleep, table } from "./util.js"
 
-type Phase = "throughput" | "latency" | "streams" | "cancel" | "profile" | "quorum" | "tracing"
-const ALL_PHASES: ReadonlyArray<Phase> = ["throughput", "profile", "latency", "streams", "cancel", "quorum", "tracing"]
+type Phase = "throughput" | "latency" | "streams" | "cancel" | "profile" | "quorum" | "tracing" | "publish"
+const ALL_PHASES: ReadonlyArray<Phase> = ["throughput", "profile", "publish", "latency", "streams", "cancel", "quorum", "tracing"]
 
 const settings = () => {
   const profile = envFlag("BENCH_PROFILE")
-  const requested = (process.env["BENCH_PHASES"] ?? "throughput,latency,streams,cancel,quorum,tracing")
+  const requested = (process.env["BENCH_PHASES"] ?? "throughput,publish,latency,streams,cancel,quorum,tracing")
     .split(",").map((p) => p.trim()).filter((p) => p.length > 0)
   for (const p of requested) {
     if (!ALL_PHASES.includes(p as Phase)) throw new Error(`BENCH_PHASES: unknown phase ${JSON.stringify(p)}`)
@@ -312,6 +313,17 @@ const main = async () => {
           break
         case "tracing":
           results["tracing"] = await runTracingPhase(bench, admin, s)
+          break
+        case "publish":
+          results["publish"] = await bench.phase("publish", (proxy) =>
+            runPublish({
+              admin,
+              proxy,
+              messages: envInt("BENCH_PUBLISH_N", Math.min(s.messages, 50_000)),
+              bodyBytes: s.bodyBytes,
+              repetitions: s.repetitions,
+              batchSize: envInt("BENCH_PUBLISH_BATCH", 1_000)
+            }))
           break
         case "cancel":
           results["cancel"] = await bench.phase("cancel", (proxy) =>
@@ -676,6 +688,14 @@ const render = (report: { environment: Record<string, unknown>; durationSeconds:
     if (runs.length > 0) out.push(table(runs))
     summary.push(["quorum / classic msg/s ((a) / (b))", `${fmt(r.quorumToClassic.direct, 3)} / ${fmt(r.quorumToClassic.stream, 3)}`, "", ""])
   } else if (q?.error) summary.push(["quorum vs classic", `failed: ${q.error}`, "", "FAIL"])
+
+  const pub = results["publish"] as PhaseOutcome<PublishResult> | undefined
+  if (pub?.result) {
+    const r = pub.result
+    out.push("", `Publishing: ${fmtInt(r.messages)} × ~1 KiB, direct amqplib with 64 confirms in flight vs PublishBatch calls of ${fmtInt(r.batchSize)} (medians)`)
+    summary.push(["publish (a) direct confirmed / PublishBatch (median)", `${fmtInt(r.medianMsgPerSec.direct)} / ${fmtInt(r.medianMsgPerSec.proxy)} msg/s`, "", ""])
+    summary.push(["publish ratio PublishBatch / direct", fmt(r.ratio, 3), "≥ 0.8", verdict(r.ratio === null ? null : r.ratio >= 0.8)])
+  } else if (pub?.error) summary.push(["publish", `failed: ${pub.error}`, "", "FAIL"])
 
   const tr = results["tracing"] as TracingOutcome | undefined
   if (tr?.result) {
