@@ -118,13 +118,22 @@ const keptProperties = (message: amqp.ConsumeMessage): amqp.Options.Publish => {
 }
 
 /**
- * The headers a copy keeps: all but quorum queues' `x-delivery-count` (and, from RabbitMQ 4.3,
- * `x-acquired-count`), which belong to the broker and count deliveries of the original; a copy
- * starts again from none.
+ * Headers that belong to the broker: quorum queues' `x-delivery-count` (and, from RabbitMQ 4.3,
+ * `x-acquired-count`), which count deliveries of the message in its queue and are rewritten on
+ * every return.
  */
-const withoutBrokerCount = (headers: amqp.MessagePropertyHeaders | undefined): Record<string, unknown> => {
-  if (headers === undefined) return {}
-  const { "x-delivery-count": _counted, "x-acquired-count": _acquired, ...kept } = headers
+export const brokerCountHeaders: ReadonlySet<string> = new Set(["x-delivery-count", "x-acquired-count"])
+
+/**
+ * `headers` without those in `dropped`. A copy keeps all but the broker's counts: they counted
+ * deliveries of the original, and a copy starts again from none.
+ */
+export const headersWithout = (
+  headers: amqp.MessagePropertyHeaders | undefined,
+  dropped: ReadonlySet<string> = brokerCountHeaders
+): Record<string, unknown> => {
+  const kept: Record<string, unknown> = {}
+  for (const [key, value] of Object.entries(headers ?? {})) if (!dropped.has(key)) kept[key] = value
   return kept
 }
 
@@ -202,7 +211,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
                   // Copies travel through the default exchange: keep where the message first came from.
                   "x-original-exchange": message.fields.exchange,
                   "x-original-routing-key": message.fields.routingKey,
-                  ...withoutBrokerCount(message.properties.headers),
+                  ...headersWithout(message.properties.headers),
                   ...headers
                 }
               },

@@ -31,6 +31,7 @@ import {
 } from "../gen/messaging.js"
 import type { Broker } from "./broker/Broker.js"
 import { onThrowawayChannel } from "./broker/channels.js"
+import { brokerCountHeaders, headersWithout } from "./consumer.js"
 import { deadLetterQueue, type ProxySettings } from "./config.js"
 import { AmqpError } from "./errors.js"
 import { recordAudit } from "./audit.js"
@@ -62,9 +63,6 @@ export const peekStatus = (error: PeekError): Status => {
 const headerText = (value: unknown): string =>
   typeof value === "string" ? value : Buffer.isBuffer(value) ? value.toString("utf8") : JSON.stringify(value) ?? String(value)
 
-/** Headers a quorum queue rewrites each time a message returns (a peek is one such return). */
-const brokerCounts: ReadonlySet<string> = new Set(["x-delivery-count", "x-acquired-count"])
-
 /**
  * A message's stable id: the first 16 hex digits of SHA-256 over its body and headers (in key
  * order), without the counts the broker rewrites on every return. The same message gives the same id on every peek; two messages differ in their
@@ -74,7 +72,8 @@ export const deadLetterId = (message: amqp.GetMessage): string => {
   const headers = message.properties.headers ?? {}
   const hash = createHash("sha256").update(message.content)
   for (const key of Object.keys(headers).sort()) {
-    if (brokerCounts.has(key)) continue
+    // A quorum queue rewrites these on every return, and a peek is one.
+    if (brokerCountHeaders.has(key)) continue
     hash.update(`\0${key}\0${headerText(headers[key])}`)
   }
   hash.update(`\0${message.properties.messageId ?? ""}`)
@@ -168,7 +167,7 @@ export const peekDeadLettersHandler = (
   )
 
 /** Headers a redriven copy drops: the proxy's requeue count (reset) and the broker's counts. */
-const droppedOnRedrive: ReadonlySet<string> = new Set(["x-requeue-count", ...brokerCounts])
+const droppedOnRedrive: ReadonlySet<string> = new Set(["x-requeue-count", ...brokerCountHeaders])
 
 /**
  * RedriveDeadLetters (scope admin): moves the chosen dead-lettered messages back to the queue of
@@ -207,11 +206,7 @@ export const redriveDeadLetters = (
             scanned++
             const id = deadLetterId(message)
             if (!request.all && !wanted.has(id)) continue
-            const headers: Record<string, unknown> = {}
-            for (const [key, value] of Object.entries(message.properties.headers ?? {})) {
-              if (!droppedOnRedrive.has(key)) headers[key] = value
-            }
-            headers["x-redriven-at"] = new Date().toISOString()
+            const headers = { ...headersWithout(message.properties.headers, droppedOnRedrive), "x-redriven-at": new Date().toISOString() }
             await new Promise<void>((resolve, reject) => {
               channel.publish("", queues.source, message.content, {
                 persistent: true,
