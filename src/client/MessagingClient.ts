@@ -281,7 +281,7 @@ export class MessagingClient extends Context.Service<MessagingClient, {
       peekDeadLetters: (kind, limit = 0, after = "") =>
         unary<PeekDeadLettersResponse>("PeekDeadLetters", (md, callOptions, callback) =>
           client.peekDeadLetters(
-            { kind: kind === "schemas" ? MessageKind.MESSAGE_KIND_SCHEMA : MessageKind.MESSAGE_KIND_VALIDATION, limit, after },
+            { kind: deadLetterKinds[kind], limit, after },
             md,
             callOptions,
             callback
@@ -290,7 +290,7 @@ export class MessagingClient extends Context.Service<MessagingClient, {
         unary<RedriveDeadLettersResponse>("RedriveDeadLetters", (md, callOptions, callback) =>
           client.redriveDeadLetters(
             {
-              kind: kind === "schemas" ? MessageKind.MESSAGE_KIND_SCHEMA : MessageKind.MESSAGE_KIND_VALIDATION,
+              kind: deadLetterKinds[kind],
               ids: "ids" in selection ? [...selection.ids] : [],
               all: "all" in selection,
               limit: selection.limit ?? 0
@@ -330,6 +330,12 @@ interface HealthCheckClient {
     options: Partial<grpc.CallOptions>,
     callback: (error: grpc.ServiceError | null, response: { readonly status: string }) => void
   ): grpc.ClientUnaryCall
+}
+
+/** Whose dead-letter queue: the message kind the dead-letter RPCs take. */
+const deadLetterKinds: Record<Kind, MessageKind> = {
+  schemas: MessageKind.MESSAGE_KIND_SCHEMA,
+  validations: MessageKind.MESSAGE_KIND_VALIDATION
 }
 
 const publishKinds: Record<PublishKind, MessageKind> = {
