@@ -6,8 +6,9 @@
  * - W3C trace context (https://www.w3.org/TR/trace-context/): `traceparent`
  *   (`00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`, flag 01 = sampled) and
  *   `tracestate`, read from gRPC metadata and AMQP headers and written to AMQP headers.
- * - Sampling as OpenTelemetry's `OTEL_TRACES_SAMPLER` (config.ts TraceSampler); the ratio sampler
- *   decides from the trace id, so every replica keeps the same traces.
+ * - Sampling as OpenTelemetry's `OTEL_TRACES_SAMPLER` (config.ts TraceSampler); for a trace that
+ *   arrives from a caller or publisher the ratio sampler decides from its trace id, so every
+ *   replica keeps the same traces.
  * - Server spans of RPCs are started and ended by the guard (it sees every call and its final
  *   status) and handed to the call's work through `rpcSpanOf`.
  */
@@ -57,9 +58,14 @@ export const formatTraceparent = (span: { readonly traceId: string; readonly spa
 /**
  * The sampler's decision for a new span. With a parent and a parent-based sampler, the parent's
  * flag decides; otherwise the root sampler does (traceidratio: the trace id's last 8 hex digits,
- * as a fraction of 2^32, below the ratio).
+ * as a fraction of 2^32, below the ratio). A trace that starts here has no id yet (the tracer
+ * makes it with the span): `traceId` undefined, and traceidratio keeps it at random, at the ratio.
  */
-export const sampled = (sampler: TraceSampler, parent: { readonly sampled: boolean } | undefined, traceId: string): boolean => {
+export const sampled = (
+  sampler: TraceSampler,
+  parent: { readonly sampled: boolean } | undefined,
+  traceId: string | undefined
+): boolean => {
   if (parent !== undefined && sampler.parentBased) return parent.sampled
   switch (sampler.root) {
     case "always_on":
@@ -67,7 +73,7 @@ export const sampled = (sampler: TraceSampler, parent: { readonly sampled: boole
     case "always_off":
       return false
     case "traceidratio":
-      return parseInt(traceId.slice(-8), 16) / 0x1_0000_0000 < sampler.ratio
+      return (traceId === undefined ? Math.random() : parseInt(traceId.slice(-8), 16) / 0x1_0000_0000) < sampler.ratio
   }
 }
 
@@ -101,12 +107,6 @@ export const endSpan = (span: StartedSpan | undefined, failed?: string): void =>
   span.end(nowNanos(), failed === undefined ? Exit.void : Exit.fail(failed))
 }
 
-const randomHex = (bytes: number): string => {
-  const buffer = new Uint8Array(bytes)
-  crypto.getRandomValues(buffer)
-  return Buffer.from(buffer).toString("hex")
-}
-
 const makeOn = (sampler: TraceSampler) =>
   Effect.gen(function*() {
     const tracer = yield* Tracer.Tracer
@@ -118,7 +118,6 @@ const makeOn = (sampler: TraceSampler) =>
           : parent === undefined
           ? undefined
           : Tracer.externalSpan({ traceId: parent.traceId, spanId: parent.spanId, sampled: parent.sampled })
-        const traceId = external?.traceId ?? randomHex(16)
         const span = tracer.span({
           name,
           parent: Option.fromNullishOr(external),
@@ -127,7 +126,8 @@ const makeOn = (sampler: TraceSampler) =>
           startTime: nowNanos(),
           kind,
           root: external === undefined,
-          sampled: sampled(sampler, external, traceId)
+          // A root's trace id is made with the span: the sampler decides without it.
+          sampled: sampled(sampler, external, external?.traceId)
         })
         if (attributes !== undefined) for (const [key, value] of Object.entries(attributes)) span.attribute(key, value)
         return span
