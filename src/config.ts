@@ -354,8 +354,11 @@ export const parseHosts = (raw: string, defaultPort: number): Parsed<ReadonlyArr
   return nodes.length > 0 ? { value: nodes } : { expected: hostsExpected }
 }
 
-const optionalPath = (variable: string) =>
-  setting(variable, Schema.String, "a file path", "").pipe(Effect.map((p) => p.trim() === "" ? undefined : p))
+/** A variable's text, undefined when unset or blank. */
+const optionalText = (variable: string, expected: string) =>
+  setting(variable, Schema.String, expected, "").pipe(Effect.map((p) => p.trim() === "" ? undefined : p))
+
+const optionalPath = (variable: string) => optionalText(variable, "a file path")
 
 const bool = (variable: string, fallback: boolean) =>
   setting(variable, Schema.Literals(["true", "false", "1", "0", "yes", "no"]), "true or false", fallback ? "true" : "false")
@@ -438,7 +441,8 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
     return enabled ? Option.some({ host, port }) : Option.none()
   })
   const tracing = yield* Effect.gen(function*() {
-    const endpoint = (yield* optionalPath("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")) ?? (yield* optionalPath("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    const endpoint = (yield* optionalText("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "a URL")) ??
+      (yield* optionalText("OTEL_EXPORTER_OTLP_ENDPOINT", "a URL"))
     const disabled = yield* bool("OTEL_SDK_DISABLED", false)
     const exporters = (yield* setting("OTEL_TRACES_EXPORTER", Schema.String, "a list of exporters", "otlp")).split(",").map((e) => e.trim())
     const kind = yield* setting("OTEL_TRACES_SAMPLER", Schema.Literals(samplers), `one of ${samplers.join(", ")}`, "parentbased_always_on")
@@ -448,7 +452,7 @@ export const loadSettings: Effect.Effect<ProxySettings, ConfigInvalid | Config.C
       "a ratio between 0 and 1",
       1
     )
-    const explicitName = (yield* optionalPath("OTEL_SERVICE_NAME"))?.trim()
+    const explicitName = (yield* optionalText("OTEL_SERVICE_NAME", "a service name"))?.trim()
     const attributes = yield* setting("OTEL_RESOURCE_ATTRIBUTES", Schema.String, "key=value pairs", "")
     const attributeName = /(?:^|,)\s*service\.name\s*=\s*([^,]+)/.exec(attributes)?.[1]?.trim()
     const serviceName = explicitName || (attributeName ? decodedOrAsIs(attributeName) : "messaging-proxy")
