@@ -128,3 +128,14 @@ export const MessagingServiceDefinition: typeof MessagingServiceService = {
     responseSerialize: eventEncoder(ValidationSubscriptionEvent)
   }
 }
+
+/**
+ * The response serializer of the RPC at `path` ("/<package>.MessagingService/<Method>"), as the
+ * server registers it, or `undefined` for a path the service does not have.
+ */
+export const responseSerializer = (path: string): ((value: unknown) => Buffer) | undefined =>
+  serializersByPath.get(path)
+
+const serializersByPath: ReadonlyMap<string, (value: unknown) => Buffer> = new Map(
+  Object.values(MessagingServiceDefinition).map((method) => [method.path, method.responseSerialize as (value: unknown) => Buffer])
+)
