@@ -15,7 +15,7 @@ import type { Delivery } from "./consumer.js"
 import type { AmqpError, ConnectionLost } from "./errors.js"
 import { type AdmissionPolicy, countedRequeue } from "./redelivery.js"
 
-export interface DelayPolicy extends Pick<AdmissionPolicy<unknown>, "queue" | "maxRequeues"> {
+export interface DelayPolicy extends Pick<AdmissionPolicy, "queue" | "maxRequeues"> {
   /** MESSAGING_RETRY_DELAYS, ascending, non-empty: the delay tiers (one delay queue each). */
   readonly retryDelays: ReadonlyArray<Duration.Duration>
 }

@@ -17,7 +17,7 @@ import {
 } from "../gen/messaging.js"
 import type { Broker } from "./broker/Broker.js"
 import { queueOptions } from "./broker/topology.js"
-import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
+import { transcodeSchemaMessage, transcodeValidationMessage } from "./codec.js"
 import { contractQueues, deadLetterQueue, type ProxySettings, type QueueBinding } from "./config.js"
 import { publishBatchHandler, publishHandler } from "./publishing.js"
 import { peekDeadLettersHandler, redriveDeadLettersHandler } from "./deadLetters.js"
@@ -26,7 +26,6 @@ import type { RateLimits } from "./rateLimits.js"
 import { queueInfoHandler } from "./queueInfo.js"
 import type { RunHandler } from "./unaryCall.js"
 import type { AdmissionPolicy } from "./redelivery.js"
-import { encodeWith } from "./serialization.js"
 import { type QueueStreamSpec, serveQueueStream } from "./streaming.js"
 import { type Tracing, underRpcSpan } from "./tracing.js"
 import { serveSubscription, type SubscriptionEvent, type SubscriptionSpec } from "./subscription.js"
@@ -49,13 +48,12 @@ export const messagingParams = ({ rabbit }: ProxySettings): GetMessagingParamsRe
 
 const routingKey = (binding: QueueBinding): RoutingKey => ({ routingKey: binding.routingKey })
 
-const queueSpec = <A>(
+const queueSpec = (
   settings: ProxySettings,
   tracing: Tracing["Service"],
   binding: QueueBinding,
-  decode: AdmissionPolicy<A>["decode"],
-  encode: AdmissionPolicy<A>["encode"]
-): QueueStreamSpec<A> & SubscriptionSpec<A> => ({
+  transcode: AdmissionPolicy["transcode"]
+): QueueStreamSpec & SubscriptionSpec => ({
   queue: binding.queue,
   deadLetterQueue: deadLetterQueue(settings.rabbit, binding.queue),
   tracing,
@@ -72,8 +70,7 @@ const queueSpec = <A>(
   // Above the longest lease, so the broker's own timeout never fires first (honoured from 3.12).
   consumerTimeoutMs: Duration.toMillis(settings.subscriptions.maxAckDeadline) + 60_000,
   declaredAs: queueOptions(settings.rabbit, binding.queue),
-  decode,
-  encode,
+  transcode,
   // Streams send the message itself: the smaller of what grpc-js may send and what clients take.
   ...clientLimit(settings.grpc),
   defaultClientMaxMessageBytes: settings.grpc.clientMaxReceiveMessageBytes,
@@ -104,11 +101,11 @@ export const makeHandlers = (
   tracing: Tracing["Service"],
   rateLimits: RateLimits["Service"]
 ): MessagingServiceServer => {
-  const streamHandler = <Req, A>(rpc: string, spec: QueueStreamSpec<A>): grpc.handleServerStreamingCall<Req, A> =>
+  const streamHandler = <Req, A>(rpc: string, spec: QueueStreamSpec): grpc.handleServerStreamingCall<Req, A> =>
   (call) => runForCall(run, call as grpc.ServerWritableStream<unknown, unknown>, rpc, serveQueueStream(call, spec))
   const subscriptionHandler = <A, Event extends SubscriptionEvent<A>>(
     rpc: string,
-    spec: SubscriptionSpec<A>
+    spec: SubscriptionSpec
   ): grpc.handleBidiStreamingCall<SubscriptionRequest, Event> =>
   (call) =>
     runForCall(
@@ -119,8 +116,8 @@ export const makeHandlers = (
     )
   const params = messagingParams(settings)
   const { rabbit } = settings
-  const schemas = queueSpec(settings, tracing, rabbit.schemas, decodeSchemaMessage, encodeWith(SchemaMessageResponse))
-  const validations = queueSpec(settings, tracing, rabbit.validations, decodeValidationMessage, encodeWith(ValidationMessageResponse))
+  const schemas = queueSpec(settings, tracing, rabbit.schemas, transcodeSchemaMessage)
+  const validations = queueSpec(settings, tracing, rabbit.validations, transcodeValidationMessage)
   return {
     getMessagingParams: (_call, callback) => callback(null, params),
     getRoutingKeySchemas: (call, callback) =>

@@ -25,12 +25,11 @@ import { consume, type ConsumeError, type ConsumeOptions, type Delivery, reattac
 import { type AmqpError, type ConnectionLost, describe } from "./errors.js"
 import * as Metrics from "./metrics.js"
 
-export interface AdmissionPolicy<A> {
+export interface AdmissionPolicy {
   readonly queue: string
   readonly maxRequeues: number
-  readonly decode: (body: Buffer) => Result.Result<A, BodyRejected>
-  /** The message as it goes on the wire (protobuf). */
-  readonly encode: (message: A) => Uint8Array
+  /** The body as the message goes on the wire (protobuf), or why it cannot go (codec.ts `transcode*`). */
+  readonly transcode: (body: Buffer) => Result.Result<Uint8Array, BodyRejected>
   /**
    * The most encoded bytes a client can be sent. A bigger message would end the call it reached
    * (grpc-js refuses to send it, or the client refuses to receive it, after what was written
@@ -114,7 +113,7 @@ const deadLetterLogged = (
  */
 export const countedRequeue = (
   delivery: Delivery,
-  policy: Pick<AdmissionPolicy<unknown>, "queue" | "maxRequeues">,
+  policy: Pick<AdmissionPolicy, "queue" | "maxRequeues">,
   note: string,
   target: string
 ): Effect.Effect<"Requeued" | "DeadLettered", AmqpError | ConnectionLost> => {
@@ -134,7 +133,7 @@ export const countedRequeue = (
  */
 export const requeueCounted = (
   delivery: Delivery,
-  policy: Pick<AdmissionPolicy<unknown>, "queue" | "maxRequeues">,
+  policy: Pick<AdmissionPolicy, "queue" | "maxRequeues">,
   note: string
 ): Effect.Effect<"Requeued" | "DeadLettered", AmqpError | ConnectionLost> =>
   countedRequeue(delivery, policy, note, policy.queue)
@@ -180,7 +179,7 @@ type Checked = Result.Result<
   { readonly kind: "malformed" | "too_large" | "delivery_limit"; readonly reason: string }
 >
 
-const check = <A>(delivery: Delivery, policy: AdmissionPolicy<A>, limits: QueueLimits): Checked => {
+const check = (delivery: Delivery, policy: AdmissionPolicy, limits: QueueLimits): Checked => {
   // The broker's last delivery of this message (x-delivery-count >= limit, measured on 3.10.8, see
   // QueueLimits.deliveryLimit): if it came back once more, the broker would drop it (no dead-letter
   // exchange) or dead-letter it without a reason. Counted before the body: it goes either way.
@@ -197,19 +196,14 @@ const check = <A>(delivery: Delivery, policy: AdmissionPolicy<A>, limits: QueueL
   }
   // Admission is total: a decoder that throws (whatever the body) dead-letters that body; it
   // must never end the calls on the queue and leave the body at its head.
-  let decoded: Result.Result<A, BodyRejected>
+  let transcoded: Result.Result<Uint8Array, BodyRejected>
   try {
-    decoded = policy.decode(delivery.message.content)
+    transcoded = policy.transcode(delivery.message.content)
   } catch (error) {
     return Result.fail({ kind: "malformed", reason: `cannot be decoded: ${describe(error)}` })
   }
-  if (Result.isFailure(decoded)) return Result.fail({ kind: "malformed", reason: decoded.failure.reason })
-  let encoded: Uint8Array
-  try {
-    encoded = policy.encode(decoded.success)
-  } catch (error) {
-    return Result.fail({ kind: "malformed", reason: `cannot be encoded as protobuf: ${describe(error)}` })
-  }
+  if (Result.isFailure(transcoded)) return Result.fail({ kind: "malformed", reason: transcoded.failure.reason })
+  const encoded = transcoded.success
   if (encoded.byteLength > policy.maxEncodedBytes) {
     return Result.fail({
       kind: "too_large",
@@ -235,9 +229,9 @@ const decided = (
  * Admits a chunk of deliveries in order. Good bodies are decided synchronously; only a chunk with
  * a bad body pays for effects (the dead-letter publish), from that body on.
  */
-export const admitAll = <A>(
+export const admitAll = (
   deliveries: NonEmptyReadonlyArray<Delivery>,
-  policy: AdmissionPolicy<A>,
+  policy: AdmissionPolicy,
   /** The queue's limits as learned from the broker (none known by default). */
   limits: QueueLimits = noLimits(policy.queue)
 ): Effect.Effect<NonEmptyReadonlyArray<Admission>, AmqpError | ConnectionLost> => {
@@ -272,9 +266,9 @@ export const deadLetteredIn = (admissions: ReadonlyArray<Admission>): number => 
  * of a dead-letter publish. Each (re)attach first learns the queue's limits on the primary
  * connection (read once per connection, usually already at start-up by the topology).
  */
-export const admittedDeliveries = <A>(
+export const admittedDeliveries = (
   options: ConsumeOptions,
-  policy: AdmissionPolicy<A>
+  policy: AdmissionPolicy
 ): Stream.Stream<Admission, ConsumeError, Broker> =>
   reattachOnConnectionLoss(
     options.queue,

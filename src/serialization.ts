@@ -40,6 +40,13 @@ const withWriter = (encode: (writer: BinaryWriter) => Uint8Array): Uint8Array =>
   }
 }
 
+/** Runs `write` on the shared writer and returns what it wrote, as a fresh copy. */
+export const writeWith = (write: (writer: BinaryWriter) => void): Uint8Array =>
+  withWriter((w) => {
+    write(w)
+    return w.finish()
+  })
+
 /** Encodes a message with the shared writer; the result is a fresh copy. */
 export const encodeWith = <A>(codec: Codec<A>) => (value: A): Uint8Array =>
   withWriter((w) => codec.encode(value, w).finish())

@@ -30,7 +30,7 @@ import { readAheadOf } from "./readAhead.js"
 import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn } from "./redelivery.js"
 import { makeUnreadLedger } from "./unreadLedger.js"
 
-export interface QueueStreamSpec<A> extends AdmissionPolicy<A> {
+export interface QueueStreamSpec extends AdmissionPolicy {
   readonly deadLetterQueue: string
   /** A span per delivery while tracing is on (tracing.ts). */
   readonly tracing: Tracing["Service"]
@@ -83,7 +83,7 @@ interface ChannelCapacity {
 
 export const serveQueueStream = <Req, A>(
   call: grpc.ServerWritableStream<Req, A>,
-  spec: QueueStreamSpec<A>
+  spec: QueueStreamSpec
 ): Effect.Effect<void, never, Broker> =>
   Effect.gen(function*() {
     const counts = { delivered: 0, deadLettered: 0, ackedQuiet: 0, consumersAdded: 0, givenBack: 0 }

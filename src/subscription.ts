@@ -28,7 +28,7 @@ export interface SubscriptionEvent<A> {
     | undefined
 }
 
-export interface SubscriptionSpec<A> extends AdmissionPolicy<A> {
+export interface SubscriptionSpec extends AdmissionPolicy {
   readonly deadLetterQueue: string
   /** A span per delivery while tracing is on (tracing.ts). */
   readonly tracing: Tracing["Service"]
@@ -92,7 +92,7 @@ const incomingRequests = (call: SubscriptionCall<unknown>) =>
 const openOptions = (
   request: SubscriptionRequest | undefined,
   spec: Pick<
-    SubscriptionSpec<unknown>,
+    SubscriptionSpec,
     | "defaultMaxInFlight"
     | "maxInFlightLimit"
     | "defaultClientMaxMessageBytes"
@@ -161,7 +161,7 @@ const openOptions = (
 
 export const serveSubscription = <A>(
   call: SubscriptionCall<A>,
-  spec: SubscriptionSpec<A>
+  spec: SubscriptionSpec
 ): Effect.Effect<void, never, Broker> => {
   const counts = { delivered: 0, acked: 0, requeued: 0, deadLettered: 0 }
   // Known once `open` arrives; kept out here so the final log line carries it too.

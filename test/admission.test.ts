@@ -8,31 +8,28 @@
 import { Effect, Exit } from "effect"
 import fc from "fast-check"
 import { describe, expect, it } from "vitest"
-import { SchemaMessageResponse, ValidationMessageResponse } from "../gen/messaging.js"
-import { decodeSchemaMessage, decodeValidationMessage } from "../src/codec.js"
+import { transcodeSchemaMessage, transcodeValidationMessage } from "../src/codec.js"
 import { admitAll, type AdmissionPolicy } from "../src/redelivery.js"
-import { encodeWith } from "../src/serialization.js"
 import { stubDelivery } from "./support/stubs.js"
 
-const policy = <A>(decode: AdmissionPolicy<A>["decode"], encode: AdmissionPolicy<A>["encode"]): AdmissionPolicy<A> => ({
+const policy = (transcode: AdmissionPolicy["transcode"]): AdmissionPolicy => ({
   queue: "q",
   maxRequeues: 5,
-  decode,
-  encode,
+  transcode,
   maxEncodedBytes: 4 * 1024 * 1024,
   maxEncodedBytesSource: "GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES",
   declaredAs: { durable: true }
 })
 
 const policies = [
-  ["schema", policy(decodeSchemaMessage, encodeWith(SchemaMessageResponse))],
-  ["validation", policy(decodeValidationMessage, encodeWith(ValidationMessageResponse))]
+  ["schema", policy(transcodeSchemaMessage)],
+  ["validation", policy(transcodeValidationMessage)]
 ] as const
 
 /** Admits one body; the outcome, or the defect that admission must never have. */
 const admit = (content: Buffer, which: (typeof policies)[number][1]) => {
   const deadLettered: Array<string> = []
-  const exit = Effect.runSyncExit(admitAll([stubDelivery({ content }, deadLettered)], which as AdmissionPolicy<unknown>))
+  const exit = Effect.runSyncExit(admitAll([stubDelivery({ content }, deadLettered)], which))
   return { exit, deadLettered }
 }
 

@@ -4,7 +4,9 @@ import {
   __testing,
   type BodyRejected,
   decodeSchemaMessage as publicDecodeSchemaMessage,
-  decodeValidationMessage as publicDecodeValidationMessage
+  decodeValidationMessage as publicDecodeValidationMessage,
+  transcodeSchemaMessage,
+  transcodeValidationMessage
 } from "../src/codec.js"
 import {
   PropertyType,
@@ -31,6 +33,10 @@ const bytes = (body: string | object): Uint8Array =>
 interface Paths<A> {
   readonly fast: (json: unknown) => A | undefined
   readonly slow: (json: unknown) => Result.Result<A, BodyRejected>
+  /** The fast path written straight to protobuf bytes. */
+  readonly fastBytes: (json: unknown) => Uint8Array | undefined
+  /** ts-proto's encode of a message (what the bytes must equal). */
+  readonly encode: (message: A) => Uint8Array
 }
 
 /** Deep-equal, same classes, and the same key order (map entries are encoded in that order). */
@@ -53,7 +59,8 @@ const parseLikeTheDecoder = (body: Uint8Array): unknown => {
  * - Schema accepts → the public result is deep-equal to the Schema path's, and so is the fast
  *   path's whenever it answers; the guard answering on every accepted body is checked too when
  *   `requireFast` (it does for every body the Schema accepts today — see src/codec.ts);
- * - Schema rejects → the fast path does not answer, and the public decoder gives the same reason.
+ * - Schema rejects → the fast path does not answer, and the public decoder gives the same reason;
+ * - the fast path's bytes, when it answers, are ts-proto's encoding of the Schema path's message.
  * Returns whether the Schema accepted and whether the fast path answered.
  */
 const comparePaths = <A>(
@@ -65,8 +72,10 @@ const comparePaths = <A>(
   const { label } = options
   const slow = paths.slow(json)
   const fast = paths.fast(json)
+  const fastBytes = paths.fastBytes(json)
   if (Result.isFailure(slow)) {
     expect(fast, `fast path answered for a body the Schema rejects: ${label}`).toBeUndefined()
+    expect(fastBytes, `fast bytes for a body the Schema rejects: ${label}`).toBeUndefined()
     expect(Result.isFailure(result), label).toBe(true)
     if (Result.isFailure(result)) expect(result.failure.reason, label).toBe(slow.failure.reason)
     return { accepted: false, fast: false }
@@ -74,22 +83,40 @@ const comparePaths = <A>(
   if (Result.isFailure(result)) throw new Error(`public decoder rejected what the Schema accepts: ${label}`)
   expectSameMessage(result.success, slow.success, label)
   if (fast !== undefined) expectSameMessage(fast, slow.success, label)
+  expect(fastBytes === undefined, `the two fast paths disagree on answering: ${label}`).toBe(fast === undefined)
+  if (fastBytes !== undefined) expect(Buffer.from(fastBytes).toString("hex"), label).toBe(Buffer.from(paths.encode(slow.success)).toString("hex"))
   else if (options.requireFast) throw new Error(`fast path did not cover an accepted body: ${label}`)
   return { accepted: true, fast: fast !== undefined }
 }
 
-/** The public decoder, with every call cross-checked against both internal paths. */
-const checked = <A>(decode: (body: Uint8Array) => Result.Result<A, BodyRejected>, paths: Paths<A>) =>
+/**
+ * The public decoder, with every call cross-checked against both internal paths and against the
+ * public transcoder (what streams send): the same rejection, or ts-proto's encoding of the message.
+ */
+const checked = <A>(
+  decode: (body: Uint8Array) => Result.Result<A, BodyRejected>,
+  transcode: (body: Uint8Array) => Result.Result<Uint8Array, BodyRejected>,
+  paths: Paths<A>
+) =>
 (body: Uint8Array): Result.Result<A, BodyRejected> => {
   const result = decode(body)
+  const label = new TextDecoder().decode(body)
   const json = parseLikeTheDecoder(body)
-  if (json !== NOT_JSON) comparePaths(paths, json, result, { requireFast: true, label: new TextDecoder().decode(body) })
+  if (json !== NOT_JSON) comparePaths(paths, json, result, { requireFast: true, label })
+  const transcoded = transcode(body)
+  if (Result.isFailure(result)) {
+    expect(Result.isFailure(transcoded) ? transcoded.failure.reason : "accepted", label).toBe(result.failure.reason)
+  } else {
+    if (Result.isFailure(transcoded)) throw new Error(`transcoder rejected what the decoder accepts (${transcoded.failure.reason}): ${label}`)
+    expect(Buffer.from(transcoded.success).toString("hex"), label).toBe(Buffer.from(paths.encode(result.success)).toString("hex"))
+  }
   return result
 }
 
-// Every decode in this file goes through these, so every fixture below also checks the fast path.
-const decodeSchemaMessage = checked(publicDecodeSchemaMessage, __testing.schemaMessage)
-const decodeValidationMessage = checked(publicDecodeValidationMessage, __testing.validationMessage)
+// Every decode in this file goes through these, so every fixture below also checks the fast path
+// and the transcoder.
+const decodeSchemaMessage = checked(publicDecodeSchemaMessage, transcodeSchemaMessage, __testing.schemaMessage)
+const decodeValidationMessage = checked(publicDecodeValidationMessage, transcodeValidationMessage, __testing.validationMessage)
 
 const ok = <A>(result: Result.Result<A, BodyRejected>): A => {
   if (Result.isFailure(result)) throw new Error(`unexpected rejection: ${result.failure.reason}`)

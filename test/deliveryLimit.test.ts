@@ -14,8 +14,7 @@ import { fileURLToPath } from "node:url"
 import { MessagingServiceClient, SchemaMessageResponse, type SchemaSubscriptionEvent } from "../gen/messaging.js"
 import { learnQueueLimits, limitsOf, parseInequivalent } from "../src/broker/deliveryLimit.js"
 import { admitAll, type AdmissionPolicy } from "../src/redelivery.js"
-import { decodeSchemaMessage } from "../src/codec.js"
-import { encodeWith } from "../src/serialization.js"
+import { transcodeSchemaMessage } from "../src/codec.js"
 import { schemaBody } from "./fixtures/bodies.js"
 import { stubDelivery } from "./support/stubs.js"
 import {
@@ -81,11 +80,10 @@ describe("queue limits from the broker's answers", () => {
 
 // --- admission with a known limit (the broker side is a stub here) --------------------------------
 
-const policy: AdmissionPolicy<SchemaMessageResponse> = {
+const policy: AdmissionPolicy = {
   queue: "q",
   maxRequeues: 5,
-  decode: decodeSchemaMessage,
-  encode: encodeWith(SchemaMessageResponse),
+  transcode: transcodeSchemaMessage,
   maxEncodedBytes: 4 * 1024 * 1024,
   maxEncodedBytesSource: "GRPC_CLIENT_MAX_RECEIVE_MESSAGE_BYTES",
   declaredAs: { durable: true }
