@@ -49,10 +49,12 @@ export const statusOf = (error: CallError): { code: grpc.status; details: string
 }
 
 /**
- * Lets several queued messages go out as one HTTP/2 write. grpc-js's call is a Writable with only
- * `_write`, so Node waits for each message's write before starting the next, and each message
- * costs grpc-js's framing copy, a write through the HTTP/2 stream's own Writable and nghttp2's
- * bookkeeping for it. With `_writev`, what queued up during a write goes down together, in order:
+ * Writes the call's messages to its HTTP/2 stream ourselves, and lets several queued messages go
+ * out as one HTTP/2 write. grpc-js's call is a Writable with only `_write`, so Node waits for each
+ * message's write before starting the next, and each message costs grpc-js's layers (one
+ * `sendMessage` per interceptor), its framing copy, a write through the HTTP/2 stream's own
+ * Writable and nghttp2's bookkeeping for it. With `_writev`, what queued up during a write goes
+ * down together, in order:
  * each message is serialized by the RPC's own response serializer, framed as gRPC frames it
  * (1 byte compressed flag 0, 4 bytes big-endian length, the bytes: gRPC over HTTP/2,
  * "Length-Prefixed-Message"), and the frames are written to the HTTP/2 stream at once. Node calls
@@ -69,11 +71,13 @@ export const statusOf = (error: CallError): { code: grpc.status; details: string
 export const batchWrites = <A>(call: OutgoingCall<A>): void => {
   const writable: Writable = call
   const serialize = responseSerializer(call.getPath())
+  const stream = http2StreamOf(call)
+  const throughGrpc = writable._write.bind(writable)
   const oneByOne = (chunks: ReadonlyArray<{ chunk: unknown; encoding: BufferEncoding }>, callback: (error?: Error | null) => void) => {
     let remaining = chunks.length
     let failed = false
     for (const { chunk, encoding } of chunks) {
-      writable._write(chunk, encoding, (error?: Error | null) => {
+      throughGrpc(chunk, encoding, (error?: Error | null) => {
         if (failed) return
         if (error != null) {
           failed = true
@@ -83,18 +87,23 @@ export const batchWrites = <A>(call: OutgoingCall<A>): void => {
       })
     }
   }
-  writable._writev = (chunks, callback) => {
-    const stream = http2StreamOf(call)
-    if (serialize === undefined || stream === undefined || !stream.headersSent || stream.destroyed || stream.closed) {
-      return oneByOne(chunks, callback)
-    }
+  /** The frames of `chunks` written at once, or false where grpc-js has to write them (see above). */
+  const direct = (chunks: ReadonlyArray<{ chunk: unknown }>, callback: (error?: Error | null) => void): boolean => {
+    if (serialize === undefined || stream === undefined || !stream.headersSent || stream.destroyed || stream.closed) return false
     let frames: Buffer
     try {
       frames = grpcFrames(chunks.map(({ chunk }) => serialize(chunk)))
     } catch {
-      return oneByOne(chunks, callback)
+      return false
     }
     stream.write(frames, (error?: Error | null) => callback(error))
+    return true
+  }
+  writable._write = (chunk, encoding, callback) => {
+    if (!direct([{ chunk }], callback)) throughGrpc(chunk, encoding, callback)
+  }
+  writable._writev = (chunks, callback) => {
+    if (!direct(chunks, callback)) oneByOne(chunks, callback)
   }
 }
 
