@@ -9,6 +9,7 @@ import * as grpc from "@grpc/grpc-js"
 import { MessageKind, type MessagingServiceClient } from "../gen/messaging.js"
 import { type Admin, connect } from "./broker.js"
 import { makeClient } from "./drains.js"
+import { type CpuWindow, perMessage, startCpuWindow } from "./cpuWindow.js"
 import type { ProxyChild } from "./proxyProcess.js"
 import { bodyFactory } from "./throughput.js"
 import { log, median, now } from "./util.js"
@@ -16,10 +17,19 @@ import { log, median, now } from "./util.js"
 /** Publishes awaiting their confirm at once, as PublishBatch's window (src/publishing.ts). */
 const WINDOW = 64
 
+export interface PublishRun {
+  readonly mode: "direct" | "proxy"
+  readonly repetition: number
+  readonly msgPerSec: number
+  /** The machine during the run, and each process's CPU per message published (µs). */
+  readonly window: CpuWindow
+  readonly cpuUsPerMsg: ReturnType<typeof perMessage>
+}
+
 export interface PublishResult {
   readonly messages: number
   readonly batchSize: number
-  readonly runs: ReadonlyArray<{ readonly mode: "direct" | "proxy"; readonly msgPerSec: number }>
+  readonly runs: ReadonlyArray<PublishRun>
   readonly medianMsgPerSec: { readonly direct: number | null; readonly proxy: number | null }
   readonly ratio: number | null
 }
@@ -84,17 +94,19 @@ export const runPublish = async (options: {
   const direct = await connect(`bench-publisher ${names.prefix}`)
   const channel = await direct.createConfirmChannel()
   const client = await makeClient(proxy.port)
-  const runs: Array<{ mode: "direct" | "proxy"; msgPerSec: number }> = []
+  const runs: Array<PublishRun> = []
   try {
     for (let repetition = 0; repetition <= options.repetitions; repetition++) {
       for (const mode of ["direct", "proxy"] as const) {
         await admin.freshQueue(names.schemas, names.schemasRoutingKey)
         const started = now()
+        const endWindow = await startCpuWindow(proxy.pid)
         if (mode === "direct") await publishDirect(channel, names.exchange, names.schemasRoutingKey, messages, body)
         else await publishBatches(client, messages, batchSize, body)
         const msgPerSec = messages / ((now() - started) / 1000)
+        const window = await endWindow()
         // The first round warms both paths up and is not counted.
-        if (repetition > 0) runs.push({ mode, msgPerSec })
+        if (repetition > 0) runs.push({ mode, repetition, msgPerSec, window, cpuUsPerMsg: perMessage(window, messages) })
         log(`publish ${mode}${repetition === 0 ? " warm-up" : ` #${repetition}`}: ${Math.round(msgPerSec)} msg/s`)
       }
     }
@@ -108,5 +120,10 @@ export const runPublish = async (options: {
   }
   const d = medianOf("direct")
   const p = medianOf("proxy")
-  return { messages, batchSize, runs, medianMsgPerSec: { direct: d, proxy: p }, ratio: d === null || p === null ? null : p / d }
+  // The median of each repetition's own ratio (as in the throughput phase: a drifting machine moves both).
+  const ratios = runs.filter((r) => r.mode === "proxy").flatMap((r) => {
+    const base = runs.find((x) => x.mode === "direct" && x.repetition === r.repetition)
+    return base === undefined ? [] : [r.msgPerSec / base.msgPerSec]
+  })
+  return { messages, batchSize, runs, medianMsgPerSec: { direct: d, proxy: p }, ratio: ratios.length === 0 ? null : median(ratios) }
 }

@@ -4,6 +4,7 @@
  * SubscribeSchemaMessages; repeated, alternating a,b,c,a,b,c,…; medians reported.
  */
 import type * as amqp from "amqplib"
+import { loadavg } from "node:os"
 import type { MessagingServiceClient } from "../gen/messaging.js"
 import { schemaBody } from "./bodies.js"
 import { type Admin, type BrokerEndpoint, connect } from "./broker.js"
@@ -48,6 +49,8 @@ export interface RunRecord {
   readonly machineCpuUsPerMsg: number | null
   /** Cores busy on average during the drain (the machine has `os.availableParallelism()`). */
   readonly machineCoresBusy: number | null
+  /** The machine's 1-minute load average just before the drain. */
+  readonly loadBefore: number
   readonly proxyRssMax: number | null
   readonly proxyHeapUsedMax: number | null
   /** Share of the drain the proxy spent in GC pauses, and its worst event-loop delay. */
@@ -72,7 +75,9 @@ export interface ThroughputResult {
   readonly medianMsgPerSec: Record<Mode, number | null>
   readonly ratioStreamToDirect: number | null
   readonly ratioSubscribeToDirect: number | null
+  readonly cpuRatioStreamToDirect: number | null
   readonly medianProxyCpuUsPerMsg: Record<Mode, number | null>
+  readonly medianClientCpuUsPerMsg: Record<Mode, number | null>
   readonly medianMachineCpuUsPerMsg: Record<Mode, number | null>
   readonly medianMachineCoresBusy: Record<Mode, number | null>
   readonly proxyRssMax: number | null
@@ -191,7 +196,22 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
     subscribe: subscribe.available ? medianOf("subscribe", pick) : null
   })
   const medianMsgPerSec = mediansOf((r) => r.msgPerSec)
-  const ratio = (x: number | null) => (x !== null && medianMsgPerSec.direct ? x / medianMsgPerSec.direct : null)
+  /**
+   * The median over repetitions of each repetition's own ratio: the runs of one repetition follow
+   * each other within seconds, so a machine whose speed drifts during the phase (seen here: the
+   * direct drain from 13,700 to 20,600 msg/s within one run) moves both sides of a ratio together.
+   */
+  const pairedRatio = (pick: (r: RunRecord) => number | null, mode: Mode, over: Mode, overPick = pick): number | null => {
+    const ratios: Array<number> = []
+    for (const run of runs) {
+      if (run.mode !== mode) continue
+      const x = pick(run)
+      const base = runs.find((r) => r.mode === over && r.repetition === run.repetition)
+      const y = base === undefined ? null : overPick(base)
+      if (x !== null && y !== null && y > 0) ratios.push(x / y)
+    }
+    return ratios.length ? median(ratios) : null
+  }
   const rssValues = runs.map((r) => r.proxyRssMax).filter((v): v is number => v !== null)
   return {
     messages,
@@ -202,10 +222,13 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
     subscribe,
     runs,
     medianMsgPerSec,
-    ratioStreamToDirect: ratio(medianMsgPerSec.stream),
-    ratioSubscribeToDirect: ratio(medianMsgPerSec.subscribe),
+    ratioStreamToDirect: pairedRatio((r) => r.msgPerSec, "stream", "direct"),
+    ratioSubscribeToDirect: subscribe.available ? pairedRatio((r) => r.msgPerSec, "subscribe", "direct") : null,
+    /** The proxy's CPU per streamed message over the direct consumer's own (b's proxy CPU / a's client CPU). */
+    cpuRatioStreamToDirect: pairedRatio((r) => r.proxyCpuUsPerMsg, "stream", "direct", (r) => r.clientCpuUsPerMsg),
     // (a) has no proxy, so its proxy CPU is null in every record.
     medianProxyCpuUsPerMsg: mediansOf((r) => r.proxyCpuUsPerMsg),
+    medianClientCpuUsPerMsg: mediansOf((r) => r.clientCpuUsPerMsg),
     medianMachineCpuUsPerMsg: mediansOf((r) => r.machineCpuUsPerMsg),
     medianMachineCoresBusy: mediansOf((r) => r.machineCoresBusy),
     proxyRssMax: rssValues.length ? Math.max(...rssValues) : null
@@ -220,6 +243,7 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
       return failed(mode, repetition, publishSeconds, `prefill: ${errorText(error)}`)
     }
     const viaProxy = mode !== "direct"
+    const loadBefore = loadavg()[0] ?? 0
     const sampler = viaProxy ? new ResourceSampler(proxy) : undefined
     const proxyCpuBefore = await proxy.cpuSeconds()
     const brokerCpuBefore = await brokerCpuSeconds()
@@ -263,6 +287,7 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
       machineCoresBusy: machineBefore && machineAfter
         ? (machineAfter.busy - machineBefore.busy) / outcome.seconds
         : null,
+      loadBefore,
       proxyRssMax: resources?.rssMax ?? null,
       proxyHeapUsedMax: resources?.heapUsedMax ?? null,
       proxyGcPercent: resources?.gcTotalMs != null ? (resources.gcTotalMs / 10) / outcome.seconds : null,
@@ -297,6 +322,7 @@ const failed = (mode: Mode, repetition: number, publishSeconds: number, error: s
   brokerCpuUsPerMsg: null,
   machineCpuUsPerMsg: null,
   machineCoresBusy: null,
+  loadBefore: loadavg()[0] ?? 0,
   proxyRssMax: null,
   proxyHeapUsedMax: null,
   proxyGcPercent: null,

@@ -1,4 +1,5 @@
 /** Small helpers for the benchmark driver: env knobs, statistics, waiting, table printing. */
+import type { CpuWindow } from "./cpuWindow.js"
 import { setTimeout as delay } from "node:timers/promises"
 
 export const sleep = (ms: number): Promise<void> => delay(ms)
@@ -107,6 +108,8 @@ export const log = (message: string): void => {
 export interface PhaseOutcome<A> {
   readonly result?: A
   readonly error?: string
+  /** The machine and each process over the whole phase (cpuWindow.ts), proxy child start and stop excluded. */
+  readonly window?: CpuWindow
   readonly proxy?: {
     readonly exitCode: number | null
     readonly logLines: number
