@@ -6,6 +6,7 @@
  * SubscriptionRef (None while away); it is closed when the scope closes.
  */
 import * as amqp from "amqplib"
+import { coalesceWrites } from "./coalescedWrites.js"
 import { Deferred, Duration, Effect, Exit, Option, Queue, Redacted, Schedule, type Scope, Stream, SubscriptionRef } from "effect"
 import { isIP } from "node:net"
 import type { BrokerNode, ProxySettings } from "../config.js"
@@ -81,6 +82,7 @@ const connectOnce = (rabbit: Rabbit, node: BrokerNode, tls: amqp.SocketOptions |
           noDelay: true
         }
       )
+      coalesceWrites(connection)
       // Listeners go on in the same tick as the connection: amqplib crashes the process on an
       // unheard 'error', and a broker restart emits only 'close', which must not be missed.
       const closed = Deferred.makeUnsafe<string>()
