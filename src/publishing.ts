@@ -229,7 +229,15 @@ interface Pending {
   readonly messageId: string
   /** Set when a basic.return was matched to this publish (it precedes the ack). */
   returned: boolean
+  /** When it went out (epoch ms), for the confirm timeout. */
+  readonly sentAt: number
+  readonly confirmed: Deferred.Deferred<void, PublishError>
 }
+
+/** Bounds the wait for one confirm (a blocked broker would otherwise hold the call forever). */
+const CONFIRM_TIMEOUT_SECONDS = 30
+/** How often a channel with confirms pending looks for overdue ones: a wait ends 30–31 s after its publish. */
+const CONFIRM_SWEEP_MS = 1_000
 
 class PublishChannel {
   /** In publish order, so a return is matched to the oldest candidate. */
@@ -239,6 +247,8 @@ class PublishChannel {
   closed = false
   /** Nacked once: no new publishes; closed when the last pending confirm arrives. */
   private retired = false
+  /** Fails the waits of confirms older than CONFIRM_TIMEOUT_SECONDS; runs while any are pending. */
+  private sweep: NodeJS.Timeout | undefined
 
   /** Whether new publishes may go out on it (not closed, not retired after a nack). */
   get usable(): boolean {
@@ -269,10 +279,18 @@ class PublishChannel {
    */
   send(exchange: string, message: ValidPublish): Result.Result<Effect.Effect<void, PublishError>, AmqpError> {
     const confirmed = Deferred.makeUnsafe<void, PublishError>()
-    const entry: Pending = { exchange, routingKey: message.routingKey, messageId: message.messageId, returned: false }
+    const entry: Pending = {
+      exchange,
+      routingKey: message.routingKey,
+      messageId: message.messageId,
+      returned: false,
+      sentAt: Date.now(),
+      confirmed
+    }
     const settle = (error: unknown) => {
       const index = this.pending.indexOf(entry)
       if (index >= 0) this.pending.splice(index, 1)
+      if (this.pending.length === 0) this.stopSweep()
       Deferred.doneUnsafe(confirmed, this.outcome(entry, error))
       // Not closed by the broker (that would have settled everything with an error of its own),
       // so closing it ourselves sends nothing on a channel the broker closed.
@@ -295,10 +313,32 @@ class PublishChannel {
       return Result.fail(new AmqpError({ operation: `publish '${message.messageId}'`, cause }))
     }
     this.pending.push(entry)
+    this.sweep ??= setInterval(() => this.failOverdue(), CONFIRM_SWEEP_MS).unref()
     return Result.succeed(Deferred.await(confirmed))
   }
 
+  /**
+   * A confirm that has not come within CONFIRM_TIMEOUT_SECONDS fails its wait (a blocked broker
+   * would otherwise hold the call forever); the publish stays pending, so a late return or
+   * confirm still finds it. One timer per channel, not one per publish: a PublishBatch keeps 64
+   * in flight, and a timer each cost the proxy ~15 µs per message.
+   */
+  private failOverdue(): void {
+    const overdue = Date.now() - CONFIRM_TIMEOUT_SECONDS * 1000
+    // In publish order: the first one not overdue ends the search.
+    for (const entry of this.pending) {
+      if (entry.sentAt > overdue) break
+      Deferred.doneUnsafe(entry.confirmed, Effect.fail(new ConfirmTimeout({ messageId: entry.messageId, seconds: CONFIRM_TIMEOUT_SECONDS })))
+    }
+  }
+
+  private stopSweep(): void {
+    if (this.sweep !== undefined) clearInterval(this.sweep)
+    this.sweep = undefined
+  }
+
   private markClosed(): void {
+    this.stopSweep()
     this.closed = true
     this.onClosed()
   }
@@ -512,21 +552,23 @@ const publishChannel: Effect.Effect<PublishChannel, BrokerNotConnected | AmqpErr
   return yield* Effect.tryPromise({
     try: () => channelFor(connection),
     catch: (cause) => new AmqpError({ operation: "open publishing channel", cause })
-  })
+  }).pipe(
+    // A connection the broker blocked (a resource alarm) answers no channel.open until the alarm
+    // clears: bounded like a confirm, or a Publish would wait for as long as the alarm lasts.
+    Effect.timeoutOrElse({
+      duration: `${CONFIRM_TIMEOUT_SECONDS} seconds`,
+      orElse: () =>
+        Effect.fail(new AmqpError({
+          operation: "open publishing channel",
+          cause: new Error(`no answer from the broker within ${CONFIRM_TIMEOUT_SECONDS} s (a resource alarm blocks the publishing connection?)`)
+        }))
+    })
+  )
 })
-
-/** Bounds the wait for one confirm (a blocked broker would otherwise hold the call forever). */
-const CONFIRM_TIMEOUT_SECONDS = 30
-
-const awaitConfirm = (messageId: string) =>
-  Effect.timeoutOrElse({
-    duration: `${CONFIRM_TIMEOUT_SECONDS} seconds`,
-    orElse: () => Effect.fail(new ConfirmTimeout({ messageId, seconds: CONFIRM_TIMEOUT_SECONDS }))
-  })
 
 /** Publishes one validated message on `channel`; the returned Effect waits for its confirm. */
 const sendOn = (channel: PublishChannel, exchange: string, message: ValidPublish) =>
-  Effect.map(Effect.fromResult(channel.send(exchange, message)), awaitConfirm(message.messageId))
+  Effect.fromResult(channel.send(exchange, message))
 
 /** Publishes one validated message on the connection's shared channel. */
 const send = (exchange: string, message: ValidPublish): Effect.Effect<Effect.Effect<void, PublishError>, PublishError, Broker> =>
