@@ -33,7 +33,8 @@ export const perMessage = (window: CpuWindow, messages: number) => {
   }
 }
 
-const sumCpu = async (pids: ReadonlyArray<number>): Promise<number | null> => {
+/** The CPU seconds of all `pids` together (user + system), or null if one cannot be read. */
+export const sumCpuSeconds = async (pids: ReadonlyArray<number>): Promise<number | null> => {
   let sum = 0
   for (const pid of pids) {
     const seconds = await processCpuSeconds(pid)
@@ -54,7 +55,7 @@ export const startCpuWindow = async (
   const brokers = brokerPids ?? [await findBrokerPid()].filter((p): p is number => p !== undefined)
   const loadBefore = loadavg()[0] ?? 0
   const proxyBefore = proxyPid === undefined ? undefined : await processCpuSeconds(proxyPid)
-  const brokerBefore = brokers.length === 0 ? null : await sumCpu(brokers)
+  const brokerBefore = brokers.length === 0 ? null : await sumCpuSeconds(brokers)
   const machineBefore = await machineCpuSeconds()
   const benchBefore = process.cpuUsage()
   const startedAt = now()
@@ -62,7 +63,7 @@ export const startCpuWindow = async (
     const bench = process.cpuUsage(benchBefore)
     const seconds = (now() - startedAt) / 1000
     const machineAfter = await machineCpuSeconds()
-    const brokerAfter = brokers.length === 0 ? null : await sumCpu(brokers)
+    const brokerAfter = brokers.length === 0 ? null : await sumCpuSeconds(brokers)
     const proxyAfter = proxyPid === undefined ? undefined : await processCpuSeconds(proxyPid)
     const machine = machineBefore && machineAfter ? machineAfter.busy - machineBefore.busy : null
     return {

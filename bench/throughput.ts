@@ -18,7 +18,8 @@ import {
   probeSubscribe,
   Unimplemented
 } from "./drains.js"
-import { findBrokerPid, machineCpuSeconds, processCpuSeconds, type ProxyChild, ResourceSampler } from "./proxyProcess.js"
+import { sumCpuSeconds } from "./cpuWindow.js"
+import { findBrokerPid, machineCpuSeconds, type ProxyChild, ResourceSampler } from "./proxyProcess.js"
 import { envInt, errorText, log, median, now } from "./util.js"
 
 /** BENCH_DELIVERIES_PER_EVENT: the (c) drain's open.max_deliveries_per_event (default: the prefetch; 1 = one event per message). */
@@ -140,16 +141,8 @@ export const runThroughput = async (options: ThroughputOptions): Promise<Through
   const runs: Array<RunRecord> = []
   // The broker's own CPU shows what the machine's two cores are shared with.
   const brokerPids: ReadonlyArray<number> = options.brokerPids ?? [await findBrokerPid()].filter((p): p is number => p !== undefined)
-  const brokerCpuSeconds = async (): Promise<number | undefined> => {
-    if (brokerPids.length === 0) return undefined
-    let sum = 0
-    for (const pid of brokerPids) {
-      const seconds = await processCpuSeconds(pid)
-      if (seconds === undefined) return undefined
-      sum += seconds
-    }
-    return sum
-  }
+  const brokerCpuSeconds = async (): Promise<number | undefined> =>
+    brokerPids.length === 0 ? undefined : (await sumCpuSeconds(brokerPids)) ?? undefined
   let subscribe: Availability = modes.includes("subscribe") ? { available: true } : { available: false, reason: "not run" }
   try {
     if (modes.includes("subscribe")) {
