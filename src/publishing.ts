@@ -466,7 +466,8 @@ interface InFlight {
  */
 export const publishBatch = (
   rabbit: Rabbit,
-  requests: AsyncIterator<PublishRequest>,
+  /** The requests that have arrived since the last take (at least one), or undefined once the client half-closed. */
+  nextRequests: Effect.Effect<ReadonlyArray<PublishRequest> | undefined, ClientStreamFailed>,
   /** One message's token from the caller's publish-rate bucket: the details when it is empty. */
   takeToken: Effect.Effect<string | undefined> = Effect.succeed(undefined)
 ): Effect.Effect<PublishBatchResponse, BatchError, Broker> =>
@@ -502,45 +503,42 @@ export const publishBatch = (
       while (inFlight.length > 0) yield* settleOldest
     })
 
-    const next = Effect.tryPromise({
-      try: () => requests.next(),
-      catch: (cause) => new ClientStreamFailed({ cause })
-    })
-
     // One context for the batch: its server span.
     const headers = yield* traceHeaders
     while (true) {
-      const item = yield* next
-      if (item.done === true) break
-      if (inFlight.length >= BATCH_WINDOW) yield* settleOldest
-      const valid = validatePublish(rabbit, item.value)
-      if (Result.isFailure(valid)) {
-        // Earlier requests come first: one of them may fail and be the one to report.
-        yield* settleAll
-        return yield* stop(valid.failure)
+      const arrived = yield* nextRequests
+      if (arrived === undefined) break
+      for (const request of arrived) {
+        if (inFlight.length >= BATCH_WINDOW) yield* settleOldest
+        const valid = validatePublish(rabbit, request)
+        if (Result.isFailure(valid)) {
+          // Earlier requests come first: one of them may fail and be the one to report.
+          yield* settleAll
+          return yield* stop(valid.failure)
+        }
+        const exceeded = yield* takeToken
+        if (exceeded !== undefined) {
+          yield* settleAll
+          return yield* stop(new PublishRateExceeded({ details: exceeded }))
+        }
+        const message = { ...valid.success, headers }
+        // + protobuf tag and length of the repeated field, generously
+        const size = Buffer.byteLength(message.messageId) + 8
+        if (idBytes + size > MAX_RESPONSE_ID_BYTES) {
+          yield* settleAll
+          return yield* stop(new BatchTooLarge({ limitBytes: MAX_RESPONSE_ID_BYTES }))
+        }
+        idBytes += size
+        // Looked up once per batch, again only when it has closed (then what was in flight failed).
+        if (channel === undefined || !channel.usable) {
+          channel = yield* publishChannel.pipe(Effect.catch((error) => settleAll.pipe(Effect.andThen(stop(error)))))
+        }
+        const confirmed = yield* sendOn(channel, rabbit.exchange, message).pipe(
+          // A publish that could not even be sent: report it after the ones before it.
+          Effect.catch((error) => settleAll.pipe(Effect.andThen(stop(error))))
+        )
+        inFlight.push({ messageId: message.messageId, confirmed })
       }
-      const exceeded = yield* takeToken
-      if (exceeded !== undefined) {
-        yield* settleAll
-        return yield* stop(new PublishRateExceeded({ details: exceeded }))
-      }
-      const message = { ...valid.success, headers }
-      // + protobuf tag and length of the repeated field, generously
-      const size = Buffer.byteLength(message.messageId) + 8
-      if (idBytes + size > MAX_RESPONSE_ID_BYTES) {
-        yield* settleAll
-        return yield* stop(new BatchTooLarge({ limitBytes: MAX_RESPONSE_ID_BYTES }))
-      }
-      idBytes += size
-      // Looked up once per batch, again only when it has closed (then what was in flight failed).
-      if (channel === undefined || !channel.usable) {
-        channel = yield* publishChannel.pipe(Effect.catch((error) => settleAll.pipe(Effect.andThen(stop(error)))))
-      }
-      const confirmed = yield* sendOn(channel, rabbit.exchange, message).pipe(
-        // A publish that could not even be sent: report it after the ones before it.
-        Effect.catch((error) => settleAll.pipe(Effect.andThen(stop(error))))
-      )
-      inFlight.push({ messageId: message.messageId, confirmed })
     }
     yield* settleAll
     yield* Effect.logDebug("batch published", { published: messageIds.length })
@@ -591,6 +589,44 @@ export const publishHandler = (settings: ProxySettings, run: RunHandler): grpc.h
     publishStatus
   )
 
+/**
+ * Takes what the client's stream has buffered, as one array, waiting for a first request if none
+ * is there; undefined once the client half-closed and everything was taken. Reading only when
+ * the batch asks for more keeps grpc-js's flow control in charge of the client, and taking the
+ * buffer at once costs no promise and no Effect step per request (an async iterator did: ~10 %
+ * of PublishBatch's CPU per message). The stream is never destroyed here: that would end the call
+ * before its status is sent.
+ */
+const arrivedRequests = (call: grpc.ServerReadableStream<PublishRequest, unknown>) =>
+  Effect.callback<ReadonlyArray<PublishRequest> | undefined, ClientStreamFailed>((resume) => {
+    const take = (): boolean => {
+      const arrived: Array<PublishRequest> = []
+      for (let request: PublishRequest | null = call.read(); request !== null; request = call.read()) arrived.push(request)
+      if (arrived.length > 0) resume(Effect.succeed(arrived))
+      else if (call.readableEnded) resume(Effect.succeed(undefined))
+      else if (call.errored !== null) resume(Effect.fail(new ClientStreamFailed({ cause: call.errored })))
+      else return false
+      return true
+    }
+    if (take()) return
+    const detach = () => {
+      call.off("readable", onReadable)
+      call.off("end", onReadable)
+      call.off("error", onError)
+    }
+    const onReadable = () => {
+      if (take()) detach()
+    }
+    const onError = (cause: unknown) => {
+      detach()
+      resume(Effect.fail(new ClientStreamFailed({ cause })))
+    }
+    call.on("readable", onReadable)
+    call.on("end", onReadable)
+    call.on("error", onError)
+    return Effect.sync(detach)
+  })
+
 export const publishBatchHandler = (
   settings: ProxySettings,
   run: RunHandler,
@@ -600,14 +636,11 @@ export const publishBatchHandler = (
   // Each message takes a token from the caller's publish-rate bucket (rateLimits.ts).
   const caller = callerOf(call) ?? call.getPeer()
   const takeToken = rateLimits.take(rateLimits.publish, caller, 1)
-  // Pulling one request at a time keeps grpc-js's flow control in charge of the client. The
-  // iterator is never return()ed: that would destroy the call before its status is sent.
-  const requests: AsyncIterator<PublishRequest> = call[Symbol.asyncIterator]()
   runCall(
     run,
     call,
     "PublishBatch",
-    publishBatch(settings.rabbit, requests, takeToken).pipe(
+    publishBatch(settings.rabbit, arrivedRequests(call), takeToken).pipe(
       Effect.tap((batch) => Effect.sync(() => recordAudit(call, { published: batch.published, ...idsForAudit(batch.messageIds) })))
     ),
     callback,
