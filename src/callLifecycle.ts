@@ -54,11 +54,10 @@ export const statusOf = (error: CallError): { code: grpc.status; details: string
  * message's write before starting the next, and each message costs grpc-js's layers (one
  * `sendMessage` per interceptor), its framing copy, a write through the HTTP/2 stream's own
  * Writable and nghttp2's bookkeeping for it. With `_writev`, what queued up during a write goes
- * down together, in order:
- * each message is serialized by the RPC's own response serializer, framed as gRPC frames it
- * (1 byte compressed flag 0, 4 bytes big-endian length, the bytes: gRPC over HTTP/2,
- * "Length-Prefixed-Message"), and the frames are written to the HTTP/2 stream at once. Node calls
- * the batch's write callbacks together, once the whole batch is written.
+ * down together, in order: each message is serialized by the RPC's own response serializer,
+ * framed the way grpc-js frames it (1 byte compressed flag 0, 4 bytes big-endian length, the
+ * bytes: gRPC over HTTP/2, "Length-Prefixed-Message"), and the frames go to the HTTP/2 stream in
+ * one write. Node calls the batch's write callbacks together, once the whole batch is written.
  *
  * grpc-js's own `sendMessage` still sends the first message (it sends the response headers
  * first) and any batch while the stream is closing, so its cancellation behaviour (a write on a
