@@ -328,6 +328,8 @@ class PublishChannel {
     // In publish order: the first one not overdue ends the search.
     for (const entry of this.pending) {
       if (entry.sentAt > overdue) break
+      // Already failed by an earlier sweep (it stays pending until its confirm or the channel's close).
+      if (Deferred.isDoneUnsafe(entry.confirmed)) continue
       Deferred.doneUnsafe(entry.confirmed, Effect.fail(new ConfirmTimeout({ messageId: entry.messageId, seconds: CONFIRM_TIMEOUT_SECONDS })))
     }
   }
