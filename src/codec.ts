@@ -17,7 +17,6 @@
  * every fixture and generated body), without building the message or the map entries on the way:
  * that halves the proxy's own work per message after `JSON.parse`.
  */
-import type { BinaryWriter } from "@bufbuild/protobuf/wire"
 import { Result, Schema } from "effect"
 import {
   type JsonSchema,
@@ -29,6 +28,7 @@ import {
   ValidationMessageResponse,
   ValidationTasks
 } from "../gen/messaging.js"
+import type { ProtobufWriter } from "./protobufWriter.js"
 import { encodeWith, writeWith } from "./serialization.js"
 
 /** A body that is not a message to stream; `reason` is short and never echoes the body. */
@@ -344,12 +344,12 @@ const isWireValidationMessage = (u: unknown): u is WireValidationMessage => {
 // accepted.
 
 /** A string field, left out when empty (proto3 default). */
-const writeString = (w: BinaryWriter, tag: number, value: string | null | undefined): void => {
+const writeString = (w: ProtobufWriter, tag: number, value: string | null | undefined): void => {
   if (value != null && value !== "") w.uint32(tag).string(value)
 }
 
 /** One map<string, string> entry as its own length-delimited message { key = 1, value = 2 }. */
-const writeEntry = (w: BinaryWriter, tag: number, key: string, value: string): void => {
+const writeEntry = (w: ProtobufWriter, tag: number, key: string, value: string): void => {
   w.uint32(tag).fork()
   if (key !== "") w.uint32(10).string(key)
   if (value !== "") w.uint32(18).string(value)
@@ -357,7 +357,7 @@ const writeEntry = (w: BinaryWriter, tag: number, key: string, value: string): v
 }
 
 /** Map entries as `addEntries` stringifies them: nulls skipped, objects as JSON, scalars with String(). */
-const writeEntries = (w: BinaryWriter, tag: number, values: JsonObject, skip?: ReadonlySet<string>): void => {
+const writeEntries = (w: ProtobufWriter, tag: number, values: JsonObject, skip?: ReadonlySet<string>): void => {
   for (const key in values) {
     if (skip?.has(key)) continue
     const value = values[key]
@@ -367,7 +367,7 @@ const writeEntries = (w: BinaryWriter, tag: number, values: JsonObject, skip?: R
 }
 
 /** Properties { type = 1, extra = 2 }, as `toProperties` builds it. */
-const writeProperties = (w: BinaryWriter, p: JsonObject): void => {
+const writeProperties = (w: ProtobufWriter, p: JsonObject): void => {
   const type = PROPERTY_TYPES[p["type"] as WireProperty["type"]]
   if (type !== 0) w.uint32(8).int32(type)
   const extra = p["extra"]
@@ -377,7 +377,7 @@ const writeProperties = (w: BinaryWriter, p: JsonObject): void => {
 }
 
 /** JsonSchema { schema = 1, type = 2, required = 3, properties = 4 }, as `toJsonSchema` builds it. */
-const writeJsonSchema = (w: BinaryWriter, s: JsonObject): void => {
+const writeJsonSchema = (w: ProtobufWriter, s: JsonObject): void => {
   writeString(w, 10, (s["schema"] ?? s["$schema"]) as string | null | undefined)
   writeString(w, 18, s["type"] as string | null | undefined)
   const required = s["required"] as ReadonlyArray<string> | null | undefined
@@ -395,7 +395,7 @@ const writeJsonSchema = (w: BinaryWriter, s: JsonObject): void => {
 }
 
 /** SchemaMessageResponse, as `toSchemaMessage` builds it. */
-const writeSchemaMessage = (w: BinaryWriter, m: JsonObject): void => {
+const writeSchemaMessage = (w: ProtobufWriter, m: JsonObject): void => {
   w.uint32(10).string(m["id"] as string)
   const schema = m["schema"] as JsonObject | null | undefined
   if (schema != null) {
@@ -413,7 +413,7 @@ const writeSchemaMessage = (w: BinaryWriter, m: JsonObject): void => {
 }
 
 /** ValidationMessageResponse, as `toValidationMessage` builds it. */
-const writeValidationMessage = (w: BinaryWriter, m: JsonObject): void => {
+const writeValidationMessage = (w: ProtobufWriter, m: JsonObject): void => {
   w.uint32(10).string(m["id"] as string)
   const task = lookupTask(VALIDATION_TASKS, (m["task"] ?? m["tasks"]) as string | null | undefined, ValidationTasks.VALIDATION_TASKS_UNKNOWN)
   if (task !== 0) w.uint32(16).int32(task)
@@ -482,7 +482,7 @@ const makeDecoder = <W, A>(
   schema: Schema.Decoder<W>,
   isCommon: (json: unknown) => json is W,
   toProto: (wire: W) => A,
-  writeCommon: (writer: BinaryWriter, json: JsonObject) => void,
+  writeCommon: (writer: ProtobufWriter, json: JsonObject) => void,
   encode: (message: A) => Uint8Array
 ): Decoder<A> => {
   const decodeWire = Schema.decodeUnknownResult(schema)

@@ -144,6 +144,52 @@ const cancelQuietly = (channel: amqp.Channel, consumerTag: string) =>
     Effect.asVoid
   )
 
+/** What every delivery of one consumer's channel shares: kept once per channel, not per message. */
+interface ChannelConsumer {
+  readonly channel: amqp.Channel
+  readonly stopConsuming: Effect.Effect<void>
+  readonly startConsumer: (prefetch: number) => Effect.Effect<void, AmqpError>
+  readonly moveTo: (
+    message: amqp.ConsumeMessage,
+    queue: string,
+    headers: Record<string, unknown>
+  ) => Effect.Effect<void, AmqpError | ConnectionLost>
+  readonly deadLetter: (
+    message: amqp.ConsumeMessage,
+    reason: string,
+    headers: Record<string, unknown>
+  ) => Effect.Effect<void, AmqpError | ConnectionLost>
+}
+
+/** A Delivery as one small object per message: its methods live on the prototype and the channel's consumer. */
+class ChannelDelivery implements Delivery {
+  constructor(readonly message: amqp.ConsumeMessage, private readonly consumer: ChannelConsumer) {}
+  get channel(): amqp.Channel {
+    return this.consumer.channel
+  }
+  get stopConsuming(): Effect.Effect<void> {
+    return this.consumer.stopConsuming
+  }
+  ack(): boolean {
+    return settleQuietly(() => this.consumer.channel.ack(this.message))
+  }
+  ackUpTo(): boolean {
+    return ackThrough(this.consumer.channel, this.message.fields.deliveryTag)
+  }
+  nack(requeue: boolean): boolean {
+    return settleQuietly(() => this.consumer.channel.nack(this.message, false, requeue))
+  }
+  moveTo(queue: string, headers: Record<string, unknown>): Effect.Effect<void, AmqpError | ConnectionLost> {
+    return this.consumer.moveTo(this.message, queue, headers)
+  }
+  addConsumer(prefetch: number): Effect.Effect<void, AmqpError> {
+    return this.consumer.startConsumer(prefetch)
+  }
+  deadLetter(reason: string, headers: Record<string, unknown> = {}): Effect.Effect<void, AmqpError | ConnectionLost> {
+    return this.consumer.deadLetter(this.message, reason, headers)
+  }
+}
+
 export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, ConsumeError, Broker> =>
   Stream.callback<Delivery, ConsumeError, Broker>(
     (queue) =>
@@ -195,74 +241,63 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
         const stopConsuming = Effect.suspend(() =>
           Effect.forEach(consumerTags, (tag) => cancelQuietly(channel, tag), { discard: true })
         )
-        const toDelivery = (message: amqp.ConsumeMessage): Delivery => {
-          // The copy goes out on the publishers' connection, never on this one (copies.ts): a
-          // publish during a memory alarm would make the broker block this connection, and with it
-          // every stream's deliveries and acks. A requeue to its own queue while copies cannot go
-          // out is a plain nack (uncounted); a dead-letter then waits for them.
-          const copyTo = (target: string, headers: Record<string, unknown>) =>
-            broker.copies.move({
-              original: { channel, message, held: () => !channelClosed && closedByBroker === undefined },
-              target,
-              content: message.content,
-              options: {
-                ...keptProperties(message),
-                headers: {
-                  // Copies travel through the default exchange: keep where the message first came from.
-                  "x-original-exchange": message.fields.exchange,
-                  "x-original-routing-key": message.fields.routingKey,
-                  ...headersWithout(message.properties.headers),
-                  ...headers
-                }
-              },
-              whenBlocked: target === options.queue ? "requeue" : "hold"
-            }).pipe(Effect.asVoid)
-          // The default exchange drops a copy for a missing queue (after confirming it!), and an
-          // operator may have deleted the target (a dead-letter or delay queue): make sure it
-          // exists first. The delivery's own queue exists while it is consumed.
-          const moveTo = (target: string, headers: Record<string, unknown>) =>
-            (target === options.queue ? copyTo(target, headers) : broker.ensureQueue(target).pipe(
-              Effect.andThen(copyTo(target, headers))
-            )).pipe(
-              // A cut during the declaration or the copy is a lost connection too: re-attach, don't fail.
-              Effect.mapError((error) =>
-                lostWithConnection() && error._tag === "AmqpError" ? new ConnectionLost({ reason: error.message }) : error
+        // The copy goes out on the publishers' connection, never on this one (copies.ts): a
+        // publish during a memory alarm would make the broker block this connection, and with it
+        // every stream's deliveries and acks. A requeue to its own queue while copies cannot go
+        // out is a plain nack (uncounted); a dead-letter then waits for them.
+        const copyTo = (message: amqp.ConsumeMessage, target: string, headers: Record<string, unknown>) =>
+          broker.copies.move({
+            original: { channel, message, held: () => !channelClosed && closedByBroker === undefined },
+            target,
+            content: message.content,
+            options: {
+              ...keptProperties(message),
+              headers: {
+                // Copies travel through the default exchange: keep where the message first came from.
+                "x-original-exchange": message.fields.exchange,
+                "x-original-routing-key": message.fields.routingKey,
+                ...headersWithout(message.properties.headers),
+                ...headers
+              }
+            },
+            whenBlocked: target === options.queue ? "requeue" : "hold"
+          }).pipe(Effect.asVoid)
+        // The default exchange drops a copy for a missing queue (after confirming it!), and an
+        // operator may have deleted the target (a dead-letter or delay queue): make sure it
+        // exists first. The delivery's own queue exists while it is consumed.
+        const moveTo = (message: amqp.ConsumeMessage, target: string, headers: Record<string, unknown>) =>
+          (target === options.queue ? copyTo(message, target, headers) : broker.ensureQueue(target).pipe(
+            Effect.andThen(copyTo(message, target, headers))
+          )).pipe(
+            // A cut during the declaration or the copy is a lost connection too: re-attach, don't fail.
+            Effect.mapError((error) =>
+              lostWithConnection() && error._tag === "AmqpError" ? new ConnectionLost({ reason: error.message }) : error
+            )
+          )
+        const deadLetter = (message: amqp.ConsumeMessage, reason: string, headers: Record<string, unknown>) =>
+          // moveTo declares the dead-letter queue first, if it is missing.
+          moveTo(message, options.deadLetterQueue, {
+            ...headers,
+            "x-dead-letter-reason": reason,
+            "x-original-queue": options.queue,
+            "x-dead-lettered-at": new Date().toISOString()
+          }).pipe(
+            // The dead-letter queue refused the copy (a max-length with reject-publish, say):
+            // the message stays where it is, and an operator has to know. A lost connection
+            // says nothing about the dead-letter queue; it is logged where it is handled.
+            Effect.tapError((error) =>
+              error._tag === "ConnectionLost" ? Effect.void : Metrics.deadLetterFailed(options.queue).pipe(
+                Effect.andThen(Effect.logWarning("dead-letter failed; the message stays in its queue", {
+                  queue: options.queue,
+                  deadLetterQueue: options.deadLetterQueue,
+                  messageId: message.properties.messageId,
+                  reason,
+                  error: error.message
+                }))
               )
             )
-          return {
-            message,
-            channel,
-            ackUpTo: () => ackThrough(channel, message.fields.deliveryTag),
-            stopConsuming,
-            addConsumer: (prefetch) => startConsumer(prefetch),
-            ack: () => settleQuietly(() => channel.ack(message)),
-            nack: (requeue) => settleQuietly(() => channel.nack(message, false, requeue)),
-            moveTo,
-            deadLetter: (reason, headers = {}) =>
-              // moveTo declares the dead-letter queue first, if it is missing.
-              moveTo(options.deadLetterQueue, {
-                ...headers,
-                "x-dead-letter-reason": reason,
-                "x-original-queue": options.queue,
-                "x-dead-lettered-at": new Date().toISOString()
-              }).pipe(
-                // The dead-letter queue refused the copy (a max-length with reject-publish, say):
-                // the message stays where it is, and an operator has to know. A lost connection
-                // says nothing about the dead-letter queue; it is logged where it is handled.
-                Effect.tapError((error) =>
-                  error._tag === "ConnectionLost" ? Effect.void : Metrics.deadLetterFailed(options.queue).pipe(
-                    Effect.andThen(Effect.logWarning("dead-letter failed; the message stays in its queue", {
-                      queue: options.queue,
-                      deadLetterQueue: options.deadLetterQueue,
-                      messageId: message.properties.messageId,
-                      reason,
-                      error: error.message
-                    }))
-                  )
-                )
-              )
-          }
-        }
+          )
+        const consumer: ChannelConsumer = { channel, stopConsuming, startConsumer, moveTo, deadLetter }
 
         const onMessage = (message: amqp.ConsumeMessage | null) => {
           if (message === null) {
@@ -275,7 +310,7 @@ export const consume = (options: ConsumeOptions): Stream.Stream<Delivery, Consum
           }
           // The consumers' prefetch bounds what the broker sends unacked, and the buffer is not
           // bounded below that; if an offer ever failed, hand the message back rather than drop it.
-          if (!Queue.offerUnsafe(queue, toDelivery(message))) settleQuietly(() => channel.nack(message, false, true))
+          if (!Queue.offerUnsafe(queue, new ChannelDelivery(message, consumer))) settleQuietly(() => channel.nack(message, false, true))
         }
         // basic.qos then basic.consume: the prefetch applies to this consumer only.
         function startConsumer(prefetch: number): Effect.Effect<void, AmqpError> {

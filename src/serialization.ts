@@ -1,25 +1,27 @@
 /**
  * The service definition the server registers: the generated one, with the four streaming
- * responses encoded through one reused writer (its buffer stays grown, so no regrowth per message)
- * and wrapped without the generated code's extra copy. Encoding is synchronous and `finish()`
- * returns a copy, so sharing the writer between calls is safe.
- *
- * Messages are encoded once, when they are admitted (so their size can be checked against the
- * gRPC limit before anything is sent): the streams write those bytes as they are, and a
- * subscription's delivery event embeds them next to its delivery info.
+ * responses written without the generated code's extra copy. Messages are encoded once, when they
+ * are admitted (so their size can be checked against the gRPC limit before anything is sent): the
+ * streams write those bytes as they are, and a subscription's delivery event embeds them next to
+ * its delivery info. The writers are shared: encoding is synchronous and `finish()` returns a
+ * copy, so sharing them between calls is safe.
  */
 import { BinaryWriter, WireType } from "@bufbuild/protobuf/wire"
 import {
-  DeliveryInfo,
-  TraceContext,
+  type DeliveryInfo,
+  type TraceContext,
   MessagingServiceService,
   SchemaMessageResponse,
   SchemaSubscriptionEvent,
   ValidationMessageResponse,
   ValidationSubscriptionEvent
 } from "../gen/messaging.js"
+import { ProtobufWriter } from "./protobufWriter.js"
 
-const writer = new BinaryWriter()
+/** For the generated encoders, which take @bufbuild/protobuf's writer. */
+const generatedWriter = new BinaryWriter()
+/** For the hot path: the fast transcoder and the delivery envelopes (protobufWriter.ts). */
+const writer = new ProtobufWriter()
 
 const asBuffer = (bytes: Uint8Array): Buffer => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
 
@@ -28,28 +30,29 @@ interface Codec<A> {
 }
 
 /**
- * Runs one encode on the shared writer. If it throws part-way (e.g. a number out of range), the
- * half-written bytes are discarded, or they would prefix the next message encoded anywhere.
+ * Runs `write` on the shared writer and returns what it wrote, as a fresh Buffer. If it throws
+ * part-way (e.g. a number out of range), the half-written bytes are discarded, or they would
+ * prefix the next message encoded anywhere.
  */
-const withWriter = (encode: (writer: BinaryWriter) => Uint8Array): Uint8Array => {
+export const writeWith = (write: (writer: ProtobufWriter) => void): Buffer => {
   try {
-    return encode(writer)
+    write(writer)
+    return writer.finish()
   } catch (error) {
-    writer.finish()
+    writer.reset()
     throw error
   }
 }
 
-/** Runs `write` on the shared writer and returns what it wrote, as a fresh copy. */
-export const writeWith = (write: (writer: BinaryWriter) => void): Uint8Array =>
-  withWriter((w) => {
-    write(w)
-    return w.finish()
-  })
-
-/** Encodes a message with the shared writer; the result is a fresh copy. */
-export const encodeWith = <A>(codec: Codec<A>) => (value: A): Uint8Array =>
-  withWriter((w) => codec.encode(value, w).finish())
+/** Encodes a message with the generated code on a shared writer; the result is a fresh copy. */
+export const encodeWith = <A>(codec: Codec<A>) => (value: A): Uint8Array => {
+  try {
+    return codec.encode(value, generatedWriter).finish()
+  } catch (error) {
+    generatedWriter.finish()
+    throw error
+  }
+}
 
 const encoder = <A>(codec: Codec<A>) => {
   const encode = encodeWith(codec)
@@ -93,34 +96,47 @@ const eventEncoder = <A>(codec: Codec<A>) => {
       : encode(value)
 }
 
-/** A delivery's fields { info (1), message (2), trace_context (3) }, as the generated code would write them. */
-const writeDeliveryFields = (w: BinaryWriter, value: EncodedDelivery): void => {
-  DeliveryInfo.encode(value.info, w.uint32((1 << 3) | WireType.LengthDelimited).fork()).join()
+/**
+ * A delivery's fields { info (1), message (2), trace_context (3) }, as the generated code writes
+ * them: DeliveryInfo { delivery_id (1, uint64), redelivered (2), delivery_count (3, uint32) } and
+ * TraceContext { traceparent (1), tracestate (2) }, proto3 defaults left out.
+ */
+const writeDeliveryFields = (w: ProtobufWriter, value: EncodedDelivery): void => {
+  const { deliveryCount, deliveryId, redelivered } = value.info
+  w.uint32((1 << 3) | WireType.LengthDelimited).fork()
+  if (deliveryId !== "0") w.uint32(8).uint64(deliveryId)
+  if (redelivered) w.uint32(16).bool(true)
+  if (deliveryCount !== 0) w.uint32(24).uint32(deliveryCount)
+  w.join()
   w.uint32((2 << 3) | WireType.LengthDelimited).bytes(value.message)
-  if (value.traceContext !== undefined) {
-    TraceContext.encode(value.traceContext, w.uint32((3 << 3) | WireType.LengthDelimited).fork()).join()
+  const trace = value.traceContext
+  if (trace !== undefined) {
+    w.uint32((3 << 3) | WireType.LengthDelimited).fork()
+    if (trace.traceparent !== "") w.uint32(10).string(trace.traceparent)
+    if (trace.tracestate !== "") w.uint32(18).string(trace.tracestate)
+    w.join()
   }
 }
 
 /** event.delivery (field 2) { the delivery's fields }. */
 const encodeDelivery = (value: EncodedDelivery): Buffer =>
-  asBuffer(withWriter((w) => {
+  writeWith((w) => {
     w.uint32((2 << 3) | WireType.LengthDelimited).fork()
     writeDeliveryFields(w, value)
-    return w.join().finish()
-  }))
+    w.join()
+  })
 
 /** event.deliveries (field 4) { deliveries (field 1, repeated) { the delivery's fields } }: one encode for the batch. */
 const encodeDeliveries = (value: EncodedDeliveries): Buffer =>
-  asBuffer(withWriter((w) => {
+  writeWith((w) => {
     w.uint32((4 << 3) | WireType.LengthDelimited).fork()
     for (const delivery of value.deliveries) {
       w.uint32((1 << 3) | WireType.LengthDelimited).fork()
       writeDeliveryFields(w, delivery)
       w.join()
     }
-    return w.join().finish()
-  }))
+    w.join()
+  })
 
 const { streamSchemaMessages, streamValidationMessages, subscribeSchemaMessages, subscribeValidationMessages } =
   MessagingServiceService
