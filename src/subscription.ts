@@ -68,24 +68,40 @@ const requestBuffer = 64
 /**
  * Requests as they arrive, ending when the client half-closes. Reading pauses while `requestBuffer`
  * requests wait, so a client that floods requests (and never reads our answers) cannot grow memory.
+ *
+ * `handleInline` installs a handler tried on each request as it arrives, when no earlier request
+ * is still waiting or being handled (so requests are still handled in order); it returns whether
+ * it handled the request. A plain ack then settles in the tick it arrives, without a fiber hop.
  */
 const incomingRequests = (call: SubscriptionCall<unknown>) =>
   Effect.gen(function*() {
     const requests = yield* Queue.unbounded<SubscriptionRequest, Cause.Done>()
+    let inline: ((request: SubscriptionRequest) => boolean) | undefined
+    /** Offered to `requests` and not yet handled to the end. */
+    let outstanding = 0
     call.on("data", (request: SubscriptionRequest) => {
+      if (outstanding === 0 && inline !== undefined && inline(request)) return
+      outstanding++
       Queue.offerUnsafe(requests, request)
       if (Queue.sizeUnsafe(requests) >= requestBuffer) call.pause()
     })
     call.on("end", () => Queue.endUnsafe(requests))
     call.on("error", () => Queue.endUnsafe(requests))
-    const resumeWhenDrained = Effect.sync(() => {
-      if (call.isPaused() && Queue.sizeUnsafe(requests) < requestBuffer / 2) call.resume()
-    })
+    const handled = (count: number) =>
+      Effect.sync(() => {
+        outstanding -= count
+        if (call.isPaused() && Queue.sizeUnsafe(requests) < requestBuffer / 2) call.resume()
+      })
     return {
-      first: Queue.take(requests).pipe(Effect.option, Effect.tap(() => resumeWhenDrained)),
-      /** What has arrived since the last take, as one array: requests are handled in batches. */
-      rest: Stream.fromQueue(requests),
-      resumeWhenDrained
+      first: Queue.take(requests).pipe(Effect.option, Effect.tap((request) => request._tag === "Some" ? handled(1) : Effect.void)),
+      /** Handles what has arrived since the last take, as one array, until the client half-closes. */
+      handleEach: <E, R>(handle: (batch: ReadonlyArray<SubscriptionRequest>) => Effect.Effect<void, E, R>) =>
+        Stream.fromQueue(requests).pipe(
+          Stream.runForEachArray((batch) => Effect.andThen(handle(batch), handled(batch.length)))
+        ),
+      handleInline: (handler: (request: SubscriptionRequest) => boolean) => {
+        inline = handler
+      }
     }
   })
 
@@ -222,8 +238,11 @@ export const serveSubscription = <A>(
      * stream is ordered). What lies beyond it and the one after it may never have been read.
      */
     let highestSettled = 0n
-    /** Ids voided by a channel the broker's consumer timeout closed: told to the client. */
-    const brokerTimeouts = yield* Queue.unbounded<{ readonly ids: ReadonlyArray<string>; readonly reason: string }>()
+    /**
+     * settle_error events to send from outside the request handler (ids voided by a channel the
+     * broker's consumer timeout closed, acks settled inline): sent in order by one fiber.
+     */
+    const reports = yield* Queue.unbounded<Effect.Effect<void>>()
 
     const pump = admittedDeliveries({
       queue: spec.queue,
@@ -243,7 +262,7 @@ export const serveSubscription = <A>(
           forget(id)
           remember(id, reason)
         }
-        Queue.offerUnsafe(brokerTimeouts, { ids, reason })
+        Queue.offerUnsafe(reports, settleError(ids, reason))
       }
     }, {
       ...spec,
@@ -324,22 +343,27 @@ export const serveSubscription = <A>(
       return Effect.forEach(byReason, ([reason, grouped]) => settleError(grouped, reason), { discard: true })
     }
 
+    /** Takes the ids out of `pending`; gives the others back. */
+    const claimNow = (ids: ReadonlyArray<string>) => {
+      const found: Array<[string, Delivery]> = []
+      const notPending: Array<string> = []
+      for (const id of ids) {
+        const delivery = pending.get(id)
+        if (delivery === undefined) notPending.push(id)
+        else {
+          forget(id)
+          found.push([id, delivery])
+          if (BigInt(id) > highestSettled) highestSettled = BigInt(id)
+        }
+      }
+      return { found, notPending }
+    }
+
     /** Takes the ids out of `pending`; reports the others. */
     const claim = (ids: ReadonlyArray<string>) =>
-      Effect.gen(function*() {
-        const found: Array<[string, Delivery]> = []
-        const unknown: Array<string> = []
-        for (const id of ids) {
-          const delivery = pending.get(id)
-          if (delivery === undefined) unknown.push(id)
-          else {
-            forget(id)
-            found.push([id, delivery])
-            if (BigInt(id) > highestSettled) highestSettled = BigInt(id)
-          }
-        }
-        yield* reportNotPending(unknown)
-        return found
+      Effect.suspend(() => {
+        const { found, notPending } = claimNow(ids)
+        return reportNotPending(notPending).pipe(Effect.as(found))
       })
 
     /**
@@ -381,39 +405,50 @@ export const serveSubscription = <A>(
       })
 
     /**
-     * Acks a batch. Where the batch covers every delivery of a channel up to its highest tag (the
-     * usual in-order case) one multiple-ack frame settles them all, instead of a frame each;
-     * deliveries still being admitted always have higher tags, so they are never covered.
+     * Acks a batch at once and returns the ids it could not settle, by reason. Where the batch
+     * covers every delivery of a channel up to its highest tag (the usual in-order case) one
+     * multiple-ack frame settles them all, instead of a frame each; deliveries still being
+     * admitted always have higher tags, so they are never covered.
      */
-    const ackAll = (ids: ReadonlyArray<string>) =>
-      Effect.gen(function*() {
-        const lost: Array<string> = []
-        const byChannel = new Map<Delivery["channel"], Array<[string, Delivery]>>()
-        for (const entry of yield* claim(ids)) {
-          const group = byChannel.get(entry[1].channel)
-          if (group) group.push(entry)
-          else byChannel.set(entry[1].channel, [entry])
+    const ackNow = (ids: ReadonlyArray<string>): { readonly notPending: Array<string>; readonly lost: Array<string> } => {
+      const lost: Array<string> = []
+      const { found, notPending } = claimNow(ids)
+      const byChannel = new Map<Delivery["channel"], Array<[string, Delivery]>>()
+      for (const entry of found) {
+        const group = byChannel.get(entry[1].channel)
+        if (group) group.push(entry)
+        else byChannel.set(entry[1].channel, [entry])
+      }
+      const tagOf = (delivery: Delivery) => delivery.message.fields.deliveryTag
+      for (const [channel, group] of byChannel) {
+        const highest = group.reduce((a, b) => tagOf(b[1]) > tagOf(a[1]) ? b : a)[1]
+        let lowerUnsettled = false
+        for (const delivery of pending.values()) {
+          if (delivery.channel === channel && tagOf(delivery) < tagOf(highest)) lowerUnsettled = true
         }
-        const tagOf = (delivery: Delivery) => delivery.message.fields.deliveryTag
-        for (const [channel, group] of byChannel) {
-          const highest = group.reduce((a, b) => tagOf(b[1]) > tagOf(a[1]) ? b : a)[1]
-          let lowerUnsettled = false
-          for (const delivery of [...pending.values(), ...moving]) {
-            if (delivery.channel === channel && tagOf(delivery) < tagOf(highest)) lowerUnsettled = true
-          }
-          const settled = lowerUnsettled
-            ? group.map(([id, delivery]) => [id, delivery.ack()] as const)
-            : ((ok) => group.map(([id]) => [id, ok] as const))(highest.ackUpTo())
-          for (const [id, ok] of settled) {
-            if (!ok) lost.push(id)
-            else {
-              counts.acked++
-              Metrics.ackedUnsafe(spec.queue)
-            }
+        for (const delivery of moving) {
+          if (delivery.channel === channel && tagOf(delivery) < tagOf(highest)) lowerUnsettled = true
+        }
+        const settled = lowerUnsettled
+          ? group.map(([id, delivery]) => [id, delivery.ack()] as const)
+          : ((ok) => group.map(([id]) => [id, ok] as const))(highest.ackUpTo())
+        for (const [id, ok] of settled) {
+          if (!ok) lost.push(id)
+          else {
+            counts.acked++
+            Metrics.ackedUnsafe(spec.queue)
           }
         }
-        yield* settleError(lost, "the delivery's broker channel is gone; the message will be redelivered")
-      })
+      }
+      return { notPending, lost }
+    }
+    const channelGone = "the delivery's broker channel is gone; the message will be redelivered"
+    /** Reports what `ackNow` could not settle. */
+    const reportUnacked = ({ lost, notPending }: ReturnType<typeof ackNow>) =>
+      notPending.length === 0 && lost.length === 0
+        ? Effect.void
+        : Effect.andThen(reportNotPending(notPending), settleError(lost, channelGone))
+    const ackAll = (ids: ReadonlyArray<string>) => Effect.suspend(() => reportUnacked(ackNow(ids)))
 
     /**
      * A lease extension: the deliveries' deadlines become now + `seconds` (0: the subscription's
@@ -460,7 +495,7 @@ export const serveSubscription = <A>(
     const sweepEvery = Duration.millis(Math.min(1000, Math.max(100, ackDeadlineMs / 10)))
     yield* Effect.forkScoped(Effect.repeat(expireOverdue, Schedule.spaced(sweepEvery)))
     yield* Effect.forkScoped(Effect.forever(
-      Queue.take(brokerTimeouts).pipe(Effect.flatMap(({ ids, reason }) => settleError([...ids], reason)))
+      Queue.take(reports).pipe(Effect.flatten)
     ))
 
     const handle = (request: SubscriptionRequest) => {
@@ -553,6 +588,28 @@ export const serveSubscription = <A>(
         if (acks.size > 0) yield* flushAcks()
       })
 
+    // A plain ack of pending ids with nothing before it waiting (the usual request) is settled in
+    // the tick it arrives, without a fiber hop: the broker hears of it sooner and can send the next
+    // messages. Anything else takes the queued way, which answers unknown ids in order, with
+    // backpressure; only a channel found gone meanwhile is reported from here (once per id).
+    // Decoded ids are decimal strings, so nothing here throws; if anything did, the request would
+    // go the queued way.
+    requests.handleInline((request) => {
+      if (request.action?.$case !== "ack") return false
+      const { deliveryIds, ranges } = request.action.value
+      try {
+        const ids = deliveryIds.length <= 1 && ranges.length === 0
+          ? deliveryIds
+          : [...new Set([...deliveryIds, ...pendingIn(ranges)])]
+        for (const id of ids) if (!pending.has(id)) return false
+        const { lost } = ackNow(ids)
+        if (lost.length > 0) Queue.offerUnsafe(reports, settleError(lost, channelGone))
+        return true
+      } catch {
+        return false
+      }
+    })
+
     const pumpFiber = yield* Effect.forkScoped(pump)
     // A client that leaves (cancel, crash, half-close) holding deliveries it had gave them back:
     // count that, so a message that kills its consumers reaches the requeue limit. "Had" means
@@ -590,8 +647,7 @@ export const serveSubscription = <A>(
     })
     // Settle requests until the client half-closes; the pump runs beside it and its failure
     // (e.g. the queue was deleted) ends the call.
-    yield* requests.rest.pipe(
-      Stream.runForEachArray((batch) => Effect.andThen(handleBatch(batch), requests.resumeWhenDrained)),
+    yield* requests.handleEach(handleBatch).pipe(
       Effect.raceFirst(Fiber.join(pumpFiber))
     )
     // A client that half-closes right after a nack or reject meant them: let those moves finish

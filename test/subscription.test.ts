@@ -154,6 +154,28 @@ describe("acknowledged subscriptions", () => {
       assert.strictEqual(next?.message?.id, "u-2")
     }))
 
+  it.live("requests are settled in the order sent: an ack right behind a nack of the same id does not overtake it (acks settle inline, issue 14)", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      yield* publishSchemas(env, ["o-1"])
+      const sub = yield* subscribeSchemas(env.client)
+      const [first] = yield* sub.deliveries(1)
+      const id = first!.info!.deliveryId
+      // Back to back, in one go: the nack is queued (it moves a copy), so the ack must wait behind it.
+      sub.call.write({ action: { $case: "nack", value: { deliveryIds: [id], ranges: [] } } })
+      sub.call.write({ action: { $case: "ack", value: { deliveryIds: [id], ranges: [] } } })
+      const error = yield* sub.next()
+      assert.deepStrictEqual(error.event, {
+        $case: "settleError",
+        value: { deliveryIds: [id], reason: "unknown or already settled delivery id" }
+      })
+      const [again] = yield* sub.deliveries(1)
+      assert.strictEqual(again?.message?.id, "o-1", "the nack won: the message came back")
+      assert.strictEqual(again?.info?.redelivered, true)
+      yield* sub.ack(again!.info!.deliveryId)
+      yield* sub.settled
+    }))
+
   it.live("a message requeued more than MESSAGING_MAX_REQUEUES times is dead-lettered with its history", () =>
     Effect.gen(function*() {
       const env = yield* makeTestEnv({ MESSAGING_MAX_REQUEUES: "2" })
