@@ -8,7 +8,7 @@ import { Cause, Effect, Exit } from "effect"
 import { channelsExhausted, type ConsumeError } from "./consumer.js"
 import type { AmqpError } from "./errors.js"
 import { http2StreamOf, sentStatusCode } from "./http2Stream.js"
-import { responseSerializer } from "./serialization.js"
+import { EncodedMessages, responseSerializer } from "./serialization.js"
 
 /** The part of a grpc-js server call (writable or duplex) the proxy writes to. */
 export type OutgoingCall<A> = grpc.ServerWritableStream<unknown, A> | grpc.ServerDuplexStream<unknown, A>
@@ -57,7 +57,8 @@ export const statusOf = (error: CallError): { code: grpc.status; details: string
  * down together, in order: each message is serialized by the RPC's own response serializer,
  * framed the way grpc-js frames it (1 byte compressed flag 0, 4 bytes big-endian length, the
  * bytes: gRPC over HTTP/2, "Length-Prefixed-Message"), and the frames go to the HTTP/2 stream in
- * one write. Node calls the batch's write callbacks together, once the whole batch is written.
+ * one write. Node calls the batch's write callbacks together, once the whole batch is written. A
+ * chunk that is an EncodedMessages (serialization.ts) carries several messages, each framed on its own.
  *
  * grpc-js's own `sendMessage` still sends the first message (it sends the response headers
  * first) and any batch while the stream is closing, so its cancellation behaviour (a write on a
@@ -72,10 +73,15 @@ export const batchWrites = <A>(call: OutgoingCall<A>): void => {
   const serialize = responseSerializer(call.getPath())
   const stream = http2StreamOf(call)
   const throughGrpc = writable._write.bind(writable)
+  /** Each chunk through grpc-js, an EncodedMessages as its messages one by one; `callback` once all are written. */
   const oneByOne = (chunks: ReadonlyArray<{ chunk: unknown; encoding: BufferEncoding }>, callback: (error?: Error | null) => void) => {
-    let remaining = chunks.length
+    const messages = chunks.flatMap(({ chunk, encoding }) =>
+      chunk instanceof EncodedMessages ? chunk.messages.map((message) => ({ chunk: message, encoding })) : [{ chunk, encoding }]
+    )
+    let remaining = messages.length
+    if (remaining === 0) return callback()
     let failed = false
-    for (const { chunk, encoding } of chunks) {
+    for (const { chunk, encoding } of messages) {
       throughGrpc(chunk, encoding, (error?: Error | null) => {
         if (failed) return
         if (error != null) {
@@ -89,17 +95,20 @@ export const batchWrites = <A>(call: OutgoingCall<A>): void => {
   /** The frames of `chunks` written at once, or false where grpc-js has to write them (see above). */
   const direct = (chunks: ReadonlyArray<{ chunk: unknown }>, callback: (error?: Error | null) => void): boolean => {
     if (serialize === undefined || stream === undefined || !stream.headersSent || stream.destroyed || stream.closed) return false
-    let frames: Buffer
+    const messages: Array<Uint8Array> = []
     try {
-      frames = grpcFrames(chunks.map(({ chunk }) => serialize(chunk)))
+      for (const { chunk } of chunks) {
+        if (chunk instanceof EncodedMessages) messages.push(...chunk.messages)
+        else messages.push(serialize(chunk))
+      }
     } catch {
       return false
     }
-    stream.write(frames, (error?: Error | null) => callback(error))
+    stream.write(grpcFrames(messages), (error?: Error | null) => callback(error))
     return true
   }
   writable._write = (chunk, encoding, callback) => {
-    if (!direct([{ chunk }], callback)) throughGrpc(chunk, encoding, callback)
+    if (!direct([{ chunk }], callback)) oneByOne([{ chunk, encoding }], callback)
   }
   writable._writev = (chunks, callback) => {
     if (!direct(chunks, callback)) oneByOne(chunks, callback)

@@ -65,6 +65,15 @@ const responseEncoder = <A>(codec: Codec<A>) => {
   return (value: A | Uint8Array): Buffer => value instanceof Uint8Array ? asBuffer(value) : encode(value)
 }
 
+/**
+ * Several stream responses encoded at admission, written to the call as one chunk: each is still
+ * its own gRPC message on the wire (callLifecycle.ts frames them), but the call's Writable and
+ * its callbacks are paid once per batch, not once per message.
+ */
+export class EncodedMessages {
+  constructor(readonly messages: ReadonlyArray<Uint8Array>) {}
+}
+
 /** A subscription's delivery event around a message encoded at admission. */
 export class EncodedDelivery {
   constructor(

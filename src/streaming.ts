@@ -22,12 +22,13 @@ import * as grpc from "@grpc/grpc-js"
 import type * as amqp from "amqplib"
 import { Duration, Effect, Stream } from "effect"
 import type { Broker } from "./broker/Broker.js"
-import { batchWrites, finishCall, writeAllWithBackpressure } from "./callLifecycle.js"
+import { batchWrites, drainOrCancel, finishCall } from "./callLifecycle.js"
 import { endSpan, startDeliverySpan, type Tracing } from "./tracing.js"
 import { ackThrough, type Delivery } from "./consumer.js"
 import * as Metrics from "./metrics.js"
 import { readAheadOf } from "./readAhead.js"
-import { type AdmissionPolicy, admittedDeliveries, deadLetteredIn } from "./redelivery.js"
+import { type Admitted, type AdmissionPolicy, admittedDeliveries, deadLetteredIn } from "./redelivery.js"
+import { EncodedMessages } from "./serialization.js"
 import { makeUnreadLedger } from "./unreadLedger.js"
 
 export interface QueueStreamSpec extends AdmissionPolicy {
@@ -89,7 +90,7 @@ export const serveQueueStream = <Req, A>(
     const counts = { delivered: 0, deadLettered: 0, ackedQuiet: 0, consumersAdded: 0, givenBack: 0 }
     const rpc = Metrics.rpcName(call)
     // Messages go out as the bytes encoded at admission (see serialization.ts).
-    const outgoing = call as unknown as grpc.ServerWritableStream<unknown, A | Uint8Array>
+    const outgoing = call as unknown as grpc.ServerWritableStream<unknown, A | EncodedMessages>
     batchWrites(outgoing)
     const readAhead = readAheadOf(call as unknown as grpc.ServerWritableStream<unknown, unknown>, spec.clientReadAheadBytes)
     // Until a queue's sizes are known, start from RABBITMQ_PREFETCH alone and let the stream grow:
@@ -110,9 +111,10 @@ export const serveQueueStream = <Req, A>(
     // Adding a consumer is rare (a starved stream): a short fiber then, rather than one per stream.
     const runFork = Effect.runForkWith(yield* Effect.context<never>())
 
-    // Acks go out batched: one multiple-ack per channel per 1 ms (or per quarter prefetch), not
-    // a frame per message. Messages are shown read in write order, so the newest read one of a
-    // channel covers every earlier one still unacked there.
+    // Acks go out batched: one multiple-ack per channel per 1 ms (or per quarter of the channel's
+    // prefetch, which is what the broker waits on), not a frame per message. Messages are shown
+    // read in write order, so the newest read one of a channel covers every earlier one still
+    // unacked there.
     const toAck = new Map<amqp.Channel, { deliveryTag: number; count: number }>()
     let toAckCount = 0
     let ackTimer: NodeJS.Timeout | undefined
@@ -139,7 +141,7 @@ export const serveQueueStream = <Req, A>(
         if (capacity?.channel === channel) capacity.unacked--
       }
       toAckCount += read.length
-      if (toAckCount >= Math.max(1, Math.floor(spec.prefetch / 4))) flushAcks()
+      if (toAckCount >= Math.max(1, Math.floor((capacity?.prefetch ?? spec.prefetch) / 4))) flushAcks()
       else ackTimer ??= setTimeout(flushAcks, 1)
     }
 
@@ -185,8 +187,9 @@ export const serveQueueStream = <Req, A>(
       ack(all)
     }
 
-    const written = (bytes: number) => (error: Error | null | undefined) => {
-      ledger.completed(bytes)
+    /** The write of `count` messages of `bytes` in all completed (or failed). */
+    const written = (bytes: number, count: number) => (error: Error | null | undefined) => {
+      ledger.completed(bytes, count)
       lastProgressAt = Date.now()
       if (error != null) broken = true
       if (broken) return
@@ -195,19 +198,27 @@ export const serveQueueStream = <Req, A>(
       growIfStarved()
     }
 
-    const write = (delivery: Delivery, encoded: Uint8Array, deliveryCount: number): boolean => {
-      unwritten--
-      const bytes = encoded.byteLength + grpcFrameBytes
-      const unread: Unread = { channel: delivery.channel, deliveryTag: delivery.message.fields.deliveryTag }
-      readAhead.written(bytes)
-      rememberMessageSize(spec.queue, bytes)
-      ledger.written(unread, bytes)
+    /**
+     * Writes the admitted deliveries as one chunk (each its own gRPC message, see EncodedMessages);
+     * returns grpc-js's answer (false: wait for a drain). A write that never completes (cancel)
+     * leaves its messages unacked, and the channel's close requeues them.
+     */
+    const write = (admitted: ReadonlyArray<Admitted>): boolean => {
+      let bytes = 0
+      const messages: Array<Uint8Array> = []
+      for (const { delivery, encoded, deliveryCount } of admitted) {
+        const messageBytes = encoded.byteLength + grpcFrameBytes
+        bytes += messageBytes
+        messages.push(encoded)
+        rememberMessageSize(spec.queue, messageBytes)
+        readAhead.written(messageBytes)
+        ledger.written({ channel: delivery.channel, deliveryTag: delivery.message.fields.deliveryTag }, messageBytes)
+        // The contract's messages have no field for it: the trace continues in the proxy only.
+        endSpan(startDeliverySpan(spec.tracing, spec.queue, delivery.message, deliveryCount)?.span)
+      }
+      unwritten -= admitted.length
       quietTimer ??= setTimeout(onQuiet, quietMs)
-      // The contract's messages have no field for it: the trace continues in the proxy only.
-      const traced = startDeliverySpan(spec.tracing, spec.queue, delivery.message, deliveryCount)
-      const accepted = outgoing.write(encoded, written(bytes))
-      endSpan(traced?.span)
-      return accepted
+      return outgoing.write(new EncodedMessages(messages), written(bytes, admitted.length))
     }
 
     const deliveries = admittedDeliveries({
@@ -220,8 +231,10 @@ export const serveQueueStream = <Req, A>(
     }, spec).pipe(
       Stream.runForEachArray((admissions) => {
         counts.deadLettered += deadLetteredIn(admissions)
+        const admitted: Array<Admitted> = []
         for (const admission of admissions) {
           if (admission._tag === "DeadLettered") continue
+          admitted.push(admission.admitted)
           const { delivery } = admission.admitted
           if (capacity === undefined || capacity.channel !== delivery.channel) {
             // A re-attached consumer: its channel starts from the first prefetch again.
@@ -231,11 +244,10 @@ export const serveQueueStream = <Req, A>(
           capacity.unacked++
           unwritten++
         }
-        return writeAllWithBackpressure(outgoing, admissions, (admission) =>
-          // A write that never completes (cancel) leaves its message unacked, and the channel's
-          // close requeues it.
-          admission._tag === "DeadLettered" ||
-            write(admission.admitted.delivery, admission.admitted.encoded, admission.admitted.deliveryCount))
+        // Once the client is gone nothing is written: the batch stays unacked on the channel,
+        // which requeues it when the call's scope closes.
+        if (admitted.length === 0 || call.cancelled) return Effect.void
+        return write(admitted) ? Effect.void : drainOrCancel(outgoing)
       })
     )
 

@@ -7,8 +7,11 @@
 export interface UnreadLedger<T> {
   /** Records an item of `bytes` as written (in write order); its write has not completed yet. */
   readonly written: (item: T, bytes: number) => void
-  /** A write completed; writes complete in the order they were made (HTTP/2 stream, Node). */
-  readonly completed: (bytes: number) => void
+  /**
+   * A write of `items` items (default 1) and `bytes` completed; writes complete in the order they
+   * were made (HTTP/2 stream, Node).
+   */
+  readonly completed: (bytes: number, items?: number) => void
   /**
    * Removes and returns, oldest first, the items followed by more than `readAheadBytes` of
    * completed writes: the ones the client has read.
@@ -20,7 +23,7 @@ export interface UnreadLedger<T> {
   readonly size: () => number
   /** Their bytes. */
   readonly bytes: () => number
-  /** Writes made whose completion has not come yet. */
+  /** Items written whose write has not completed yet. */
   readonly pendingWrites: () => number
 }
 
@@ -52,9 +55,9 @@ export const makeUnreadLedger = <T>(): UnreadLedger<T> => {
       pending++
       items.push({ item, end: issuedBytes, bytes })
     },
-    completed: (bytes) => {
+    completed: (bytes, items = 1) => {
       completedBytes += bytes
-      pending--
+      pending -= items
     },
     takeRead: (readAheadBytes) => take((end) => completedBytes - end > readAheadBytes),
     takeAll: () => take(() => true),
