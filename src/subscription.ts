@@ -338,7 +338,9 @@ export const serveSubscription = <A>(
       const byReason = new Map<string, Array<string>>()
       for (const id of ids) {
         const reason = gone.get(id) ?? "unknown or already settled delivery id"
-        byReason.set(reason, [...(byReason.get(reason) ?? []), id])
+        const grouped = byReason.get(reason)
+        if (grouped === undefined) byReason.set(reason, [id])
+        else grouped.push(id)
       }
       return Effect.forEach(byReason, ([reason, grouped]) => settleError(grouped, reason), { discard: true })
     }
@@ -423,8 +425,12 @@ export const serveSubscription = <A>(
       for (const [channel, group] of byChannel) {
         const highest = group.reduce((a, b) => tagOf(b[1]) > tagOf(a[1]) ? b : a)[1]
         let lowerUnsettled = false
+        // `pending` is in delivery order, so the first of this channel in it has its lowest tag:
+        // one look, not a walk of every pending delivery per ack.
         for (const delivery of pending.values()) {
-          if (delivery.channel === channel && tagOf(delivery) < tagOf(highest)) lowerUnsettled = true
+          if (delivery.channel !== channel) continue
+          lowerUnsettled = tagOf(delivery) < tagOf(highest)
+          break
         }
         for (const delivery of moving) {
           if (delivery.channel === channel && tagOf(delivery) < tagOf(highest)) lowerUnsettled = true
@@ -545,19 +551,31 @@ export const serveSubscription = <A>(
     }
 
     /**
-     * The pending ids within `ranges` (inclusive), in delivery order; ids of a range that are not
-     * pending are skipped (a range is a claim on what is pending, not a list of ids to check).
-     * Walks the pending map (at most max_in_flight entries) once per range.
+     * The pending ids within `ranges` (inclusive), each once, in delivery order; ids of a range
+     * that are not pending are skipped (a range is a claim on what is pending, not a list of ids
+     * to check). The ranges are sorted and merged, then walked beside `pending` (in delivery
+     * order, so ascending ids): linear in both, whatever ranges a client sends.
      */
     const pendingIn = (ranges: ReadonlyArray<DeliveryRange>): Array<string> => {
+      if (ranges.length === 0 || pending.size === 0) return []
+      const sorted = ranges
+        .map((range) => [BigInt(range.first), BigInt(range.last)] as const)
+        .filter(([first, last]) => first <= last)
+        .sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0))
+      const merged: Array<[bigint, bigint]> = []
+      for (const [first, last] of sorted) {
+        const previous = merged[merged.length - 1]
+        if (previous !== undefined && first <= previous[1] + 1n) {
+          if (last > previous[1]) previous[1] = last
+        } else merged.push([first, last])
+      }
       const ids: Array<string> = []
-      for (const range of ranges) {
-        const first = BigInt(range.first)
-        const last = BigInt(range.last)
-        for (const id of pending.keys()) {
-          const n = BigInt(id)
-          if (n >= first && n <= last) ids.push(id)
-        }
+      let next = 0
+      for (const id of pending.keys()) {
+        const n = BigInt(id)
+        while (next < merged.length && merged[next]![1] < n) next++
+        if (next === merged.length) break
+        if (merged[next]![0] <= n) ids.push(id)
       }
       return ids
     }

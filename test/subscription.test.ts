@@ -176,6 +176,32 @@ describe("acknowledged subscriptions", () => {
       yield* sub.settled
     }))
 
+  it.live("100,000 unknown ids in one ack, and an ack of 20,000 one-id ranges: every unknown id is reported once, the ranged ones are acked, the subscription goes on (both were quadratic)", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv()
+      const ids = Array.from({ length: 40 }, (_, i) => `q-${i}`)
+      yield* publishSchemas(env, ids)
+      const sub = yield* subscribeSchemas(env.client, { maxInFlight: 40 })
+      const got = yield* sub.deliveries(40)
+      const unknown = Array.from({ length: 100_000 }, (_, i) => String(1_000_000 + i))
+      sub.call.write({ action: { $case: "ack", value: { deliveryIds: unknown, ranges: [] } } })
+      const reported: Array<string> = []
+      while (reported.length < unknown.length) {
+        const event = yield* sub.next()
+        assert.strictEqual(event.event?.$case, "settleError")
+        if (event.event?.$case === "settleError") reported.push(...event.event.value.deliveryIds)
+      }
+      assert.deepStrictEqual(reported, unknown)
+      // 20,000 one-id ranges, of which the 40 pending ones are a small part, plus a range backwards.
+      const ranges = Array.from({ length: 20_000 }, (_, i) => ({ first: String(20_000 - i), last: String(20_000 - i) }))
+      yield* sub.send({ action: { $case: "ack", value: { deliveryIds: [], ranges: [...ranges, { first: "9", last: "3" }] } } })
+      yield* sub.settled
+      sub.call.end()
+      assert.strictEqual((yield* sub.status).code, grpc.status.OK)
+      const after = yield* waitForQueue(env.admin, env.names.schemas, (q) => q.consumerCount === 0)
+      assert.strictEqual(after.messageCount, 0, `all ${got.length} acked through the ranges`)
+    }))
+
   it.live("a message requeued more than MESSAGING_MAX_REQUEUES times is dead-lettered with its history", () =>
     Effect.gen(function*() {
       const env = yield* makeTestEnv({ MESSAGING_MAX_REQUEUES: "2" })
