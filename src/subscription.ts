@@ -355,7 +355,8 @@ export const serveSubscription = <A>(
         else {
           forget(id)
           found.push([id, delivery])
-          if (BigInt(id) > highestSettled) highestSettled = BigInt(id)
+          const n = BigInt(id)
+          if (n > highestSettled) highestSettled = n
         }
       }
       return { found, notPending }
@@ -580,6 +581,13 @@ export const serveSubscription = <A>(
       return ids
     }
 
+    /** Adds the ids an ack names to `into`: those it lists and the pending ones in its ranges. */
+    const addAcked = (into: Set<string>, ack: { readonly deliveryIds: ReadonlyArray<string>; readonly ranges: ReadonlyArray<DeliveryRange> }) => {
+      for (const id of ack.deliveryIds) into.add(id)
+      for (const id of pendingIn(ack.ranges)) into.add(id)
+      return into
+    }
+
     /**
      * Handles what arrived together, in order, but with consecutive acks merged into one ack
      * request: a client that acks each message on its own then still costs one AMQP frame per
@@ -596,8 +604,7 @@ export const serveSubscription = <A>(
         }
         for (const request of batch) {
           if (request.action?.$case === "ack") {
-            for (const id of request.action.value.deliveryIds) acks.add(id)
-            for (const id of pendingIn(request.action.value.ranges)) acks.add(id)
+            addAcked(acks, request.action.value)
             continue
           }
           if (acks.size > 0) yield* flushAcks()
@@ -614,11 +621,9 @@ export const serveSubscription = <A>(
     // go the queued way.
     requests.handleInline((request) => {
       if (request.action?.$case !== "ack") return false
-      const { deliveryIds, ranges } = request.action.value
+      const ack = request.action.value
       try {
-        const ids = deliveryIds.length <= 1 && ranges.length === 0
-          ? deliveryIds
-          : [...new Set([...deliveryIds, ...pendingIn(ranges)])]
+        const ids = ack.deliveryIds.length <= 1 && ack.ranges.length === 0 ? ack.deliveryIds : [...addAcked(new Set(), ack)]
         for (const id of ids) if (!pending.has(id)) return false
         const { lost } = ackNow(ids)
         if (lost.length > 0) Queue.offerUnsafe(reports, settleError(lost, channelGone))
