@@ -340,6 +340,26 @@ describe("PublishBatch", () => {
       assert.deepStrictEqual(idsIn(yield* drain(admin, names.schemas)), ["i-0", "i-1", "i-2"])
     }))
 
+  it.live("a bad body at index 150 (behind the window of 64 and the read-ahead) ends the batch after exactly the 150 before it, in order", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      const ids = Array.from({ length: 300 }, (_, i) => `w-${String(i).padStart(3, "0")}`)
+      const requests = ids.map((id, i) => request(MessageKind.MESSAGE_KIND_SCHEMA, i === 150 ? "not json" : schemaBody(id)))
+      const status = yield* failure(publishBatch(client, requests))
+      assert.strictEqual(status.code, grpc.status.INVALID_ARGUMENT)
+      assert.match(status.details, /^body rejected: .*\(published 150 before this one\)$/)
+      assert.deepStrictEqual(idsIn(yield* drain(admin, names.schemas)), ids.slice(0, 150))
+    }))
+
+  it.live("2,000 requests: all confirmed, the ids in request order, the queue in the same order", () =>
+    Effect.gen(function*() {
+      const { names, client, admin } = yield* makeTestEnv()
+      const ids = Array.from({ length: 2000 }, (_, i) => `l-${String(i).padStart(4, "0")}`)
+      const response = yield* publishBatch(client, ids.map((id) => request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody(id))))
+      assert.deepStrictEqual(response, { published: 2000, messageIds: ids })
+      assert.deepStrictEqual(idsIn(yield* drain(admin, names.schemas)), ids)
+    }))
+
   it.live("an unroutable request ends the batch with FAILED_PRECONDITION; the count covers what was in flight", () =>
     Effect.gen(function*() {
       const { names, client, admin } = yield* makeTestEnv()

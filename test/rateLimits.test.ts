@@ -46,6 +46,24 @@ describe("rate limits", () => {
       assert.match(batch?.details ?? "", /MESSAGING_PUBLISH_RATE.*\(published 0 before this one\)$/)
     }))
 
+  it.live("MESSAGING_PUBLISH_RATE: a batch of 8 against a burst of 5 publishes exactly the first 5, in order, then RESOURCE_EXHAUSTED", () =>
+    Effect.gen(function*() {
+      const env = yield* makeTestEnv({ MESSAGING_PUBLISH_RATE: "0.1/s:5" })
+      const status = yield* Effect.callback<grpc.ServiceError | null>((resume) => {
+        const call = env.client.publishBatch((error) => resume(Effect.succeed(error)))
+        for (let i = 0; i < 8; i++) call.write(request(`t-${i}`))
+        call.end()
+      })
+      assert.strictEqual(status?.code, grpc.status.RESOURCE_EXHAUSTED)
+      assert.match(status?.details ?? "", /^rate limit MESSAGING_PUBLISH_RATE=0\.1\/s:5 reached for .*\(published 5 before this one\)$/)
+      const ids: Array<string> = []
+      for (let got = yield* Effect.promise(() => env.admin.channel.get(env.names.schemas, { noAck: true })); got !== false;
+        got = yield* Effect.promise(() => env.admin.channel.get(env.names.schemas, { noAck: true }))) {
+        ids.push(JSON.parse(got.content.toString()).id)
+      }
+      assert.deepStrictEqual(ids, ["t-0", "t-1", "t-2", "t-3", "t-4"])
+    }))
+
   it.live("MESSAGING_CALL_RATE: calls over the rate are refused before their body, and the bucket refills", () =>
     Effect.gen(function*() {
       const env = yield* makeTestEnv({ MESSAGING_CALL_RATE: "5/s:2" })
