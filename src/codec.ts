@@ -452,6 +452,11 @@ const schemaReason = (error: Schema.SchemaError) => reject(error.message.replace
 interface Decoder<A> {
   /** The public decoder: UTF-8, JSON.parse, then the guard, else the Schema. */
   readonly decode: (body: Uint8Array) => Result.Result<A, BodyRejected>
+  /**
+   * The public validator: accepts and rejects exactly what `decode` does (same reasons), and
+   * answers only the message's id, without building the message (PublishBatch needs no more).
+   */
+  readonly validateId: (body: Uint8Array) => Result.Result<string, BodyRejected>
   /** The public transcoder: as `decode`, then the message's protobuf encoding. */
   readonly transcode: (body: Uint8Array) => Result.Result<Uint8Array, BodyRejected>
   /** The Schema path alone, on a parsed JSON value (for tests). */
@@ -478,7 +483,7 @@ const parseBody = (body: Uint8Array): Result.Result<unknown, BodyRejected> => {
 }
 
 /** Builds a body decoder once: the compiled Schema parser is reused for every message. */
-const makeDecoder = <W, A>(
+const makeDecoder = <W extends { readonly id: string }, A extends { readonly id: string }>(
   schema: Schema.Decoder<W>,
   isCommon: (json: unknown) => json is W,
   toProto: (wire: W) => A,
@@ -499,6 +504,18 @@ const makeDecoder = <W, A>(
     if (Result.isFailure(json)) return Result.fail(json.failure)
     try {
       return isCommon(json.success) ? Result.succeed(toProto(json.success)) : slow(json.success)
+    } catch (e) {
+      return Result.fail(reject(`body cannot be decoded: ${errorMessage(e)}`))
+    }
+  }
+  // The guard's values convert without fail (see the guards), so the common case skips `toProto`.
+  const validateId = (body: Uint8Array): Result.Result<string, BodyRejected> => {
+    const json = parseBody(body)
+    if (Result.isFailure(json)) return Result.fail(json.failure)
+    try {
+      if (isCommon(json.success)) return Result.succeed(json.success.id)
+      const decoded = slow(json.success)
+      return Result.isSuccess(decoded) ? Result.succeed(decoded.success.id) : Result.fail(decoded.failure)
     } catch (e) {
       return Result.fail(reject(`body cannot be decoded: ${errorMessage(e)}`))
     }
@@ -527,7 +544,7 @@ const makeDecoder = <W, A>(
   const fast = (json: unknown): A | undefined => (isCommon(json) ? toProto(json) : undefined)
   const fastBytes = (json: unknown): Uint8Array | undefined =>
     isCommon(json) ? writeWith((w) => writeCommon(w, json as JsonObject)) : undefined
-  return { decode, transcode, slow, fast, fastBytes }
+  return { decode, validateId, transcode, slow, fast, fastBytes }
 }
 
 const schemaDecoder = makeDecoder(
@@ -550,6 +567,12 @@ export const decodeSchemaMessage: (body: Uint8Array) => Result.Result<SchemaMess
 
 export const decodeValidationMessage: (body: Uint8Array) => Result.Result<ValidationMessageResponse, BodyRejected> =
   validationDecoder.decode
+
+/** The id of a body `decodeSchemaMessage` accepts, or its reason to reject it; builds no message. */
+export const schemaMessageId: (body: Uint8Array) => Result.Result<string, BodyRejected> = schemaDecoder.validateId
+
+/** The id of a body `decodeValidationMessage` accepts, or its reason to reject it; builds no message. */
+export const validationMessageId: (body: Uint8Array) => Result.Result<string, BodyRejected> = validationDecoder.validateId
 
 /** A body's SchemaMessageResponse as protobuf bytes, or why it is not one (the reasons of `decodeSchemaMessage`). */
 export const transcodeSchemaMessage: (body: Uint8Array) => Result.Result<Uint8Array, BodyRejected> =

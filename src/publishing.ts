@@ -14,7 +14,7 @@ import {
   type OutgoingMessage,
   type PublishChannel
 } from "./broker/publishChannel.js"
-import { decodeSchemaMessage, decodeValidationMessage } from "./codec.js"
+import { schemaMessageId, validationMessageId } from "./codec.js"
 import { contractQueues, type ProxySettings, type QueueBinding } from "./config.js"
 import { AmqpError, describe } from "./errors.js"
 import { recordAudit } from "./audit.js"
@@ -107,16 +107,9 @@ const kindSpec = (rabbit: Rabbit, kind: MessageKind): Option.Option<KindSpec> =>
   switch (kind) {
     case MessageKind.MESSAGE_KIND_SCHEMA:
       // The same decoder the streams use: what Publish accepts, StreamSchemaMessages can deliver.
-      return Option.some({
-        binding: rabbit.schemas,
-        idOf: (body) => Result.mapBoth(decodeSchemaMessage(body), { onSuccess: (m) => m.id, onFailure: (e) => e.reason })
-      })
+      return Option.some({ binding: rabbit.schemas, idOf: (body) => Result.mapError(schemaMessageId(body), (e) => e.reason) })
     case MessageKind.MESSAGE_KIND_VALIDATION:
-      return Option.some({
-        binding: rabbit.validations,
-        idOf: (body) =>
-          Result.mapBoth(decodeValidationMessage(body), { onSuccess: (m) => m.id, onFailure: (e) => e.reason })
-      })
+      return Option.some({ binding: rabbit.validations, idOf: (body) => Result.mapError(validationMessageId(body), (e) => e.reason) })
     case MessageKind.MESSAGE_KIND_SCHEMA_RESULT:
       return Option.some({ binding: rabbit.schemaResults, idOf: resultId })
     case MessageKind.MESSAGE_KIND_VALIDATION_RESULT:

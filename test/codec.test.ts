@@ -5,8 +5,10 @@ import {
   type BodyRejected,
   decodeSchemaMessage as publicDecodeSchemaMessage,
   decodeValidationMessage as publicDecodeValidationMessage,
+  schemaMessageId,
   transcodeSchemaMessage,
-  transcodeValidationMessage
+  transcodeValidationMessage,
+  validationMessageId
 } from "../src/codec.js"
 import {
   PropertyType,
@@ -91,11 +93,13 @@ const comparePaths = <A>(
 
 /**
  * The public decoder, with every call cross-checked against both internal paths and against the
- * public transcoder (what streams send): the same rejection, or ts-proto's encoding of the message.
+ * public transcoder (what streams send): the same rejection, or ts-proto's encoding of the message;
+ * and against the id validator (what Publish and PublishBatch accept): the same rejection, or the id.
  */
-const checked = <A>(
+const checked = <A extends { readonly id: string }>(
   decode: (body: Uint8Array) => Result.Result<A, BodyRejected>,
   transcode: (body: Uint8Array) => Result.Result<Uint8Array, BodyRejected>,
+  validateId: (body: Uint8Array) => Result.Result<string, BodyRejected>,
   paths: Paths<A>
 ) =>
 (body: Uint8Array): Result.Result<A, BodyRejected> => {
@@ -104,6 +108,9 @@ const checked = <A>(
   const json = parseLikeTheDecoder(body)
   if (json !== NOT_JSON) comparePaths(paths, json, result, { requireFast: true, label })
   const transcoded = transcode(body)
+  const id = validateId(body)
+  expect(Result.isFailure(id) ? `rejected: ${id.failure.reason}` : id.success, label)
+    .toBe(Result.isFailure(result) ? `rejected: ${result.failure.reason}` : result.success.id)
   if (Result.isFailure(result)) {
     expect(Result.isFailure(transcoded) ? transcoded.failure.reason : "accepted", label).toBe(result.failure.reason)
   } else {
@@ -115,8 +122,8 @@ const checked = <A>(
 
 // Every decode in this file goes through these, so every fixture below also checks the fast path
 // and the transcoder.
-const decodeSchemaMessage = checked(publicDecodeSchemaMessage, transcodeSchemaMessage, __testing.schemaMessage)
-const decodeValidationMessage = checked(publicDecodeValidationMessage, transcodeValidationMessage, __testing.validationMessage)
+const decodeSchemaMessage = checked(publicDecodeSchemaMessage, transcodeSchemaMessage, schemaMessageId, __testing.schemaMessage)
+const decodeValidationMessage = checked(publicDecodeValidationMessage, transcodeValidationMessage, validationMessageId, __testing.validationMessage)
 
 const ok = <A>(result: Result.Result<A, BodyRejected>): A => {
   if (Result.isFailure(result)) throw new Error(`unexpected rejection: ${result.failure.reason}`)
