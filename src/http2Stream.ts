@@ -81,3 +81,27 @@ export const resetAfterStatus = (call: AnyServerCall): void => {
   }
   check()
 }
+
+/** Sessions whose receive windows were already widened. */
+const widened = new WeakSet<http2.Http2Session>()
+
+/**
+ * Widens what the client may send on the call's HTTP/2 session before the proxy reads it: each
+ * stream's initial window (SETTINGS_INITIAL_WINDOW_SIZE, RFC 9113 §6.5.2; existing streams grow by
+ * the difference, §6.9.2) to `streamBytes`, and the session's own window to `sessionBytes`, which
+ * bounds what the proxy may buffer for the whole connection. Once per session; nothing if grpc-js's
+ * internals moved. Node's default is 64 KiB for both, which makes a fast client stop every ~60
+ * requests of 1 KiB and wait a round trip for a WINDOW_UPDATE; grpc-go and gRPC C-core grow their
+ * windows the same way (BDP estimation), grpc-js does not.
+ */
+export const widenReceiveWindow = (call: AnyServerCall, streamBytes: number, sessionBytes: number): void => {
+  const session = http2SessionOf(call)
+  if (session === undefined || widened.has(session) || session.destroyed) return
+  widened.add(session)
+  try {
+    session.setLocalWindowSize(sessionBytes)
+    session.settings({ initialWindowSize: streamBytes })
+  } catch {
+    // A session closing meanwhile (ERR_HTTP2_INVALID_SESSION): nothing to widen.
+  }
+}

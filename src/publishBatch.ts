@@ -21,6 +21,7 @@ import { callerOf } from "./access.js"
 import { idsForAudit, recordAudit } from "./audit.js"
 import type { ProxySettings } from "./config.js"
 import { describe } from "./errors.js"
+import { widenReceiveWindow } from "./http2Stream.js"
 import {
   publishChannel,
   type PublishError,
@@ -98,6 +99,13 @@ const BATCH_WINDOW = 64
  */
 const READ_AHEAD = 64
 const READ_AHEAD_BYTES = 1024 * 1024
+/**
+ * The HTTP/2 receive windows of a session that publishes in batches: 1 MiB per stream (~1,000
+ * requests of 1 KiB in flight from the client, so it need not wait for a window update in the
+ * middle of a batch), 4 MiB for the session: what the proxy may hold unread per client connection.
+ */
+const STREAM_WINDOW_BYTES = 1024 * 1024
+const SESSION_WINDOW_BYTES = 4 * 1024 * 1024
 // grpc-js clients refuse responses over 4 MiB by default; keep a margin for the framing.
 const MAX_RESPONSE_ID_BYTES = 3 * 1024 * 1024
 
@@ -407,6 +415,7 @@ export const publishBatchHandler = (
   // Each message takes a token from the caller's publish-rate bucket (rateLimits.ts), when one is set.
   const caller = callerOf(call) ?? call.getPeer()
   const takeToken = rateLimits.publish._tag === "Some" ? rateLimits.take(rateLimits.publish, caller, 1) : undefined
+  widenReceiveWindow(call, STREAM_WINDOW_BYTES, SESSION_WINDOW_BYTES)
   runCall(
     run,
     call,

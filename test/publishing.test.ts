@@ -5,6 +5,7 @@
 import { assert, describe, it } from "@effect/vitest"
 import * as grpc from "@grpc/grpc-js"
 import type * as amqp from "amqplib"
+import * as http2 from "node:http2"
 import { Effect } from "effect"
 import {
   type GetQueueInfoRequest,
@@ -12,7 +13,7 @@ import {
   MessageKind,
   type MessagingServiceClient,
   type PublishBatchResponse,
-  type PublishRequest
+  PublishRequest
 } from "../gen/messaging.js"
 import { schemaBody, validationBody } from "./fixtures/bodies.js"
 import {
@@ -321,6 +322,36 @@ describe("PublishBatch", () => {
       const arrived = yield* drain(admin, names.schemas)
       assert.deepStrictEqual(idsIn(arrived), ids)
       assert.deepStrictEqual(arrived.map((m) => m.properties.messageId), ids)
+    }))
+
+  it.live("a session that publishes in batches gets HTTP/2 windows of 1 MiB per stream and 4 MiB for the session (Node's default: 64 KiB)", () =>
+    Effect.gen(function*() {
+      const { port } = yield* makeTestEnv()
+      const session = yield* Effect.acquireRelease(
+        Effect.sync(() => http2.connect(`http://127.0.0.1:${port}`)),
+        (s) => Effect.sync(() => s.close())
+      )
+      // The proxy's SETTINGS frame (after the preface, then the one the first PublishBatch sends).
+      const settings: Array<number | undefined> = []
+      session.on("remoteSettings", (s) => settings.push(s.initialWindowSize))
+      const body = PublishRequest.encode(request(MessageKind.MESSAGE_KIND_SCHEMA, schemaBody("h2-1"))).finish()
+      const frame = Buffer.concat([Buffer.from([0, 0, 0, 0, 0]), Buffer.from(body)])
+      frame.writeUInt32BE(body.length, 1)
+      const status = yield* Effect.callback<string | undefined>((resume) => {
+        const stream = session.request({
+          ":method": "POST",
+          ":path": "/messaging.MessagingService/PublishBatch",
+          "content-type": "application/grpc",
+          te: "trailers"
+        })
+        stream.on("trailers", (trailers) => resume(Effect.succeed(String(trailers["grpc-status"]))))
+        stream.on("data", () => undefined)
+        stream.end(frame)
+      })
+      assert.strictEqual(status, "0")
+      assert.deepStrictEqual(settings.slice(-1), [1024 * 1024])
+      // What this client may still send on the session, without a WINDOW_UPDATE: 4 MiB less what it sent.
+      assert.isAbove(session.state.remoteWindowSize ?? 0, 4 * 1024 * 1024 - 64 * 1024)
     }))
 
   it.live("an empty batch answers published=0", () =>
