@@ -14,7 +14,7 @@ import type { ProxyChild } from "./proxyProcess.js"
 import { bodyFactory } from "./throughput.js"
 import { log, median, now } from "./util.js"
 
-/** Publishes awaiting their confirm at once, as PublishBatch's window (src/publishing.ts). */
+/** Publishes awaiting their confirm at once, as PublishBatch's window (src/publishBatch.ts). */
 const WINDOW = 64
 
 export interface PublishRun {

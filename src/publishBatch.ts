@@ -5,12 +5,11 @@
  * batch: nothing after it is read or published, and the status says how many went through.
  *
  * The steady state runs in plain callbacks, as a direct amqplib publisher does: the confirm that
- * frees a place in the window reads, validates and publishes the next request in the same tick.
- * The batch's fiber only starts it, opens the channel when there is none, takes rate-limit
- * tokens (an Effect, in Redis when configured) and waits for the end. With a fiber hop between
- * each confirm and the next publish, the proxy made ~1.6 ms of every confirm round trip its own
- * (a full window is republished one message after another), and PublishBatch reached 0.73 of a
- * direct publisher with the same window (issue 14).
+ * frees a place in the window publishes the next request, already read and validated, in the same
+ * tick, and reads the next one ahead. The batch's fiber only starts it, opens the channel when
+ * there is none, takes rate-limit tokens (an Effect, in Redis when configured) and waits for the
+ * end. Before (a fiber step per request and per confirm, reading only when the window had room),
+ * the window ran with no request ready ~20 % of the time, and the proxy spent ~35 µs per message.
  */
 import * as grpc from "@grpc/grpc-js"
 import { Data, Effect, Result } from "effect"
