@@ -13,6 +13,7 @@
  */
 import * as grpc from "@grpc/grpc-js"
 import { Data, Effect, Result } from "effect"
+import type { Readable } from "node:stream"
 import type { PublishBatchResponse, PublishRequest } from "../gen/messaging.js"
 import type { Broker } from "./broker/Broker.js"
 import type { ConfirmError, PublishChannel } from "./broker/publishChannel.js"
@@ -108,8 +109,8 @@ const SESSION_WINDOW_BYTES = 4 * 1024 * 1024
 // grpc-js clients refuse responses over 4 MiB by default; keep a margin for the framing.
 const MAX_RESPONSE_ID_BYTES = 3 * 1024 * 1024
 
-/** The client's request stream (a grpc-js ServerReadableStream). */
-export type RequestStream = grpc.ServerReadableStream<PublishRequest, unknown>
+/** The client's request stream: a grpc-js ServerReadableStream, or any object-mode Readable of requests. */
+export type RequestStream = Omit<Readable, "read"> & { read(size?: number): PublishRequest | null }
 
 const PENDING = 0
 const CONFIRMED = 1
@@ -126,7 +127,7 @@ interface Refused {
 }
 
 /** What the batch's fiber is asked to do next (`done` once the answer is there). */
-type Need = "channel" | "requests" | "done"
+type Need = "channel" | "tokens" | "done"
 
 /**
  * One batch's state. Every method runs synchronously, in a confirm's callback, a stream event or
@@ -141,15 +142,16 @@ class BatchRun {
   private idBytes = 0
   /** Read, validated (and, with a rate limit, paid for) and not yet sent, in order. */
   private readonly ahead: Array<ValidPublish> = []
+  /** Rate-limit mode: read and validated, in order after `ahead`, waiting for the fiber to take their tokens. */
+  private readonly unpaid: Array<ValidPublish> = []
+  /** Bodies' bytes in `ahead` and `unpaid`. */
   private aheadBytes = 0
-  /** Why the request after the last of `ahead` is not published; nothing is read after it. */
+  /** Why the request after the last of `ahead` and `unpaid` is not published; nothing is read after it. */
   private refusedAhead: BatchCause | undefined
   /** Set once nothing more is sent: a request was refused or a confirm failed. */
   private halted = false
   /** The client half-closed and every request was read. */
   private ended = false
-  /** Whether the stream may hold requests the fiber has not read (rate-limit mode). */
-  private readable = true
   private needsChannel = false
   private channel: PublishChannel | undefined
   /** The answer, once there. */
@@ -199,26 +201,26 @@ class BatchRun {
     else this.refuse(channel.failure)
   }
 
-  /** Rate-limit mode: the requests the stream holds, as many as the read-ahead has room for. */
-  readRequests(): Array<PublishRequest> {
-    const taken: Array<PublishRequest> = []
-    while (this.hasRoomAhead(taken.length)) {
-      const request = this.requests.read()
-      if (request === null) {
-        this.readable = false
-        if (this.requests.readableEnded) this.ended = true
-        break
-      }
-      taken.push(request)
-    }
-    return taken
+  /**
+   * Rate-limit mode: whether a validated request waits for its token. The first of them stays in
+   * `unpaid` until `pay`: while its token is awaited, the batch is not over.
+   */
+  hasUnpaid(): boolean {
+    return !this.halted && this.unpaid.length > 0
   }
 
-  /** Rate-limit mode: a validated request paid for, or refused (the details of the empty bucket). */
-  pay(message: ValidPublish, exceeded: string | undefined): void {
-    if (this.refusedAhead !== undefined) return
-    if (exceeded === undefined) this.keepAhead(message)
-    else this.refusedAhead = new PublishRateExceeded({ details: exceeded })
+  /**
+   * Rate-limit mode: the first request in `unpaid` paid for, or refused with the details of the
+   * empty bucket; then the batch ends at its place, before any later request's refusal.
+   */
+  pay(exceeded: string | undefined): void {
+    const message = this.unpaid.shift()
+    if (message === undefined) return
+    if (exceeded === undefined) this.ahead.push(message)
+    else {
+      this.unpaid.length = 0
+      this.refusedAhead = new PublishRateExceeded({ details: exceeded })
+    }
     this.pump()
   }
 
@@ -226,7 +228,7 @@ class BatchRun {
    * Validates a request and counts its id against the response's size; undefined when refused
    * (then it ends the batch at its place, and nothing after it is read).
    */
-  admit(request: PublishRequest): ValidPublish | undefined {
+  private admit(request: PublishRequest): ValidPublish | undefined {
     if (this.refusedAhead !== undefined) return undefined
     const valid = validatePublish(this.rabbit, request)
     if (Result.isFailure(valid)) {
@@ -244,7 +246,6 @@ class BatchRun {
   }
 
   private readonly onReadable = (): void => {
-    this.readable = true
     this.pump()
     this.signal()
   }
@@ -253,38 +254,40 @@ class BatchRun {
     this.finish(Effect.fail(new ClientStreamFailed({ cause })))
   }
 
-  private hasRoomAhead(reading: number): boolean {
-    const held = this.ahead.length + reading
+  private hasRoomAhead(): boolean {
+    const held = this.ahead.length + this.unpaid.length
     return !this.halted && this.refusedAhead === undefined &&
       (held === 0 || (held < READ_AHEAD && this.aheadBytes < READ_AHEAD_BYTES))
   }
 
-  private keepAhead(message: ValidPublish): void {
-    this.ahead.push(message)
-    this.aheadBytes += message.body.length
-  }
-
-  /** Reads and validates what the stream holds, as far as the read-ahead has room. */
+  /**
+   * Reads and validates what the stream holds, as far as the read-ahead has room: ready to send,
+   * or, with a rate limit, for the fiber to take tokens for first.
+   */
   private readAhead(): void {
-    while (this.hasRoomAhead(0)) {
+    while (this.hasRoomAhead()) {
       const request = this.requests.read()
       if (request === null) {
         if (this.requests.readableEnded) this.ended = true
         return
       }
       const message = this.admit(request)
-      if (message !== undefined) this.keepAhead(message)
+      if (message === undefined) return
+      this.aheadBytes += message.body.length
+      if (this.paidByFiber) this.unpaid.push(message)
+      else this.ahead.push(message)
     }
   }
 
   /** Sends what the window has room for, reads ahead again, then takes what has settled in order. */
   private pump(): void {
     if (this.result !== undefined) return
-    if (!this.paidByFiber) this.readAhead()
+    this.readAhead()
     while (!this.halted && this.inFlight < BATCH_WINDOW) {
       const message = this.ahead.shift()
       if (message === undefined) {
-        if (this.refusedAhead !== undefined) this.refuse(this.refusedAhead)
+        // A refusal takes its place once everything before it has gone out.
+        if (this.refusedAhead !== undefined && this.unpaid.length === 0) this.refuse(this.refusedAhead)
         break
       }
       if (this.channel === undefined || !this.channel.usable) {
@@ -303,7 +306,7 @@ class BatchRun {
       this.places.push(sent)
       this.inFlight++
     }
-    if (!this.paidByFiber) this.readAhead()
+    this.readAhead()
     this.takeInOrder()
   }
 
@@ -333,7 +336,7 @@ class BatchRun {
       this.messageIds.push(first.messageId)
       this.places.shift()
     }
-    if (this.ended && this.ahead.length === 0 && this.refusedAhead === undefined && !this.halted) {
+    if (this.ended && this.ahead.length === 0 && this.unpaid.length === 0 && this.refusedAhead === undefined && !this.halted) {
       this.finish(Effect.succeed({ published: this.messageIds.length, messageIds: this.messageIds }))
     }
   }
@@ -361,7 +364,7 @@ class BatchRun {
     if (this.result !== undefined) need = "done"
     else if (this.halted) need = undefined
     else if (this.needsChannel) need = "channel"
-    else if (this.paidByFiber && this.readable && !this.ended && this.hasRoomAhead(0)) need = "requests"
+    else if (this.unpaid.length > 0) need = "tokens"
     if (need === undefined) return
     this.wake = undefined
     wake(Effect.succeed(need))
@@ -392,11 +395,7 @@ export const publishBatch = (
         if (need === "done") break
         if (need === "channel") batch.setChannel(yield* Effect.result(publishChannel))
         else if (takeToken !== undefined) {
-          for (const request of batch.readRequests()) {
-            const message = batch.admit(request)
-            if (message === undefined) break
-            batch.pay(message, yield* takeToken)
-          }
+          while (batch.hasUnpaid()) batch.pay(yield* takeToken)
         }
       }
       const response = yield* batch.answer
