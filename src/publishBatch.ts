@@ -162,7 +162,7 @@ class BatchRun {
     private readonly rabbit: Rabbit,
     private readonly requests: RequestStream,
     private readonly headers: Record<string, string> | undefined,
-    /** Tokens are taken by the fiber (MESSAGING_PUBLISH_RATE is set), so it reads the requests too. */
+    /** Tokens are taken by the fiber (MESSAGING_PUBLISH_RATE is set): validated requests wait in `unpaid` for it. */
     private readonly paidByFiber: boolean
   ) {
     requests.on("readable", this.onReadable)
