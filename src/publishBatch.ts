@@ -364,7 +364,7 @@ class BatchRun {
     if (this.result !== undefined) need = "done"
     else if (this.halted) need = undefined
     else if (this.needsChannel) need = "channel"
-    else if (this.unpaid.length > 0) need = "tokens"
+    else if (this.hasUnpaid()) need = "tokens"
     if (need === undefined) return
     this.wake = undefined
     wake(Effect.succeed(need))
